@@ -1,0 +1,20 @@
+"""adaptive-depth: Leaky ResNets with learned per-layer step sizes (Jacot & Kaiser).
+
+    x_{l+1} = x_l + rho_l (f_l(x_l) - Lt x_l),   rho_l > 0,   sum_l rho_l = T
+
+Public surface: ``leaky_update`` (the update), ``LeakyResidual`` / ``LeakyResNet`` / ``LeakyMLP`` (containers),
+``AdaptiveSteps`` (the optimizer plugin), ``step_sizes(model)`` (the steps of every group in a model),
+``rules`` (pure step-size rules), ``StepSizes`` (one group's steps and constraints).
+"""
+from . import rules
+from .ops import leaky_update, step_coefficients, triton_available
+from .optim import AdaptiveSteps
+from .residual import LeakyMLP, LeakyResidual, LeakyResNet, MLPBranch
+from .steps import StepSizes, step_groups, step_sizes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "leaky_update", "step_coefficients", "triton_available", "LeakyResidual", "LeakyResNet", "LeakyMLP",
+    "MLPBranch", "AdaptiveSteps", "StepSizes", "step_groups", "step_sizes", "rules", "__version__",
+]

@@ -1,0 +1,279 @@
+"""Leaky residual containers: one block, a stack of blocks, and the paper's MLP.
+
+    x_{l+1} = act(a_l x_l + b_l f_l(x_l))        (a_l, b_l) from (rho_l, Lt, scheme), see ``ops``
+
+A stack keeps its steps in one ``StepSizes`` module (``.steps``); its blocks refer to it by index.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import check_activation, check_backend, fused_update, leaky_linear
+from .steps import StepSizes, StepsInit
+
+__all__ = ["LeakyResidual", "LeakyResNet", "LeakyMLP", "MLPBranch"]
+
+
+class LeakyResidual(nn.Module):
+    """One leaky residual block around any module ``block`` with ``block(x).shape == x.shape``.
+
+        y = act(x + rho (f(x) - Lt x))                         (scheme="euler")
+        y = act(exp(-rho Lt) x + (1 - exp(-rho Lt)) / Lt f(x))   (scheme="exponential")
+
+    Standalone, the block owns its step ``step`` (a ``StepSizes`` of length 1 as ``.steps``); inside a
+    ``LeakyResNet`` it reads its step from the stack's shared vector.
+
+    Example:
+        >>> blk = LeakyResidual(nn.Linear(16, 16), effective_depth=2.0, step=0.1)
+        >>> y = blk(torch.randn(4, 16))
+    """
+
+    def __init__(self, block: nn.Module, *, effective_depth: float = 0.0, step: float = 1.0,
+                 scheme: str = "euler", activation: Optional[str] = None, backend: Optional[str] = None):
+        super().__init__()
+        _check_block(block, "block")
+        self.block = block
+        self.activation = check_activation(activation)
+        self.backend = check_backend(backend)
+        self.steps = StepSizes(1, total_time=step, effective_depth=effective_depth, scheme=scheme,
+                               min_step=step, max_step=step)
+        self._link(self.steps, 0)
+        self.steps.bind([self])
+
+    @classmethod
+    def _linked(cls, block: nn.Module, steps: StepSizes, index: int, activation: Optional[str],
+                backend: str) -> "LeakyResidual":
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.block, self.activation, self.backend = block, activation, backend
+        self._link(steps, index)
+        return self
+
+    def _link(self, steps: StepSizes, index: int) -> None:
+        self.__dict__["_group"] = steps  # not registered: the owner of the group registers it once
+        self.index = index
+        self._fused = getattr(self.block, "leaky_step", None) is not None
+
+    def branch_parameters(self):
+        return self.block.parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        group = self._group
+        a, b = group.coefficients()
+        record = group.recording and self.training
+        y, s = self.step(x, a[self.index], b[self.index], record)
+        if record:
+            group.record(self.index, s)
+        return y
+
+    def step(self, x: Tensor, a: Tensor, b: Tensor, record: bool):
+        """``(act(a x + b f(x)), stats)`` for given coefficients; the stack's hot path."""
+        relu = self.activation == "relu"
+        lt = self._group.effective_depth
+        if self._fused:
+            return self.block.leaky_step(x, a, b, lt, relu=relu, stats=record, backend=self.backend)
+        f = self.block(x)
+        if f.shape != x.shape:
+            raise ValueError(f"block {self.index} ({type(self.block).__name__}) returned shape {tuple(f.shape)} "
+                             f"for an input of shape {tuple(x.shape)}; a residual branch must keep the shape")
+        return fused_update(x, f, a, b, lt, relu=relu, stats=record, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, activation={self.activation!r}"
+
+
+class LeakyResNet(nn.Module):
+    """A stack of leaky residual blocks with learned per-layer step sizes.
+
+    Args:
+        blocks: residual branches ``f_l`` (any modules mapping x to a tensor of the same shape).
+        effective_depth: Lt >= 0 (0: a plain ResNet; large: behaves like a fully-connected net).
+        total_time: T = sum of the steps (1 in the paper; ``len(blocks)`` with Lt = 0 and unit steps
+            reproduces ``x + f(x)`` block by block exactly).
+        steps: ``"uniform"``, ``"irregular"``, ``"learned"`` or the L steps.
+        scheme: ``"euler"`` (the paper; needs ``rho * Lt < 1``) or ``"exponential"`` (any step).
+        activation: ``None`` or ``"relu"`` after each update.
+        min_step, max_step: bounds every step keeps (defaults: ``steps.default_bounds``).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (default: ``ADAPTIVE_DEPTH_BACKEND`` or auto).
+
+    Example:
+        >>> blocks = [nn.Sequential(nn.ReLU(), nn.Linear(64, 64)) for _ in range(12)]
+        >>> net = LeakyResNet(blocks, effective_depth=3.0, scheme="exponential")
+        >>> y = net(torch.randn(32, 64))
+    """
+
+    def __init__(self, blocks: Iterable[nn.Module], *, effective_depth: float = 0.0, total_time: float = 1.0,
+                 steps: StepsInit = "uniform", scheme: str = "euler", activation: Optional[str] = None,
+                 min_step: Optional[float] = None, max_step: Optional[float] = None,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            raise TypeError("blocks must be an iterable of modules (e.g. a list), got a single "
+                            f"{type(blocks).__name__}")
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("blocks must contain at least one module")
+        for i, blk in enumerate(blocks):
+            _check_block(blk, f"blocks[{i}]")
+        activation = check_activation(activation)
+        backend = check_backend(backend)
+        self.steps = StepSizes(len(blocks), total_time=total_time, effective_depth=effective_depth,
+                               scheme=scheme, init=steps, min_step=min_step, max_step=max_step)
+        self.blocks = nn.ModuleList(LeakyResidual._linked(b, self.steps, i, activation, backend)
+                                    for i, b in enumerate(blocks))
+        self.steps.bind(list(self.blocks))
+
+    @property
+    def depth(self) -> int:
+        return self.steps.depth
+
+    @property
+    def scheme(self) -> str:
+        return self.steps.scheme
+
+    @property
+    def effective_depth(self) -> float:
+        return float(self.steps.effective_depth)
+
+    def set_effective_depth(self, value: float) -> None:
+        self.steps.set_effective_depth(value)
+
+    def step_sizes(self) -> Tensor:
+        """The current steps (a detached copy)."""
+        return self.steps.current().detach().clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.steps.coefficients()
+        record = self.steps.recording and self.training
+        stats = []
+        for blk, a_l, b_l in zip(self.blocks, a.unbind(), b.unbind()):
+            x, s = blk.step(x, a_l, b_l, record)
+            stats.append(s)
+        if record:
+            self.steps.record_all(torch.stack(stats))
+        return x
+
+    def extra_repr(self) -> str:
+        rho = self.steps.rho.detach().double().cpu()
+        return (f"depth={self.depth}, effective_depth={self.effective_depth:g}, scheme={self.scheme!r}, "
+                f"total_time={self.steps.total_time:g}, steps: min={float(rho.min()):.3g} "
+                f"median={float(rho.median()):.3g} max={float(rho.max()):.3g}")
+
+
+class MLPBranch(nn.Module):
+    """The paper's branch ``W s(A)`` with ``s(z) = (relu(z), 1)``: a linear map of ``relu(x)`` plus a bias."""
+
+    def __init__(self, width: int, *, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.linear = nn.Linear(width, width, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(F.relu(x))
+
+    def leaky_step(self, x, a, b, effective_depth, *, relu=False, stats=False, backend="auto"):
+        """``act(a x + b (relu(x) W^T + bias))`` in one fused op (a Triton GEMM on CUDA)."""
+        return leaky_linear(x, self.linear.weight, self.linear.bias, a, b, effective_depth,
+                            relu=relu, stats=stats, backend=backend)
+
+
+class LeakyMLP(nn.Module):
+    """The paper's Leaky ResNet: ``in_dim -> width``, L leaky blocks ``W_l s(A)``, ``width -> out_dim``.
+
+    Args:
+        in_dim, out_dim, width, depth: sizes (depth = number of leaky blocks L).
+        effective_depth, total_time, steps, scheme, min_step, max_step, backend: as ``LeakyResNet``.
+        init: ``"identity"`` (default): each branch starts at ``W = Lt I + N(0, 1/width)``, bias 0, so the
+            branch balances the leak on the positive part of the representation and a deep net with
+            large Lt starts near the identity instead of shrinking the signal by prod(1 - rho_l Lt);
+            ``"default"``: PyTorch's ``nn.Linear`` initialisation.
+
+    Example:
+        >>> net = LeakyMLP(30, 30, width=100, depth=20, effective_depth=5.0, scheme="exponential")
+        >>> y = net(torch.randn(256, 30))
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, width: int, depth: int, *, effective_depth: float = 0.0,
+                 total_time: float = 1.0, steps: StepsInit = "uniform", scheme: str = "euler",
+                 min_step: Optional[float] = None, max_step: Optional[float] = None, init: str = "identity",
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("width", width), ("depth", depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if init not in ("identity", "default"):
+            raise ValueError(f"init must be 'identity' or 'default', got {init!r}")
+        self.init = init
+        self.input = nn.Linear(in_dim, width, device=device, dtype=dtype)
+        self.net = LeakyResNet([MLPBranch(width, device=device, dtype=dtype) for _ in range(depth)],
+                               effective_depth=effective_depth, total_time=total_time, steps=steps,
+                               scheme=scheme, min_step=min_step, max_step=max_step, backend=backend)
+        self.output = nn.Linear(width, out_dim, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    @property
+    def steps(self) -> StepSizes:
+        return self.net.steps
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.net.blocks
+
+    @property
+    def depth(self) -> int:
+        return self.net.depth
+
+    @property
+    def effective_depth(self) -> float:
+        return self.net.effective_depth
+
+    def set_effective_depth(self, value: float) -> None:
+        self.net.set_effective_depth(value)
+
+    def step_sizes(self) -> Tensor:
+        return self.net.step_sizes()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.input.reset_parameters()
+        self.output.reset_parameters()
+        lt = self.net.effective_depth
+        for blk in self.net.blocks:
+            lin = blk.block.linear
+            lin.reset_parameters()
+            if self.init == "identity":
+                width = lin.weight.shape[0]
+                lin.weight.normal_(0.0, 1.0 / math.sqrt(width))
+                lin.weight.diagonal().add_(lt)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+
+    def representations(self, x: Tensor) -> list:
+        """``[A_0, ..., A_L]``: the representation entering each block and the last one (no grad kept)."""
+        with torch.no_grad():
+            h = self.input(x)
+            out = [h]
+            a, b = self.net.steps.coefficients()
+            for blk, a_l, b_l in zip(self.net.blocks, a.unbind(), b.unbind()):
+                h, _ = blk.step(h, a_l, b_l, False)
+                out.append(h)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output(self.net(self.input(x)))
+
+    def extra_repr(self) -> str:
+        return f"init={self.init!r}"
+
+
+def _check_block(block, name: str) -> None:
+    if not isinstance(block, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module mapping x to f(x) of the same shape, "
+                        f"got {type(block).__name__}")
+    if isinstance(block, LeakyResidual):
+        raise TypeError(f"{name} is already a LeakyResidual; pass its branch (.block) instead")
+
