@@ -9,6 +9,7 @@ Every function returns a float64 vector that sums to ``total_time``; the guarded
     equal_distance   the paper's target, guarded: speeds floored, damped toward the target, projected
     weight_norm      the same guarded target with the branch's parameter norm as the speed
     learned          no target: the steps are parameters trained by the optimizer (see ``StepSizes``)
+    fixed            no target: the steps stay as they are (baselines that still want the plugin's decay)
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def _paper_rule(measure, rho, total_time, min_step, max_step, **_):
     return paper(measure, total_time)
 
 
-def _learned_rule(measure, rho, total_time, min_step, max_step, **_):
+def _keep(measure, rho, total_time, min_step, max_step, **_):
     return _f64(rho)
 
 
@@ -122,12 +123,14 @@ RULES: Dict[str, Callable[..., Tensor]] = {
     "paper": _paper_rule,
     "equal_distance": equal_distance,
     "weight_norm": weight_norm,
-    "learned": _learned_rule,
+    "learned": _keep,
+    "fixed": _keep,
 }
 
 #: what each rule measures: "speed" (recorded in the forward pass), "weights", or nothing
 MEASURES: Dict[str, Optional[str]] = {
     "uniform": None, "paper": "speed", "equal_distance": "speed", "weight_norm": "weights", "learned": None,
+    "fixed": None,
 }
 
 

@@ -1,0 +1,191 @@
+"""A small, complete training loop: the demo, the benchmarks and the paper experiments share it.
+
+    result = run(RunConfig(data="teacher", effective_depth=5, rule="equal_distance"))
+
+Full-batch (or mini-batch) Adam, optionally followed by SGD at a smaller rate (the paper's recipe), with
+the ``AdaptiveSteps`` plugin in every run: ``rule="uniform"`` / ``"irregular"`` keep that fixed profile
+(the plugin then only applies the rho-scaled decay, so every run optimises the same cost).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .data import Task, get_task
+from .optim import AdaptiveSteps
+from .residual import LeakyMLP
+
+__all__ = ["RunConfig", "RunResult", "FIXED_PROFILES", "build_model", "run", "compare", "format_table"]
+
+FIXED_PROFILES = ("uniform", "irregular")
+
+
+@dataclass
+class RunConfig:
+    """One training run. ``rule``: a fixed profile (``uniform``, ``irregular``) or a plugin rule
+    (``equal_distance``, ``paper``, ``weight_norm``, ``learned``)."""
+
+    data: str = "teacher"
+    width: int = 100
+    depth: int = 20
+    effective_depth: float = 5.0
+    scheme: str = "exponential"
+    total_time: float = 1.0
+    rule: str = "uniform"
+    steps: int = 2000
+    lr: float = 1e-3
+    sgd_steps: int = 0
+    sgd_lr: float = 1e-2
+    batch_size: Optional[int] = None
+    weight_decay: Optional[float] = None  # None: the paper's lambda = 1e-3 / Lt (1e-3 at Lt = 0)
+    every: int = 10
+    plugin: Dict = field(default_factory=dict)  # extra AdaptiveSteps keyword arguments
+    seed: int = 0
+    data_seed: int = 0
+    n_train: int = 1000
+    n_test: int = 1000
+    eval_every: int = 50
+    target_loss: Optional[float] = None
+
+    def decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 1e-3 / self.effective_depth if self.effective_depth > 0 else 1e-3
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    history: Dict[str, List[float]]
+    final_steps: List[float]
+    seconds_per_step: float
+    steps_to_target: Optional[int]
+    model: Optional[torch.nn.Module] = None
+
+    @property
+    def train_loss(self) -> float:
+        return self.history["train_loss"][-1]
+
+    @property
+    def test_loss(self) -> float:
+        return self.history["test_loss"][-1]
+
+    @property
+    def test_error(self) -> float:
+        return self.history["test_error"][-1]
+
+    def to_dict(self) -> dict:
+        return {"config": dataclasses.asdict(self.config), "history": self.history,
+                "final_steps": self.final_steps, "seconds_per_step": self.seconds_per_step,
+                "steps_to_target": self.steps_to_target, "train_loss": self.train_loss,
+                "test_loss": self.test_loss, "test_error": self.test_error}
+
+
+def build_model(config: RunConfig, task: Task) -> LeakyMLP:
+    steps = config.rule if config.rule in FIXED_PROFILES else "uniform"
+    torch.manual_seed(config.seed)
+    return LeakyMLP(task.in_dim, task.out_dim, config.width, config.depth,
+                    effective_depth=config.effective_depth, total_time=config.total_time, steps=steps,
+                    scheme=config.scheme)
+
+
+def _plugin(config: RunConfig, optimizer, model) -> AdaptiveSteps:
+    rule = "fixed" if config.rule in FIXED_PROFILES else config.rule
+    return AdaptiveSteps(optimizer, model, rule=rule, every=config.every, weight_decay=config.decay(),
+                         **config.plugin)
+
+
+@torch.no_grad()
+def _evaluate(model, task: Task):
+    model.eval()
+    train_loss = float(task.loss_fn(model(task.x_train), task.y_train))
+    pred = model(task.x_test)
+    model.train()
+    return train_loss, float(task.loss_fn(pred, task.y_test)), task.error(pred, task.y_test)
+
+
+def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = False,
+        keep_model: bool = False) -> RunResult:
+    """Train one model with ``config``; evaluates every ``eval_every`` steps and at the end."""
+    task = task or get_task(config.data, seed=config.data_seed, n_train=config.n_train, n_test=config.n_test)
+    model = build_model(config, task)
+    history: Dict[str, List[float]] = {"step": [], "train_loss": [], "test_loss": [], "test_error": [],
+                                       "seconds": []}
+    phases = [(torch.optim.Adam(model.parameters(), lr=config.lr), config.steps)]
+    if config.sgd_steps:
+        phases.append((torch.optim.SGD(model.parameters(), lr=config.sgd_lr), config.sgd_steps))
+    total = sum(n for _, n in phases)
+    bar = _progress(total, f"{config.rule} Lt={config.effective_depth:g}") if progress else None
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    n = task.x_train.shape[0]
+    step, train_seconds, reached = 0, 0.0, None
+
+    def record():
+        tr, te, err = _evaluate(model, task)
+        for key, value in zip(("step", "train_loss", "test_loss", "test_error", "seconds"),
+                              (step, tr, te, err, train_seconds)):
+            history[key].append(value)
+        return tr
+
+    record()
+    for inner, count in phases:
+        opt = _plugin(config, inner, model)
+        for _ in range(count):
+            start = time.perf_counter()
+            if config.batch_size and config.batch_size < n:
+                idx = torch.randint(n, (config.batch_size,), generator=gen)
+                xb, yb = task.x_train[idx], task.y_train[idx]
+            else:
+                xb, yb = task.x_train, task.y_train
+            loss = task.loss_fn(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            train_seconds += time.perf_counter() - start
+            step += 1
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"training diverged at step {step} (loss {float(loss.detach())}); "
+                                         f"lower lr or use scheme='exponential'")
+            if step % config.eval_every == 0 or step == total:
+                tr = record()
+                if reached is None and config.target_loss is not None and tr <= config.target_loss:
+                    reached = step
+                if bar is not None:
+                    bar.set_postfix(train=f"{tr:.4f}", test=f"{history['test_loss'][-1]:.4f}")
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return RunResult(config, history, model.step_sizes().tolist(), train_seconds / max(total, 1), reached,
+                     model if keep_model else None)
+
+
+def compare(config: RunConfig, rules: Sequence[str] = ("uniform", "equal_distance"),
+            seeds: Sequence[int] = (0,), *, progress: bool = False, keep_models: bool = False,
+            task: Optional[Task] = None) -> List[RunResult]:
+    """The same task, seed and budget for each rule (and each seed)."""
+    task = task or get_task(config.data, seed=config.data_seed, n_train=config.n_train, n_test=config.n_test)
+    return [run(dataclasses.replace(config, rule=rule, seed=seed), task, progress=progress,
+                keep_model=keep_models) for seed in seeds for rule in rules]
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def format_table(rows: Sequence[Dict], columns: Sequence[str]) -> str:
+    """A plain-text table (GitHub-markdown compatible)."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    line = lambda cells: "| " + " | ".join(s.ljust(w) for s, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(b) for b in body])
