@@ -197,7 +197,8 @@ def _use_triton(x: Tensor, backend: str) -> bool:
         if not triton_available():
             raise RuntimeError("backend='triton' was forced but the Triton kernels do not import here")
         return True
-    return x.is_cuda and triton_available()
+    # auto: only dtypes the kernels take (they raise TypeError for the rest, e.g. float64)
+    return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_available()
 
 
 def _forward_impl(x, f, a, b, lt, relu, stats, backend):
@@ -326,14 +327,15 @@ def leaky_update(x: Tensor, f: Tensor, rho: Union[Tensor, Number], effective_dep
             raise TypeError(f"rho must be a floating-point tensor, got {rho.dtype}")
         rho_t = rho.reshape(()).to(x.device)
     else:
-        rho_t = torch.tensor(_as_float(rho, "rho"), dtype=torch.float32, device=x.device)
+        rho_t = torch.tensor(_as_float(rho, "rho"), dtype=torch.float64, device=x.device)
     if isinstance(effective_depth, Tensor) and effective_depth.numel() != 1:
         raise ValueError(f"effective_depth must be a scalar, got shape {tuple(effective_depth.shape)}")
     if checkable and not (isinstance(rho, Tensor) and rho.is_cuda):  # never sync a device for a check
         check_step(rho_t.detach(), check_effective_depth(effective_depth), scheme)
     elif checkable and not isinstance(effective_depth, Tensor):
         check_effective_depth(effective_depth)
-    coef_dtype = torch.float64 if rho_t.dtype == torch.float64 else torch.float32
+    wide = torch.float64 in (x.dtype, f.dtype) or (isinstance(rho, Tensor) and rho.dtype == torch.float64)
+    coef_dtype = torch.float64 if wide else torch.float32  # fp32 math unless an operand is fp64
     rho_t = rho_t.to(coef_dtype)
     lt = torch.as_tensor(effective_depth, dtype=coef_dtype, device=x.device).reshape(())
     a, b = step_coefficients(rho_t, lt, scheme)
@@ -349,8 +351,11 @@ def leaky_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b
     On CUDA with Triton this is one GEMM whose prologue applies the ReLU to the loaded tiles and whose
     epilogue applies the leaky combine; elsewhere ``F.linear`` followed by ``fused_update``.
     """
-    kernels = _kernels() if not torch.compiler.is_compiling() else None
-    if kernels is not None and hasattr(kernels, "leaky_linear") and _use_triton(x, backend):
-        return kernels.leaky_linear(x, weight, bias, a, b, effective_depth, relu=relu, stats=stats)
+    # kernels.leaky_linear is an autograd.Function in eager mode and a custom op under torch.compile, so
+    # compiled graphs keep the fused GEMM too. Under autocast the torch path runs: the kernel would not
+    # cast its operands as F.linear does.
+    if _use_triton(x, backend) and not torch.is_autocast_enabled(x.device.type) \
+            and hasattr(_kernels(), "leaky_linear"):
+        return _kernels().leaky_linear(x, weight, bias, a, b, effective_depth, relu=relu, stats=stats)
     f = torch.nn.functional.linear(torch.relu(x), weight, bias)
     return fused_update(x, f, a, b, effective_depth, relu=relu, stats=stats, backend=backend)

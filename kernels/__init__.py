@@ -1,0 +1,13 @@
+"""Fused Triton kernels for leaky residual networks (imports torch and triton only).
+
+``leaky_update_fwd`` / ``leaky_update_bwd``: the update ``y = act(a x + b f)`` and its gradients, one
+memory pass each, with the adaptive rule's statistics and the coefficient gradients as deterministic
+fp32 reductions. ``leaky_linear``: ``act(a x + b (relu(x) W^T + bias))`` as one GEMM with a ReLU prologue
+and a leaky-combine epilogue, differentiable. Inputs are fp32, bf16 or fp16 (fp32 math) on CUDA, or on
+the CPU under ``TRITON_INTERPRET=1`` (set before triton is imported; for tests).
+"""
+from ._common import DTYPES
+from .leaky_linear import leaky_linear
+from .leaky_update import leaky_update_bwd, leaky_update_fwd
+
+__all__ = ["DTYPES", "leaky_update_fwd", "leaky_update_bwd", "leaky_linear"]

@@ -1,0 +1,111 @@
+"""Shared pieces of the kernels: argument checks, the memory layout the flat kernels work in, output
+allocation, and the deterministic second pass of every reduction."""
+from __future__ import annotations
+
+import os
+from typing import Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COEF_DTYPES = (torch.float32, torch.float64)
+SUM_BLOCK = 1024  # rows of partial sums one step of the second pass reads
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------------------------- checks
+def check_tensor(t, name: str, like: Tensor = None) -> None:
+    """``t`` is a tensor of a supported dtype, on a device the kernels can run on (and on ``like``'s)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16 for the Triton kernels, got {t.dtype} "
+                        f"(use backend='torch' for other dtypes)")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {like.device}")
+    if like is None and not t.is_cuda and not interpreting():
+        raise ValueError(f"{name} is on {t.device}: the Triton kernels need CUDA tensors, or "
+                         f"TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors")
+
+
+def check_same_shape(t: Tensor, name: str, x: Tensor) -> None:
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x, got {name} {tuple(t.shape)} and x {tuple(x.shape)}")
+
+
+def check_scalar(t, name: str, x: Tensor) -> None:
+    """A coefficient: a one-element fp32/fp64 tensor on x's device, read by the kernel (no host sync)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a one-element tensor on x's device, got {type(t).__name__}")
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+    if t.dtype not in COEF_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}: keep the coefficients on x's "
+                         f"device (the kernels read them there, without a host sync)")
+
+
+# ------------------------------------------------------------------------------------------- layout
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some dimension order."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_strides(strides: Sequence[int], t: Tensor) -> bool:
+    return all(s == u or n == 1 for s, u, n in zip(strides, t.stride(), t.shape))
+
+
+def flat_strides(t: Tensor) -> Tuple[int, ...]:
+    """Strides of the dense layout the flat kernels use for ``t`` and its partners: ``t``'s own when dense
+    (contiguous, channels_last, ...), else what ``empty_like`` gives (found on the meta device, free)."""
+    return t.stride() if is_dense(t) else torch.empty_like(t, device="meta").stride()
+
+
+def in_layout(t: Tensor, strides: Sequence[int]) -> Tensor:
+    """``t`` itself when it already has ``strides``, else one copy of it in that layout (the fallback for
+    pairs of tensors laid out differently)."""
+    if same_strides(strides, t):
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def empty(shape, strides, dtype: torch.dtype, device) -> Tensor:
+    """Every buffer a kernel writes comes from here (the tests patch it to hand out NaN-filled ones)."""
+    return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------- reductions
+@triton.jit
+def _sum_partials_kernel(PARTIAL, OUT, P, BLOCK: tl.constexpr):
+    """Column sums of a (P, 2) fp32 buffer of per-program partial sums, in one fixed order."""
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, 2)
+    acc = tl.zeros([BLOCK, 2], dtype=tl.float32)
+    for start in range(0, P, BLOCK):
+        r = (start + rows).to(tl.int64)
+        acc += tl.load(PARTIAL + r[:, None] * 2 + cols[None, :], mask=r[:, None] < P, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0))
+
+
+def partial_buffer(programs: int, device) -> Tensor:
+    return empty((programs, 2), (2, 1), torch.float32, device)
+
+
+def sum_partials(partial: Tensor) -> Tensor:
+    """``partial.sum(0)`` for a (P, 2) fp32 buffer, by one program in a fixed order: no atomics, so the
+    same partials always give bit-identical sums."""
+    out = empty((2,), (1,), torch.float32, partial.device)
+    _sum_partials_kernel[(1,)](partial, out, partial.shape[0], BLOCK=SUM_BLOCK, num_warps=4)
+    return out

@@ -1,0 +1,145 @@
+"""The leaky residual update ``y = act(a x + b f)``: one memory pass forward, one backward.
+
+Both kernels treat their tensors as flat buffers in one shared dense layout (contiguous, channels_last or
+any other dense permutation: ``_common.flat_strides``); a tensor laid out otherwise is copied into that
+layout once. Reductions (the statistics forward, ``<g, x>`` and ``<g, f>`` backward) are fp32 partial sums,
+one pair per program, added up by ``_common.sum_partials`` in a fixed order: bit-identical across runs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _common
+
+BLOCK = 4096  # elements per program
+NUM_WARPS = 8
+
+
+@triton.jit
+def _leaky_fwd_kernel(X, F, Y, A, B, LT, PARTIAL, N,
+                      BLOCK: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(F + offs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(A).to(tl.float32)
+    b = tl.load(B).to(tl.float32)
+    y = a * x + b * f
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    if STATS:
+        v = f - tl.load(LT).to(tl.float32) * x  # masked lanes: 0 - lt * 0
+        tl.store(PARTIAL + 2 * pid, tl.sum(v * v, axis=0))
+        tl.store(PARTIAL + 2 * pid + 1, tl.sum(x * x, axis=0))
+
+
+@triton.jit
+def _leaky_bwd_kernel(G, X, F, DX, DF, A, B, PARTIAL, N, BLOCK: tl.constexpr, RELU: tl.constexpr,
+                      NEED_X: tl.constexpr, NEED_F: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU or NEED_A:
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU or NEED_B:
+        f = tl.load(F + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU or NEED_X:
+        a = tl.load(A).to(tl.float32)
+    if RELU or NEED_F:
+        b = tl.load(B).to(tl.float32)
+    if RELU:  # the mask is recomputed from the inputs, not saved
+        g = tl.where(a * x + b * f > 0.0, g, 0.0)
+    if NEED_X:
+        tl.store(DX + offs, (a * g).to(DX.dtype.element_ty), mask=mask)
+    if NEED_F:
+        tl.store(DF + offs, (b * g).to(DF.dtype.element_ty), mask=mask)
+    if NEED_A:
+        tl.store(PARTIAL + 2 * pid, tl.sum(g * x, axis=0))
+    else:
+        tl.store(PARTIAL + 2 * pid, 0.0)
+    if NEED_B:
+        tl.store(PARTIAL + 2 * pid + 1, tl.sum(g * f, axis=0))
+    else:
+        tl.store(PARTIAL + 2 * pid + 1, 0.0)
+
+
+def _check(x: Tensor, f: Tensor, a: Tensor, b: Tensor) -> None:
+    _common.check_tensor(x, "x")
+    _common.check_tensor(f, "f", like=x)
+    _common.check_same_shape(f, "f", x)
+    _common.check_scalar(a, "a", x)
+    _common.check_scalar(b, "b", x)
+
+
+def _programs(n: int) -> int:
+    return triton.cdiv(n, BLOCK)
+
+
+def leaky_update_fwd(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, *, relu: bool,
+                     stats: bool) -> Tuple[Tensor, Tensor]:
+    """``y = act(a x + b f)`` in fp32 math, ``y`` in ``promote_types(x.dtype, f.dtype)`` with x's layout;
+    with ``stats`` also ``[||f - lt x||^2, ||x||^2]`` (fp32, shape (2,)), else an empty fp32 tensor.
+
+    ``a``, ``b``, ``lt``: one-element fp32/fp64 tensors on x's device, read inside the kernel.
+    """
+    _check(x, f, a, b)
+    if stats:
+        _common.check_scalar(lt, "lt", x)
+    strides = _common.flat_strides(x)
+    y = _common.empty(x.shape, strides, torch.promote_types(x.dtype, f.dtype), x.device)
+    n = x.numel()
+    if n == 0:
+        return y, x.new_zeros((2 if stats else 0,), dtype=torch.float32)
+    xs, fs = _common.in_layout(x, strides), _common.in_layout(f, strides)
+    grid = (_programs(n),)
+    partial = _common.partial_buffer(grid[0], x.device) if stats else y  # (y: an unused placeholder)
+    _leaky_fwd_kernel[grid](xs, fs, y, a, b, lt if stats else a, partial, n,
+                            BLOCK=BLOCK, RELU=relu, STATS=stats, num_warps=NUM_WARPS)
+    s = _common.sum_partials(partial) if stats else x.new_empty((0,), dtype=torch.float32)
+    return y, s
+
+
+def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, relu: bool,
+                     need: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
+    """Gradients ``(dx, df, da, db)`` of ``y = act(a x + b f)`` for the output gradient ``g``, each None
+    unless asked for in ``need``. ``dx``, ``df`` have x's and f's dtype and layout; ``da = <g', x>`` and
+    ``db = <g', f>`` (``g'`` = g with the ReLU mask, recomputed from x, f, a, b) are 0-dim in a's and b's
+    dtype, from deterministic fp32 partial sums."""
+    _check(x, f, a, b)
+    _common.check_tensor(g, "g", like=x)
+    _common.check_same_shape(g, "g", x)
+    need_x, need_f, need_a, need_b = (bool(v) for v in need)
+    strides, f_strides = _common.flat_strides(x), _common.flat_strides(f)
+    n = x.numel()
+    dx = _common.empty(x.shape, strides, x.dtype, x.device) if need_x else None
+    # df is written in x's layout; when f's differs, it is copied into f's once at the end
+    df = _common.empty(f.shape, strides, f.dtype, f.device) if need_f else None
+    sums = x.new_zeros((2,), dtype=torch.float32)
+    if n > 0 and any(need):
+        gs, xs, fs = (_common.in_layout(t, strides) for t in (g, x, f))
+        grid = (_programs(n),)
+        partial = _common.partial_buffer(grid[0], x.device)
+        _leaky_bwd_kernel[grid](gs, xs, fs, dx if need_x else gs, df if need_f else gs, a, b, partial, n,
+                                BLOCK=BLOCK, RELU=relu, NEED_X=need_x, NEED_F=need_f, NEED_A=need_a,
+                                NEED_B=need_b, num_warps=NUM_WARPS)
+        if need_a or need_b:
+            sums = _common.sum_partials(partial)
+    if need_f:
+        df = _common.in_layout(df, f_strides)
+    da = sums[0].to(a.dtype, copy=True) if need_a else None  # (copies: outputs must not alias)
+    db = sums[1].to(b.dtype, copy=True) if need_b else None
+    return dx, df, da, db
+
+
+def dot(u: Tensor, v: Tensor) -> Tensor:
+    """``<u, v>`` as a 0-dim fp32 tensor, by the backward kernel's deterministic partial sums."""
+    one = torch.ones((), dtype=torch.float32, device=u.device)
+    return leaky_update_bwd(u, v, v, one, one, relu=False, need=(False, False, True, False))[2]
