@@ -313,6 +313,7 @@ def _distributed_worker(rank, world, port, out, batches):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = LeakyMLP(6, 6, width=16, depth=5, effective_depth=2.0, scheme="exponential")
