@@ -12,13 +12,15 @@ does) and ``R = relu(x)``::
     dx = a G + b (G W) * [x > 0]      dW = b G^T R      dbias = b sum_rows G
     da = <G, x>                       db = <G, f> = <G^T R, W> + <sum_rows G, bias>
 
-so ``f`` is never needed again. ``x`` may have any strides (the GEMM reads them; the backward copies a
-non-contiguous x once). On CUDA the GEMM is autotuned over ``CONFIGS``; under ``TRITON_INTERPRET=1`` it
-runs with the fixed ``INTERPRET_CONFIG``.
+so ``f`` is never needed again. ``x`` may have any strides (a copy is made once where its rows are not contiguous, for the GEMM, or x
+is not contiguous, for the backward). On CUDA the GEMM is autotuned over ``CONFIGS``; under
+``TRITON_INTERPRET=1``, or with ``ADAPTIVE_DEPTH_AUTOTUNE=0``, it runs with ``FIXED_CONFIG``. Autotuning
+picks the config on the first call for each (M, D, dtype); after that results are bit-identical.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -29,18 +31,29 @@ from torch import Tensor
 from . import _common
 from .leaky_update import BLOCK, NUM_WARPS, dot
 
-# H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); those that do not fit (fp32 with the larger
-# ones) fail to compile and the autotuner skips them
-_SHAPES = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-           (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 4)]
+# H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): BLOCK_K 64 for 16-bit inputs, 32 for fp32
+# (whose larger tiles would not fit in shared memory); _prune keeps the four of the input's kind
+_SHAPES = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
+           (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)]
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
            for m, n, k, w, s in _SHAPES]
-INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+# one small config: under the interpreter (several tiles on test-sized inputs), and on CUDA when
+# ADAPTIVE_DEPTH_AUTOTUNE=0 (the CUDA tests: one compile per variant instead of four)
+FIXED_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+def _prune(configs, named_args, **kwargs):
+    block_k = 32 if named_args["X"].dtype == torch.float32 else 64
+    return [c for c in configs if c.kwargs["BLOCK_K"] == block_k]
+
+
+def _autotune() -> bool:
+    return not _common.interpreting() and os.environ.get("ADAPTIVE_DEPTH_AUTOTUNE", "1") != "0"
 
 
 @triton.jit
 def _leaky_linear_fwd_kernel(X, W, BIAS, Y, A, B, LT, PARTIAL, M, D, SLOTS,
-                             stride_xm, stride_xk, stride_wn, stride_wk,
+                             stride_xm, stride_wn, stride_wk,
                              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
                              PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -58,7 +71,7 @@ def _leaky_linear_fwd_kernel(X, W, BIAS, Y, A, B, LT, PARTIAL, M, D, SLOTS,
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < D
-    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]  # rows of x are contiguous
     w_ptrs = W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # a tile of W^T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(D, BLOCK_K)):
@@ -70,13 +83,13 @@ def _leaky_linear_fwd_kernel(X, W, BIAS, Y, A, B, LT, PARTIAL, M, D, SLOTS,
             acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc)
         else:
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
+        x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     # the epilogue: the residual tile of x, the leaky combine, the optional ReLU and statistics
     mask = mask_m[:, None] & mask_n[None, :]
-    x = tl.load(X + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xk, mask=mask, other=0.0)
+    x = tl.load(X + offs_m[:, None] * stride_xm + offs_n[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     y = tl.load(A).to(tl.float32) * x + tl.load(B).to(tl.float32) * acc
     if RELU:
@@ -93,7 +106,8 @@ def _leaky_linear_fwd_kernel(X, W, BIAS, Y, A, B, LT, PARTIAL, M, D, SLOTS,
             tl.store(PARTIAL + 2 * (pid + j * programs) + 1, 0.0)
 
 
-_leaky_linear_fwd_tuned = triton.autotune(CONFIGS, key=["M", "D"])(_leaky_linear_fwd_kernel)
+_leaky_linear_fwd_tuned = triton.autotune(CONFIGS, key=["M", "D"], prune_configs_by={"early_config_prune": _prune})(
+    _leaky_linear_fwd_kernel)
 
 
 @triton.jit
@@ -159,18 +173,20 @@ def _forward(x, weight, bias, a, b, lt, relu: bool, stats: bool) -> Tuple[Tensor
     y = _common.empty((m, d), (d, 1), x.dtype, x.device)
     if m == 0 or d == 0:
         return y.view(x.shape), x.new_zeros((2 if stats else 0,), dtype=torch.float32)
-    if _common.interpreting():
-        kernel, configs = _leaky_linear_fwd_kernel, [INTERPRET_CONFIG]
+    if _autotune():
+        kernel, configs, fixed = _leaky_linear_fwd_tuned, [c.kwargs for c in CONFIGS], {}
     else:
-        kernel, configs = _leaky_linear_fwd_tuned, [c.kwargs for c in CONFIGS]
+        kernel, configs, fixed = _leaky_linear_fwd_kernel, [FIXED_CONFIG], FIXED_CONFIG
+    if x2.stride(1) != 1:  # rows of x must be contiguous for the GEMM (one copy otherwise)
+        x2 = x2.contiguous()
     slots = _slots(m, d, configs)
     partial = _common.partial_buffer(slots, x.device) if stats else y  # (y: an unused placeholder)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](x2, weight, bias if bias is not None else weight, y, a, b, lt if stats else a, partial,
-                 m, d, slots, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+                 m, d, slots, x2.stride(0), weight.stride(0), weight.stride(1),
                  HAS_BIAS=bias is not None, RELU=relu, STATS=stats, PRECISION=_precision(x.dtype),
                  DOT_FP32=_common.interpreting() and x.dtype == torch.bfloat16,
-                 **(INTERPRET_CONFIG if kernel is _leaky_linear_fwd_kernel else {}))
+                 **fixed)
     s = _common.sum_partials(partial) if stats else x.new_empty((0,), dtype=torch.float32)
     return y.view(x.shape), s
 

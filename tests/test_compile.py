@@ -37,6 +37,11 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def fixed_tiles(monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_DEPTH_AUTOTUNE", "0")  # CUDA: the fused GEMM's fixed config, one compile
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the Triton launches of the update (forward, backward) and of the fused GEMM."""

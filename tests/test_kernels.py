@@ -42,6 +42,13 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(_common, "empty", nan_filled)
 
 
+@pytest.fixture(autouse=True)
+def fixed_tiles(monkeypatch):
+    """The GEMM on its fixed config (as under the interpreter): one compile per variant on CUDA instead
+    of one per autotuning config; test_leaky_linear_autotuned covers the autotuned path."""
+    monkeypatch.setenv("ADAPTIVE_DEPTH_AUTOTUNE", "0")
+
+
 # ----------------------------------------------------------------------------------- helpers
 def randn(shape, dtype, device, seed):
     """Normal values with every 5th element exactly 0 (in the same places for every tensor of a shape, so
@@ -406,9 +413,12 @@ def test_leaky_linear_partial_gradients(device, grads):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_leaky_linear_strided_x(device):
-    base = randn((24, 11), torch.float32, device, 5)
-    x = base.t().requires_grad_()  # (11, 24), strides (1, 11)
+@pytest.mark.parametrize("view", ["transposed", "column_slice"])
+def test_leaky_linear_strided_x(device, view):
+    if view == "transposed":  # (11, 24) with strides (1, 11): copied once
+        x = randn((24, 11), torch.float32, device, 5).t().requires_grad_()
+    else:  # (11, 24) with strides (30, 1): read in place by the GEMM
+        x = randn((11, 30), torch.float32, device, 5)[:, 3:27].requires_grad_()
     _, weight, bias, a, b = linear_inputs((11, 24), torch.float32, device, 6)
     lt = scalar(0.5, device)
     y, s = kernels.leaky_linear(x, weight, bias, a, b, lt, relu=False, stats=True)
@@ -502,6 +512,75 @@ def test_autocast_takes_the_torch_path(monkeypatch):
         y, _ = branch.leaky_step(x, one, one, one, backend="triton")
         f = torch.nn.functional.linear(torch.relu(x), branch.linear.weight, branch.linear.bias)
     torch.testing.assert_close(y, 0.5 * x + 0.5 * f.float())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (autotuning times kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leaky_linear_autotuned(dtype, monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_DEPTH_AUTOTUNE", "1")
+    x, weight, bias, a, b = linear_inputs((300, 200), dtype, "cuda", 20)
+    lt = scalar(1.0, "cuda")
+    y, s = kernels.leaky_linear(x, weight, bias, a, b, lt, relu=True, stats=True)
+    ref_inputs = [f64(t).requires_grad_() for t in (x, weight, bias, a, b)]
+    y_ref, s_ref = linear_ref(*ref_inputs, 1.0, True)
+    # fp32 GEMMs follow torch.backends.cuda.matmul.allow_tf32 (off by default): full fp32 here
+    assert_elementwise(y, y_ref.detach(), dtype)
+    assert_sum(s[0], s_ref[0].detach(), s_ref[0].detach(), rtol=1e-5)
+    assert_sum(s[1], s_ref[1].detach(), f64(x) ** 2)
+    y2, s2 = kernels.leaky_linear(x, weight, bias, a, b, lt, relu=True, stats=True)
+    assert bitwise_equal(y, y2) and bitwise_equal(s, s2)  # the tuned config is kept
+
+
+# ------------------------------------------------------------- compiling for a GPU, without one
+_COMPILE_FOR_SM90 = """
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from kernels import _common
+update = importlib.import_module("kernels.leaky_update")
+linear = importlib.import_module("kernels.leaky_linear")
+
+def build(fn, pointers, consts, **options):
+    # arguments in the kernel's order: constexprs, pointers (by name; the rest fp32), integers
+    coef = {"A": "fp32", "B": "fp64", "LT": "fp32", "PARTIAL": "fp32", "OUT": "fp32"}
+    types = {**coef, **pointers}
+    sig = {n: "constexpr" if n in consts else "*" + types[n] if n.isupper() and n in types else "i32"
+           for n in fn.arg_names}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+build(_common._sum_partials_kernel, {}, {"BLOCK": 1024}, num_warps=4)
+for dt in ("fp32", "bf16", "fp16"):
+    tensors = {n: dt for n in ("X", "F", "Y", "G", "DX", "DF", "H", "R", "W", "BIAS")}
+    for flag in (False, True):
+        build(update._leaky_fwd_kernel, {**tensors, "F": "fp32"}, {"BLOCK": 4096, "RELU": flag, "STATS": flag},
+              num_warps=8)
+        build(update._leaky_bwd_kernel, tensors, {"BLOCK": 4096, "RELU": flag, "NEED_X": True, "NEED_F": flag,
+                                                  "NEED_A": flag, "NEED_B": True}, num_warps=8)
+        build(linear._leaky_linear_bwd_kernel, tensors,
+              {"BLOCK": 4096, "NEED_X": True, "NEED_R": flag, "NEED_A": flag}, num_warps=8)
+    tuned = [c for c in linear.CONFIGS if c.kwargs["BLOCK_K"] == (32 if dt == "fp32" else 64)][-1]
+    for tiles, options in ((linear.FIXED_CONFIG, {"num_warps": 4, "num_stages": 3}),
+                           (tuned.kwargs, {"num_warps": tuned.num_warps, "num_stages": tuned.num_stages})):
+        build(linear._leaky_linear_fwd_kernel, tensors,
+              {"HAS_BIAS": True, "RELU": True, "STATS": True, "PRECISION": "ieee" if dt == "fp32" else "tf32",
+               "DOT_FP32": False, **tiles}, **options)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter accepts code the GPU compiler rejects: compile every kernel (representative
+    variants) for sm_90 with Triton's own toolchain, which needs no GPU."""
+    import subprocess
+    import sys
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]), timeout=600)
+    if done.returncode != 0 and "ptxas" in done.stderr and "No such file" in done.stderr:
+        pytest.skip("this Triton install has no ptxas")
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-4000:]
 
 
 # ------------------------------------------------------------------ CUDA: more than 2^31 elements
