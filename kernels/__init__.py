@@ -5,6 +5,12 @@ memory pass each, with the adaptive rule's statistics and the coefficient gradie
 fp32 reductions. ``leaky_linear``: ``act(a x + b (relu(x) W^T + bias))`` as one GEMM with a ReLU prologue
 and a leaky-combine epilogue, differentiable. Inputs are fp32, bf16 or fp16 (fp32 math) on CUDA, or on
 the CPU under ``TRITON_INTERPRET=1`` (set before triton is imported; for tests).
+
+Layouts: the update kernels run in place on contiguous tensors and on any pair (or triple) of dense
+tensors with identical strides (channels_last...); a tensor laid out otherwise is copied once into x's
+layout, and outputs always have the layout ``torch.empty_like`` gives. ``leaky_linear`` reads x with any
+row stride (rows themselves must be contiguous, else one copy). ``ADAPTIVE_DEPTH_AUTOTUNE=0`` runs the
+GEMM on one fixed tile config instead of autotuning it.
 """
 from ._common import DTYPES
 from .leaky_linear import leaky_linear

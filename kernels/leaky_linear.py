@@ -218,15 +218,13 @@ def _backward(g, x, weight, bias, a, b, y, relu: bool, need) -> Tuple[Optional[T
     u = gm.t() @ r if need_r else None  # G^T relu(x): dW / b
     colsum = gm.sum(0, dtype=torch.float32) if (need_bias or need_b) and bias is not None else None
     db = None
-    if need_b:
-        db = dot(u, weight)
-        if bias is not None:
-            db = db + dot(colsum, bias.float())
-        db = db.to(b.dtype)
+    if need_b:  # <G, f> without f: <G^T relu(x), W> + <sum_rows G, bias>
+        db = dot(u, weight) + (dot(colsum, bias.float()) if bias is not None else 0.0)
+        db = db.to(b.dtype).reshape(b.shape)
     return (dx.view(x.shape) if need_x else None,
             (u * b).to(weight.dtype) if need_w else None,
             (colsum * b).to(bias.dtype) if need_bias else None,
-            sums[0].to(a.dtype, copy=True) if need_a else None,
+            sums[0].to(a.dtype, copy=True).reshape(a.shape) if need_a else None,
             db)
 
 

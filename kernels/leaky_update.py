@@ -134,8 +134,9 @@ def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, r
             sums = _common.sum_partials(partial)
     if need_f:
         df = _common.in_layout(df, f_strides)
-    da = sums[0].to(a.dtype, copy=True) if need_a else None  # (copies: outputs must not alias)
-    db = sums[1].to(b.dtype, copy=True) if need_b else None
+    # copies in the coefficients' shapes (outputs of a custom op must not alias each other)
+    da = sums[0].to(a.dtype, copy=True).reshape(a.shape) if need_a else None
+    db = sums[1].to(b.dtype, copy=True).reshape(b.shape) if need_b else None
     return dx, df, da, db
 
 
