@@ -12,10 +12,11 @@ does) and ``R = relu(x)``::
     dx = a G + b (G W) * [x > 0]      dW = b G^T R      dbias = b sum_rows G
     da = <G, x>                       db = <G, f> = <G^T R, W> + <sum_rows G, bias>
 
-so ``f`` is never needed again. ``x`` may have any strides (a copy is made once where its rows are not contiguous, for the GEMM, or x
-is not contiguous, for the backward). On CUDA the GEMM is autotuned over ``CONFIGS``; under
-``TRITON_INTERPRET=1``, or with ``ADAPTIVE_DEPTH_AUTOTUNE=0``, it runs with ``FIXED_CONFIG``. Autotuning
-picks the config on the first call for each (M, D, dtype); after that results are bit-identical.
+so ``f`` is never needed again. ``x`` may have any strides (one copy is made where its rows are not
+contiguous, for the GEMM, or x is not contiguous, for the backward); ``y`` and the gradients come out
+contiguous. On CUDA the GEMM is autotuned over ``CONFIGS``; under ``TRITON_INTERPRET=1``, or with
+``ADAPTIVE_DEPTH_AUTOTUNE=0``, it runs with ``FIXED_CONFIG``. Autotuning picks the config on the first
+call for each (M, D, dtype); after that results are bit-identical.
 """
 from __future__ import annotations
 
@@ -268,8 +269,8 @@ def _leaky_linear_backward_op(g: Tensor, x: Tensor, weight: Tensor, bias: Option
 
 @_leaky_linear_backward_op.register_fake
 def _(g, x, weight, bias, a, b, y, relu, need):
-    likes = (x, weight, bias, a, b)
-    return tuple(torch.empty_like(t) if wanted and t is not None else x.new_empty((0,))
+    likes = (x, weight, bias, a, b)  # the real gradients are contiguous, in their input's dtype
+    return tuple(t.new_empty(t.shape) if wanted and t is not None else x.new_empty((0,))
                  for t, wanted in zip(likes, need))
 
 

@@ -388,7 +388,7 @@ def test_leaky_linear(device, dtype, shape, relu, bias):
     grads_ref = torch.autograd.grad(y_ref, [t for t in ref_inputs if t is not None], f64(g))
     # dx and dW/dbias come through matmuls in the input dtype: a couple of ulps of the largest value
     for got, ref in zip(grads[:-2], grads_ref[:-2]):
-        assert got.dtype == dtype and got.shape == ref.shape
+        assert got.dtype == dtype and got.shape == ref.shape and got.is_contiguous()  # as the fake says
         torch.testing.assert_close(f64(got), ref, rtol=2 * RTOL[dtype], atol=2 * RTOL[dtype] * ref.abs().max().item())
     da, db = grads[-2:]
     assert da.shape == () and db.shape == () and da.dtype == torch.float32
