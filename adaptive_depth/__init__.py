@@ -7,6 +7,7 @@ Public surface: ``leaky_update`` (the update), ``LeakyResidual`` / ``LeakyResNet
 ``rules`` (pure step-size rules), ``StepSizes`` (one group's steps and constraints).
 """
 from . import rules
+from .diagnostics import Diagnostics, cost_of_identity, diagnose, effective_rank, hamiltonian, singular_values
 from .ops import leaky_update, step_coefficients, triton_available
 from .optim import AdaptiveSteps
 from .residual import LeakyMLP, LeakyResidual, LeakyResNet, MLPBranch
@@ -17,4 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "leaky_update", "step_coefficients", "triton_available", "LeakyResidual", "LeakyResNet", "LeakyMLP",
     "MLPBranch", "AdaptiveSteps", "StepSizes", "step_groups", "step_sizes", "rules", "__version__",
+    "diagnose", "Diagnostics", "cost_of_identity", "hamiltonian", "effective_rank", "singular_values",
 ]
