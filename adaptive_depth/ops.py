@@ -158,14 +158,19 @@ def reference_backward(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, re
     """Gradients of ``y = act(a x + b f)``: ``(dx, df, da, db)``, each ``None`` unless needed."""
     out = _out_dtype(x, f)
     math_dtype = torch.float32 if out in _LOW_PRECISION else out
-    if relu:  # recompute the mask instead of saving y
-        pre = torch.mul(x.to(math_dtype), a.to(math_dtype)).addcmul_(f.to(math_dtype), b.to(math_dtype))
-        g = torch.where(pre > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    # each operand is brought to the math dtype once (a no-op in fp32/fp64) and reused
     need_x, need_f, need_a, need_b = need
-    dx = (g.to(math_dtype) * a.to(math_dtype)).to(x.dtype) if need_x else None
-    df = (g.to(math_dtype) * b.to(math_dtype)).to(f.dtype) if need_f else None
-    da = _dot(g, x).to(a.dtype) if need_a else None
-    db = _dot(g, f).to(b.dtype) if need_b else None
+    xm = x.to(math_dtype) if (relu or need_a) else None
+    fm = f.to(math_dtype) if (relu or need_b) else None
+    gm = g.to(math_dtype)
+    am, bm = a.to(math_dtype), b.to(math_dtype)
+    if relu:  # recompute the mask instead of saving y
+        pre = torch.mul(xm, am).addcmul_(fm, bm)
+        gm = torch.where(pre > 0, gm, torch.zeros((), dtype=math_dtype, device=g.device))
+    dx = (gm * am).to(x.dtype) if need_x else None
+    df = (gm * bm).to(f.dtype) if need_f else None
+    da = _dot(gm, xm).to(a.dtype) if need_a else None
+    db = _dot(gm, fm).to(b.dtype) if need_b else None
     return dx, df, da, db
 
 

@@ -66,8 +66,9 @@ def project_steps(v: Tensor, total_time: float, min_step: float, max_step: float
         vd = v.detach()
         knots = torch.cat([vd - max_step, vd - min_step]).sort().values
         sums = (vd[None, :] - knots[:, None]).clamp(min_step, max_step).sum(1)  # non-increasing
-        k = (sums > total_time).sum().clamp(1, 2 * n - 1)
-        t0, t1, s0, s1 = knots[k - 1], knots[k], sums[k - 1], sums[k]
+        k = (sums > total_time).sum().clamp(1, 2 * n - 1).reshape(1)
+        pair = torch.cat([k - 1, k])  # gather, not tensor indexing: torch.compile traces it
+        (t0, t1), (s0, s1) = knots.gather(0, pair), sums.gather(0, pair)
         gap = s0 - s1
         tau = t0 + torch.where(gap > 0, (s0 - total_time) * (t1 - t0) / torch.where(gap > 0, gap, 1), 0)
         shifted = vd - tau

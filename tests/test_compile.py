@@ -150,3 +150,22 @@ def test_compiled_ops_step_gradients(device, backend, scheme):
     for u, v, name in zip(grads_c, grads_e, ("x", "f", "weight", "bias", "rho")):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5, msg=name)
     assert grads_e[4].abs().min() > 0  # both steps receive a gradient
+
+
+def test_learned_steps_compile_fullgraph_with_the_projection():
+    """Learnable steps run the exact projection inside the graph: no data-dependent indexing, no break."""
+    torch.manual_seed(0)
+    net = LeakyResNet([nn.Sequential(nn.ReLU(), nn.Linear(8, 8)) for _ in range(5)], effective_depth=2.0,
+                      steps="learned", scheme="exponential")
+    with torch.no_grad():
+        net.steps.rho.copy_(torch.tensor([0.5, 0.1, 0.1, 0.2, 0.3]))  # off the feasible set: projected
+    x = torch.randn(6, 8)
+    eager = net(x)
+    eager.square().sum().backward()
+    want = net.steps.rho.grad.clone()
+    net.zero_grad()
+    compiled = torch.compile(net, fullgraph=True)(x)
+    compiled.square().sum().backward()
+    assert torch.allclose(compiled, eager, atol=1e-6)
+    assert torch.allclose(net.steps.rho.grad, want, atol=1e-5)
+    assert abs(float(net.steps.current().sum()) - 1.0) < 1e-6
