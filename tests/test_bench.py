@@ -1,0 +1,61 @@
+"""``adaptive-depth bench --quick`` end to end: runs, writes JSON/markdown/PNG, keeps foreign JSON keys."""
+import json
+
+import pytest
+
+from adaptive_depth import bench
+from adaptive_depth.cli import main
+
+
+def test_quick_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    earlier = [_record("mnist1d", rule, s, 1.0) for rule in ("uniform", "equal_distance") for s in (0, 1)]
+    out.write_text(json.dumps({"benchmarks": [{"name": "kept"}],  # as pytest-benchmark writes it
+                               "convergence": {"runs": earlier, "meta": []}}))  # another task's command
+    assert main(["bench", "--quick", "--rules", "uniform", "equal_distance", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["benchmarks"] == [{"name": "kept"}]
+    conv = doc["convergence"]
+    runs = [r for r in conv["runs"] if r["data"] == "teacher"]
+    kept = [r for r in conv["runs"] if r["data"] == "mnist1d"]
+    assert [r["test_loss"] for r in kept] == [r["test_loss"] for r in earlier]
+    assert {(r["lt"], r["rule"], r["seed"]) for r in runs} == \
+        {(lt, rule, s) for lt in (0.0, 10.0) for rule in ("uniform", "equal_distance") for s in (0, 1)}
+    for r in runs:
+        assert r["train_loss"] > 0 and r["test_loss"] > 0
+        assert abs(sum(r["final_steps"]) - 1.0) < 1e-5
+        # auto target = the worst final train loss of the cell: every run reaches it
+        assert r["steps_to_target"] is not None and r["steps_to_target"] <= 40
+    rows = {(r["lt"], r["rule"]): r for r in conv["summary"] if r["data"] == "teacher"}
+    assert len(rows) == 4
+    for (lt, rule), row in rows.items():
+        assert row["seeds"] == 2
+        assert row["test_loss"]["min"] <= row["test_loss"]["median"] <= row["test_loss"]["max"]
+        if rule == "uniform":
+            assert row["test_ratio"]["median"] == pytest.approx(1.0)
+    assert "### teacher" in conv["table_markdown"] and "### mnist1d" in conv["table_markdown"]
+    assert "equal_distance" in conv["table_markdown"]
+    assert conv["meta"][-1]["command"].startswith("adaptive-depth bench")
+    assert (tmp_path / "bench.md").read_text().startswith("# uniform vs adaptive")
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def _record(data, rule, seed, loss, steps=10):
+    return {"data": data, "lt": 1.0, "rule": rule, "seed": seed, "data_seed": seed, "train_loss": 1.0,
+            "test_loss": loss, "test_error": loss, "steps_to_target": steps, "seconds_to_target": None,
+            "seconds_per_step": 0.01, "target": 1.0,
+            "curve": {"step": [0, 10], "train_loss": [2.0, 1.0], "test_loss": [2.0, loss], "seconds": [0.0, 0.1]}}
+
+
+def test_summary_statistics():
+    recs = [_record("t", rule, s, loss, steps)
+            for rule, losses, steps in (("uniform", (1.0, 2.0, 4.0), (10, 20, 30)),
+                                        ("ad", (0.5, 2.0, 2.0), (10, None, 30)))
+            for s, loss, steps in zip(range(3), losses, steps)]
+    rows = {r["rule"]: r for r in bench.summarize(recs)}
+    assert rows["ad"]["test_loss"] == {"median": 2.0, "min": 0.5, "max": 2.0, "n": 3, "missing": 0}
+    assert rows["ad"]["test_ratio"]["median"] == pytest.approx(0.5)  # paired: 0.5, 1.0, 0.5
+    assert rows["ad"]["test_ratio"]["max"] == pytest.approx(1.0)
+    assert rows["ad"]["steps_to_target"]["missing"] == 1
+    assert rows["ad"]["within_baseline_spread"] is True
+    assert "1 miss" in bench.tables(list(rows.values()))
