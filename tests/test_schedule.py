@@ -10,6 +10,9 @@ from adaptive_depth import AdaptiveSteps, LeakyResNet, StepSizes
 from adaptive_depth.schedule import EffectiveDepthScheduler
 
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py
+
+
 def stack(depth=4, **kw):
     return LeakyResNet([nn.Linear(8, 8) for _ in range(depth)], **kw)
 

@@ -19,13 +19,7 @@ from adaptive_depth.wrap import (StepGroups, register_adapter, unregister_adapte
 TOL = 1e-6  # the bar for Lt = 0 (the implementation is bit-exact; the bar is what is promised)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two OpenMP threads on a shared two-core machine are slower than one by an order of magnitude here
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # see conftest.py
 
 
 def tiny(block=tv.BasicBlock, layers=(1, 1, 1, 1), **kw):
