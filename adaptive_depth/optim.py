@@ -37,6 +37,10 @@ class AdaptiveSteps(Optimizer):
             callable ``rule(speed, rho, total_time, min_step, max_step, *, damping, floor) -> steps``.
         every: adapt after every ``every``-th optimizer step (the forward pass before it records speeds).
         warmup: no adaptation during the first ``warmup`` steps; ``until``: none after step ``until``.
+        fast_start: the first ``fast_start`` adaptations (guarded rules) happen on consecutive steps right
+            after warm-up, each moving all the way to the target (no damping, no smoothing): the profile
+            the network calls for at initialisation is in place within a few steps instead of after
+            hundreds. Then every ``every`` steps, damped and smoothed. ``rule="paper"`` ignores it.
         smoothing: EMA factor over adaptations for the measured log-speeds (0 = use the last batch only).
         damping: fraction of the way (in log space) the steps move toward the target per adaptation.
         floor: speeds below ``floor * max(speed)`` count as that (a layer that barely moves cannot take
@@ -54,7 +58,8 @@ class AdaptiveSteps(Optimizer):
     def __init__(self, optimizer: Optimizer, model: nn.Module, *, rule: Rule = "equal_distance",
                  every: int = 10, warmup: int = 0, until: Optional[int] = None, smoothing: float = 0.9,
                  damping: float = 0.5, floor: float = 1e-3, step_range: Tuple[float, float] = (0.1, 10.0),
-                 weight_decay: float = 0.0, step_lr: Optional[float] = None, sync: bool = True):
+                 weight_decay: float = 0.0, step_lr: Optional[float] = None, sync: bool = True,
+                 fast_start: int = 5):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, AdaptiveSteps):
@@ -71,6 +76,7 @@ class AdaptiveSteps(Optimizer):
             rule_fn, measure, rule_name = rules.get_rule(rule), rules.MEASURES.get(rule), rule
         _check_int(every, "every", 1)
         _check_int(warmup, "warmup", 0)
+        _check_int(fast_start, "fast_start", 0)
         if until is not None:
             _check_int(until, "until", 0)
         _check_range(smoothing, "smoothing", 0.0, 1.0, right_open=True)
@@ -82,7 +88,8 @@ class AdaptiveSteps(Optimizer):
             _check_range(step_lr, "step_lr", 0.0, math.inf, left_open=True)
 
         defaults = dict(rule=rule_name, every=every, warmup=warmup, until=until, smoothing=smoothing,
-                        damping=damping, floor=floor, step_range=step_range, weight_decay=weight_decay)
+                        damping=damping, floor=floor, step_range=step_range, weight_decay=weight_decay,
+                        fast_start=fast_start)
         self.__dict__["_delegating"] = False
         self.optimizer = optimizer
         self.model_groups: List[StepSizes] = groups
@@ -90,6 +97,7 @@ class AdaptiveSteps(Optimizer):
         self.every, self.warmup, self.until = every, warmup, until
         self.smoothing, self.damping, self.floor = smoothing, damping, floor
         self.step_range, self.weight_decay, self.sync = step_range, weight_decay, sync
+        self.fast_start = fast_start if measure is not None and rule_name != "paper" else 0
         super().__init__([{"params": g["params"]} for g in optimizer.param_groups], defaults)
         self.__dict__["_delegating"] = True
 
@@ -168,7 +176,13 @@ class AdaptiveSteps(Optimizer):
     def _due(self, step: int) -> bool:
         if self._measure is None and self.rule != "uniform":
             return False
-        return step > self.warmup and step % self.every == 0 and (self.until is None or step <= self.until)
+        if self.until is not None and step > self.until:
+            return False
+        return step > self.warmup and (step % self.every == 0 or self._fast(step))
+
+    def _fast(self, step: int) -> bool:
+        """Whether ``step`` is one of the fast-start adaptations (consecutive, undamped, unsmoothed)."""
+        return self.warmup < step <= self.warmup + self.fast_start
 
     def _set_recording(self) -> None:
         record = self._measure == "speed" and self._due(self._steps_done + 1)
@@ -191,9 +205,10 @@ class AdaptiveSteps(Optimizer):
                               f"({measure.tolist()}); steps left unchanged this time (is the model in train "
                               f"mode, and does a forward pass run between optimizer steps?)", RuntimeWarning)
                 continue
-            if measure is not None and self.smoothing > 0 and self.rule != "paper":
+            fast = self._fast(self._steps_done)
+            if measure is not None and self.smoothing > 0 and self.rule != "paper" and not fast:
                 measure = self._smooth(i, measure)
-            self._apply_rule(i, g, measure)
+            self._apply_rule(i, g, measure, damping=1.0 if fast else self.damping)
         for g in self.model_groups:
             g.reset_stats()
 
@@ -214,13 +229,15 @@ class AdaptiveSteps(Optimizer):
         self._ema[i], self._ema_count[i] = ema, self._ema_count[i] + 1
         return (ema / (1 - self.smoothing ** self._ema_count[i])).exp()
 
-    def _apply_rule(self, i: int, g: StepSizes, measure: Optional[Tensor]) -> None:
+    def _apply_rule(self, i: int, g: StepSizes, measure: Optional[Tensor],
+                    damping: Optional[float] = None) -> None:
         rho = g.rho.detach().double().cpu()
+        damping = self.damping if damping is None else damping
         if self.rule == "paper":
             new = self._rule_fn(measure, rho, g.total_time, g.min_step, g.max_step)
         else:
             lo, hi = self._bounds(g)
-            new = self._rule_fn(measure, rho, g.total_time, lo, hi, damping=self.damping, floor=self.floor)
+            new = self._rule_fn(measure, rho, g.total_time, lo, hi, damping=damping, floor=self.floor)
         new = torch.as_tensor(new, dtype=torch.float64).reshape(-1)
         if new.numel() != g.depth or not rules.is_finite(new):
             warnings.warn(f"adaptive steps: rule {self.rule!r} returned invalid steps for group {i}; "
@@ -254,7 +271,9 @@ class AdaptiveSteps(Optimizer):
             for g in self.model_groups:
                 lt = float(g.effective_depth)
                 scale = self.weight_decay / lt if lt > 0 else self.weight_decay
-                coefs.append([scale * r for r in g.current().detach().double().cpu().tolist()])
+                # the stored steps: feasible after every adaptation and, under rule="learned", after the
+                # projection that follows each inner step, so no second projection per step is needed
+                coefs.append([scale * r for r in g.rho.detach().double().cpu().tolist()])
             self._decay_cache = (key, coefs)
         return self._decay_cache[1]
 
@@ -337,6 +356,7 @@ class AdaptiveSteps(Optimizer):
 
     def __repr__(self) -> str:
         return (f"AdaptiveSteps(rule={self.rule!r}, every={self.every}, warmup={self.warmup}, "
+                f"fast_start={self.fast_start}, "
                 f"groups={[g.depth for g in self.model_groups]}, optimizer={self.optimizer!r})")
 
 
