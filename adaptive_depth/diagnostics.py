@@ -213,7 +213,9 @@ class LayerRecord:
     velocity; ``energy`` = kinetic + potential of ``A_{l-1}`` (and ``energy_stable``); ``hamiltonian_step``
     ``H(A_{l-1}, B_l)``, the pair the discrete optimality condition ``W_l = Lt (b_l/rho_l) B_l s(A_{l-1})^T``
     links (at a critical point with ``A_{l-1}`` in the row space of ``s(A_{l-1})`` it equals ``energy``
-    exactly under euler); ``weight_sv`` the singular values of ``[W_l | b_l]``.
+    exactly under euler); ``weight_sv`` the singular values of ``[W_l | b_l]``; ``stationarity``
+    ``||W_l - Lt (b_l/rho_l) B_l s(A_{l-1})^T||_F / ||W_l||_F``, 0 at a critical point of the training cost
+    (where H is conserved): how far from one the model is.
     Representation fields: ranks, COI (exact, stabilised, lower bound, nuclear ratio), ``potential``
     ``-(Lt/2) COI`` and ``potential_stable``, ``momentum_norm`` ``||B_l||_F``, ``hamiltonian``
     ``H(A_l, B_l)`` and ``rep_sv`` the singular values of ``A_l`` (uncentred).
@@ -243,13 +245,15 @@ class LayerRecord:
     kinetic_stable: Optional[float] = None
     energy: Optional[float] = None
     energy_stable: Optional[float] = None
+    stationarity: Optional[float] = None
     rep_sv: List[float] = field(default_factory=list)
     weight_sv: Optional[List[float]] = None
 
 
 #: columns of the default table
 TABLE_COLUMNS = ("layer", "depth", "step", "speed", "velocity_norm", "rank_entropy_centered", "rank_threshold",
-                 "coi", "coi_stable", "coi_lower", "hamiltonian", "hamiltonian_step", "energy", "energy_stable")
+                 "coi", "coi_stable", "coi_lower", "hamiltonian", "hamiltonian_step", "energy", "energy_stable",
+                 "stationarity")
 
 
 @dataclass
@@ -281,6 +285,9 @@ class Diagnostics:
         lt = self.effective_depth
         values = [-2.0 / lt * h for h in self.column(key) if h is not None] if lt > 0 else []
         out = {"coi_min": min(self.column("coi")), "coi_stable_min": min(self.column("coi_stable"))}
+        stationarity = [v for v in self.column("stationarity") if v is not None]
+        if stationarity:
+            out["stationarity_max"] = max(stationarity)
         if values:
             t = torch.tensor(values, dtype=torch.float64)
             out.update(h_median=float(t.median()), h_min=float(t.min()), h_max=float(t.max()))
@@ -499,7 +506,12 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, *, lam: Optional[float] = N
                 rec.energy = rec.kinetic + records[l - 1].potential
                 rec.energy_stable = rec.kinetic_stable + records[l - 1].potential_stable
             w = weights[l - 1]
-            rec.weight_sv = None if w is None else torch.linalg.svdvals(w.double()).tolist()
+            if w is not None:
+                w = w.double()
+                rec.weight_sv = torch.linalg.svdvals(w).tolist()
+                if lt > 0:
+                    optimal = lt * float(b_coef[l - 1]) / step * (mom.T @ features(prev))
+                    rec.stationarity = float((w - optimal).norm() / w.norm().clamp(min=1e-300))
         records.append(rec)
     return Diagnostics(records, lt, float(lam), gamma, stack_c.steps.scheme, float(cost.detach()), branch_form,
                        notes)

@@ -110,10 +110,14 @@ def _evaluate(model, task: Task):
 
 
 def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = False,
-        keep_model: bool = False) -> RunResult:
-    """Train one model with ``config``; evaluates every ``eval_every`` steps and at the end."""
+        keep_model: bool = False, model: Optional[torch.nn.Module] = None) -> RunResult:
+    """Train one model with ``config``; evaluates every ``eval_every`` steps and at the end.
+
+    ``model``: train this module instead of ``build_model(config, task)`` (it must hold the step sizes, and
+    its fixed profile is the caller's business); parameters with ``requires_grad=False`` stay fixed.
+    """
     task = task or get_task(config.data, seed=config.data_seed, n_train=config.n_train, n_test=config.n_test)
-    model = build_model(config, task)
+    model = build_model(config, task) if model is None else model
     history: Dict[str, List[float]] = {"step": [], "train_loss": [], "test_loss": [], "test_error": [],
                                        "seconds": []}
     phases = [(torch.optim.Adam(model.parameters(), lr=config.lr), config.steps)]

@@ -282,6 +282,7 @@ def test_hamiltonian_at_a_critical_point():
             # with A_{l-1} > 0 (in the row space of s(A_{l-1})), H(A_{l-1}, B_l) = kinetic + potential exactly
             rec = d.layers[l]
             assert rec.hamiltonian_step == pytest.approx(rec.energy, rel=1e-6)
+            assert rec.stationarity < 1e-6
         h = torch.tensor(d.column("hamiltonian"))
         assert float(h.max()) < 0  # -(2/Lt) H > 0 on this task
         assert -2 / lt * float(h.max()) <= min(d.column("coi"))  # -(2/Lt) H <= min COI
@@ -300,6 +301,7 @@ def test_diagnose_report_table_json_and_plot(tmp_path):
     assert d.lam == pytest.approx(1e-3 / 1.5)  # the paper's lambda = 1e-3 / Lt by default
     assert d.layers[0].step is None and d.layers[0].weight_sv is None
     assert all(len(r.weight_sv) == 5 for r in d.layers[1:])
+    assert all(r.stationarity > 0.1 for r in d.layers[1:])  # random weights: far from a critical point
     assert [r.layer for r in d.layers] == list(range(6))
     text = str(d)
     assert "coi_stable" in text and "hamiltonian" in text and len(text.splitlines()) == 1 + 2 + 6
