@@ -56,9 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="model seeds")
     p.add_argument("--data-seeds", nargs="+", type=int, default=None,
                    help="data seeds, paired with --seeds (default: the same numbers)")
-    p.add_argument("--budget", type=int, default=1000, help="Adam steps per run (full batch)")
+    p.add_argument("--budget", type=int, default=1000, help="Adam steps per run")
     p.add_argument("--sgd-steps", type=int, default=0, help="SGD steps after Adam")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: full batch)")
     p.add_argument("--width", type=int, default=100)
     p.add_argument("--depth", type=int, default=20, help="number of leaky blocks L")
     p.add_argument("--n-train", type=int, default=1000)
@@ -98,8 +99,8 @@ def run(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     base = RunConfig(width=args.width, depth=args.depth, scheme=args.scheme, steps=args.budget,
-                     sgd_steps=args.sgd_steps, lr=args.lr, n_train=args.n_train, n_test=args.n_test,
-                     eval_every=args.eval_every, plugin=plugin)
+                     sgd_steps=args.sgd_steps, lr=args.lr, batch_size=args.batch_size, n_train=args.n_train,
+                     n_test=args.n_test, eval_every=args.eval_every, plugin=plugin)
     start = time.time()
     runs = bench(base, data=args.data, lts=args.lt, rules=args.rules, seeds=list(zip(args.seeds, data_seeds)),
                  target=target, log=print)
