@@ -17,10 +17,14 @@ so every seed is a fresh teacher or MNIST-1D draw as well as a fresh initialisat
 report on others.
 
 Target: ``--target auto`` (default) takes, per (task, Lt), the largest final train loss among all its runs,
-so every run reaches it and "steps to target" compares how fast each gets there; a number fixes it.
+so every run reaches it and "steps to target" compares how fast each gets there; a number fixes it. The
+column "steps to uniform's final test" is paired: the first evaluated step at which a run's test loss is at
+or below the final test loss of the baseline run with the same seeds (the baseline itself: its budget, or
+earlier if its test loss went up at the end; "miss": never within the budget).
 
     adaptive-depth bench --quick                       # seconds: a smoke test of the whole pipeline
     adaptive-depth bench --data teacher --lt 0 1 3 10 30 --seeds 1 2 3 4 5 --json bench.json
+    adaptive-depth bench --from-json --json bench.json  # table and plot again from the stored runs
 """
 from __future__ import annotations
 
@@ -77,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSON output; an existing file keeps its other keys (pytest-benchmark's)")
     p.add_argument("--plot", default=None, help="PNG output (default: the JSON path with .png)")
     p.add_argument("--table", default=None, help="markdown output (default: the JSON path with .md)")
+    p.add_argument("--from-json", action="store_true",
+                   help="train nothing: recompute targets, summary, table and plot from the runs in --json")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test: teacher only, Lt 0 and 10, 2 seeds, width 16, depth 4, 40 steps at lr 1e-2")
 
@@ -102,13 +108,12 @@ def run(args) -> int:
                      sgd_steps=args.sgd_steps, lr=args.lr, batch_size=args.batch_size, n_train=args.n_train,
                      n_test=args.n_test, eval_every=args.eval_every, plugin=plugin)
     start = time.time()
-    runs = bench(base, data=args.data, lts=args.lt, rules=args.rules, seeds=list(zip(args.seeds, data_seeds)),
-                 target=target, log=print)
     out = args.json_out
+    runs = [] if args.from_json else bench(base, data=args.data, lts=args.lt, rules=args.rules,
+                                           seeds=list(zip(args.seeds, data_seeds)), target=target, log=print)
     stem = os.path.splitext(out)[0]
     plot_path, table_path = args.plot or stem + ".png", args.table or stem + ".md"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    meta = _meta(args, time.time() - start)
     document, metas = {}, []
     if os.path.exists(out):
         with open(out) as fh:
@@ -119,7 +124,10 @@ def run(args) -> int:
         runs = [r for r in old.get("runs", []) if (r["data"], r["rule"]) not in done] + runs
         metas = [m for m in old.get("meta", []) if not {(d, r) for d in m["args"]["data"]
                                                          for r in m["args"]["rules"]} <= done]
-    metas.append(meta)
+    if args.from_json and not runs:
+        raise SystemExit(f"--from-json: no runs in {out}")
+    if not args.from_json:
+        metas.append(_meta(args, time.time() - start))
     _targets(runs, target)  # over every run of a cell, this command's and the kept ones
     rules = list(dict.fromkeys(r["rule"] for r in runs))
     summary = summarize(runs, baseline=args.baseline)
@@ -129,7 +137,7 @@ def run(args) -> int:
         fh.write("# uniform vs adaptive steps\n\n" + "".join(
             f"`{m['command']}`  \n{m['date']}, torch {m['versions']['torch']}, {m['threads']} thread(s), "
             f"{m['seconds']:.0f} s\n\n" for m in metas) + md + "\n")
-    plot(summary, rules, plot_path)
+    plot(summary, rules, plot_path, runs)
     document["convergence"] = {"meta": metas, "summary": summary, "table_markdown": md, "runs": runs}
     with open(out, "w") as fh:
         json.dump(document, fh, indent=1)
@@ -179,6 +187,12 @@ def _targets(records: List[Dict], target: Optional[float]) -> None:
             r["seconds_to_target"] = None if hit is None else c["seconds"][hit]
 
 
+def _first_step(record: Dict, goal: float) -> Optional[int]:
+    """The first evaluated step at which the run's test loss is <= ``goal`` (None: never)."""
+    c = record.get("curve") or {}
+    return next((s for s, v in zip(c.get("step", []), c.get("test_loss", [])) if v <= goal), None)
+
+
 def _spread(values: Sequence[Optional[float]]) -> Dict:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -202,6 +216,8 @@ def summarize(records: List[Dict], baseline: str = "uniform") -> List[Dict]:
                     "seconds_per_step"):
             row[key] = _spread([r[key] for r in rs])
         row["test_ratio"] = _spread(paired)
+        row["steps_to_baseline_test"] = _spread([_first_step(r, base[k]["test_loss"]) for r in rs
+                                                 if (k := (r["seed"], r["data_seed"])) in base])
         base_test = _spread([b["test_loss"] for b in base.values()])
         row["within_baseline_spread"] = (None if base_test["max"] is None else
                                          row["test_loss"]["median"] <= base_test["max"])
@@ -228,36 +244,35 @@ def tables(summary: List[Dict], baseline: str = "uniform") -> str:
                        for r in summary)
         for r in (r for r in summary if r["data"] == name):
             row = {"Lt": f"{r['lt']:g}", "rule": r["rule"], "test loss": _fmt(r["test_loss"]),
-                   f"test / {baseline} (paired)": _fmt(r["test_ratio"], digits=".3f")}
+                   f"test / {baseline} (paired)": _fmt(r["test_ratio"], digits=".3f"),
+                   f"steps to {baseline}'s final test": _fmt(r["steps_to_baseline_test"], digits=".0f")}
             if classify:
                 row["test error %"] = _fmt(r["test_error"], 100, ".3g")
-            row.update({"train loss": _fmt(r["train_loss"]),
-                        f"steps to {r['target']:.3g}": _fmt(r["steps_to_target"], digits=".0f"),
+            row.update({"train loss": _fmt(r["train_loss"]), "target (train)": f"{r['target']:.3g}",
+                        "steps to target": _fmt(r["steps_to_target"], digits=".0f"),
                         "s to target": _fmt(r["seconds_to_target"], digits=".3g"),
                         "ms/step": _fmt(r["seconds_per_step"], 1e3, ".3g")})
             rows.append(row)
         cols = list(dict.fromkeys(k for row in rows for k in row))
-        # the target differs per Lt: a single column name keeps the table rectangular
-        rows = [{("steps to target" if k.startswith("steps to ") else k): v for k, v in row.items()} for row in rows]
-        cols = [("steps to target" if c.startswith("steps to ") else c) for c in cols]
-        cols = list(dict.fromkeys(cols))
         seeds = max(r["seeds"] for r in summary if r["data"] == name)
         parts.append(f"### {name} (median [min, max] over {seeds} seeds)\n\n" + format_table(rows, cols))
     return "\n\n".join(parts)
 
 
-def plot(summary: List[Dict], rules: Sequence[str], path: str) -> str:
-    """Test loss and steps to target against Lt, one column per task (median, min/max bars)."""
+def plot(summary: List[Dict], rules: Sequence[str], path: str, runs: Optional[List[Dict]] = None) -> str:
+    """Per task (one column): test loss against Lt and the paired ratio to the baseline (median, min/max
+    bars), and, given ``runs``, the final step profiles at the largest Lt (median over seeds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["data"] for r in summary))
-    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 7), squeeze=False)
+    n_rows = 3 if runs else 2
+    fig, axes = plt.subplots(n_rows, len(names), figsize=(5 * len(names), 3.4 * n_rows), squeeze=False)
     for j, name in enumerate(names):
         for k, rule in enumerate(rules):
             rows = sorted((r for r in summary if r["data"] == name and r["rule"] == rule), key=lambda r: r["lt"])
-            for i, key in enumerate(("test_loss", "steps_to_target")):
+            for i, key in enumerate(("test_loss", "test_ratio")):
                 pts = [(r["lt"], r[key]) for r in rows if r[key]["median"] is not None]
                 if not pts:
                     continue
@@ -265,13 +280,28 @@ def plot(summary: List[Dict], rules: Sequence[str], path: str) -> str:
                 med = [p[1]["median"] for p in pts]
                 err = [[m - p[1]["min"] for m, p in zip(med, pts)], [p[1]["max"] - m for m, p in zip(med, pts)]]
                 axes[i][j].errorbar(x, med, yerr=err, marker="o", capsize=3, label=rule)
-        axes[0][j].set_title(f"{name}: test loss (median, min/max)")
-        axes[1][j].set_title(f"{name}: steps to target train loss")
+        axes[0][j].set_title(f"{name}: test loss (median, min/max over seeds)")
+        axes[1][j].set_title(f"{name}: test loss / baseline, paired by seed")
+        axes[1][j].axhline(1.0, color="grey", lw=0.8)
+        axes[1][j].axhline(0.8, color="grey", lw=0.8, ls=":")
         for i in range(2):
             axes[i][j].set_xscale("symlog", linthresh=1.0)
+            axes[i][j].set_xlim(left=-0.3)
             axes[i][j].set_xlabel("effective depth Lt")
             axes[i][j].legend()
         axes[0][j].set_yscale("log")
+        if runs:
+            top = max(r["lt"] for r in runs if r["data"] == name)
+            for rule in rules:
+                profiles = [r["final_steps"] for r in runs if r["data"] == name and r["lt"] == top
+                            and r["rule"] == rule and "final_steps" in r]
+                if profiles:
+                    med = [statistics.median(col) for col in zip(*profiles)]
+                    axes[2][j].plot(range(1, len(med) + 1), med, marker=".", label=rule)
+            axes[2][j].set_title(f"{name}: final steps at Lt = {top:g} (median over seeds)")
+            axes[2][j].set_xlabel("layer l"), axes[2][j].set_ylabel("rho_l")
+            if axes[2][j].lines:
+                axes[2][j].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

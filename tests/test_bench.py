@@ -39,6 +39,12 @@ def test_quick_end_to_end(tmp_path):
     assert (tmp_path / "bench.md").read_text().startswith("# uniform vs adaptive")
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
+    (tmp_path / "bench.md").unlink()
+    assert main(["bench", "--from-json", "--json", str(out)]) == 0  # no training: the same table again
+    again = json.loads(out.read_text())["convergence"]
+    assert again["table_markdown"] == conv["table_markdown"] and again["runs"] == conv["runs"]
+    assert (tmp_path / "bench.md").exists()
+
 
 def _record(data, rule, seed, loss, steps=10):
     return {"data": data, "lt": 1.0, "rule": rule, "seed": seed, "data_seed": seed, "train_loss": 1.0,
@@ -57,5 +63,7 @@ def test_summary_statistics():
     assert rows["ad"]["test_ratio"]["median"] == pytest.approx(0.5)  # paired: 0.5, 1.0, 0.5
     assert rows["ad"]["test_ratio"]["max"] == pytest.approx(1.0)
     assert rows["ad"]["steps_to_target"]["missing"] == 1
+    # paired: first step with test loss <= uniform's final (ad's curves: 2.0 at step 0, then its loss)
+    assert rows["ad"]["steps_to_baseline_test"] == {"median": 0, "min": 0, "max": 10, "n": 3, "missing": 0}
     assert rows["ad"]["within_baseline_spread"] is True
     assert "1 miss" in bench.tables(list(rows.values()))
