@@ -4,8 +4,8 @@ The task is embedded (no downloads): 32x32 colour images of 8 procedurally drawn
 square, cross, horizontal / vertical / diagonal stripes, checkerboard) with random position, size,
 frequency, phase, colours and pixel noise, made from ``--data-seed``. The runs share the model seed, the
 data and the batch order: the wrapped model with fixed uniform steps, the wrapped model under
-``AdaptiveSteps`` (``--rule``), and with ``--plain`` the unwrapped torchvision model. Prints a table of final train/test loss and accuracy,
-time per step and the step sizes per stage.
+``AdaptiveSteps`` (``--rule``), and with ``--plain`` the unwrapped torchvision model. Prints a table of
+final train/test loss and accuracy, time per step and the step sizes per stage.
 """
 from __future__ import annotations
 
