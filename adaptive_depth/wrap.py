@@ -32,6 +32,8 @@ __all__ = ["wrap", "unwrap", "register_adapter", "unregister_adapter", "Adapter"
            "wrapped_blocks"]
 
 STEPS_NAME = "leaky_steps"
+STATS_BUFFERS = ("velocity_sq", "input_sq", "count")  # per-rank sums that AdaptiveSteps all-reduces itself
+DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # what DistributedDataParallel reads on the module it wraps
 GROUPINGS = ("stage", "global")
 Split = Callable[[nn.Module, Tensor], Tuple[Tensor, Tensor]]
 Groups = Union[str, Sequence[Sequence[str]], Mapping[str, Sequence[str]]]
@@ -378,7 +380,9 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
 
     Returns:
         The wrapped model (``model`` itself when ``inplace``). Its groups are ``model.leaky_steps`` (one
-        ``StepSizes`` each); ``AdaptiveSteps(optimizer, model)`` and ``step_sizes(model)`` find them.
+        ``StepSizes`` each); ``AdaptiveSteps(optimizer, model)`` and ``step_sizes(model)`` find them. Their
+        statistics buffers are listed in ``model._ddp_params_and_buffers_to_ignore`` so that
+        ``DistributedDataParallel(model)`` does not overwrite them with rank 0's (the plugin all-reduces them).
 
     Example:
         >>> model = wrap(torchvision.models.resnet18(num_classes=10))     # exact: Lt = 0, unit steps
@@ -433,7 +437,14 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
     model._modules.clear()
     model._modules[STEPS_NAME] = container
     model._modules.update(children)
+    # DDP broadcasts rank 0's buffers at each forward: a second forward before an adaptation (gradient
+    # accumulation) would replace the other ranks' statistics with rank 0's. Keep them out of DDP's reach.
+    setattr(model, DDP_IGNORE, list(getattr(model, DDP_IGNORE, ())) + _stats_names(container))
     return model
+
+
+def _stats_names(container: StepGroups) -> List[str]:
+    return [f"{STEPS_NAME}.{key}.{buf}" for key in container for buf in STATS_BUFFERS]
 
 
 def unwrap(model: nn.Module, *, inplace: bool = True) -> nn.Module:
@@ -452,6 +463,12 @@ def unwrap(model: nn.Module, *, inplace: bool = True) -> nn.Module:
             for attr in _LEAKY_ATTRS:
                 module.__dict__.pop(attr, None)
             module.__class__ = type(module).__bases__[1]
+    ours = set(_stats_names(model._modules[STEPS_NAME]))
+    rest = [n for n in getattr(model, DDP_IGNORE, ()) if n not in ours]
+    if rest:
+        setattr(model, DDP_IGNORE, rest)
+    elif hasattr(model, DDP_IGNORE):
+        delattr(model, DDP_IGNORE)
     del model._modules[STEPS_NAME]
     return model
 

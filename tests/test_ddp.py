@@ -1,8 +1,8 @@
 """DistributedDataParallel with the AdaptiveSteps plugin on a wrapped ResNet: 2 CPU processes (gloo), launched
 by the test with ``torchrun`` (``python -m torch.distributed.run``), the command a user runs.
 
-The worker (this file run as a script) trains a wrapped torchvision ResNet for a few steps with adaptation
-every 2 steps, checks after every step that all ranks hold bit-identical steps and weights, and rank 0 also
+The worker (this file run as a script) trains a wrapped torchvision ResNet for a few steps (each accumulating
+two micro-batches, whose statistics DDP must not overwrite with rank 0's) with adaptation every 2 steps, checks after every step that all ranks hold bit-identical steps and weights, and rank 0 also
 trains the same model in one process on the concatenated batch. That comparison uses GroupNorm: BatchNorm's
 batch statistics over a rank's half batch differ from those over the whole batch, so a BN model is only
 checked for identical ranks.
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVERY, BATCH = 6, 2, 8
+STEPS, EVERY, BATCH, MICRO = 6, 2, 8, 2
 
 
 def _model(norm: str):
@@ -36,11 +36,13 @@ def _data():
 
 
 def _train(model, opt, data, shard=None, after_step=None):
+    """Each step accumulates two micro-batches (two forwards record statistics before one adaptation)."""
     from torch.nn.functional import cross_entropy
     for x, y in data:
         if shard is not None:
             x, y = x[shard], y[shard]
-        cross_entropy(model(x), y).backward()
+        for xm, ym in zip(x.chunk(MICRO), y.chunk(MICRO)):
+            (cross_entropy(model(xm), ym) / MICRO).backward()
         opt.step()
         opt.zero_grad()
         if after_step is not None:
