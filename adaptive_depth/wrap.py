@@ -173,6 +173,8 @@ def _register_builtins() -> None:
 class _LeakyBlock(nn.Module):
     """Mixin put in front of a block's class by ``wrap``; never instantiated on its own."""
 
+    leaky_base: type  # the original block class (set on each generated subclass)
+
     def forward(self, x: Tensor) -> Tensor:
         d = self.__dict__
         adapter, group, index = d["_leaky_adapter"], d["_leaky_group"], d["_leaky_index"]
@@ -198,7 +200,7 @@ class _LeakyBlock(nn.Module):
 
     def __reduce_ex__(self, protocol):
         # the class is made at run time; pickle (and deepcopy) rebuild it from the original block class
-        return _rebuild, (type(self).__bases__[1],), self.__dict__
+        return _rebuild, (type(self).leaky_base,), self.__dict__
 
     def extra_repr(self) -> str:
         d = self.__dict__
@@ -212,13 +214,14 @@ _CLASSES: Dict[type, type] = {}
 def _leaky_class(cls: type) -> type:
     if cls not in _CLASSES:
         _CLASSES[cls] = type(f"Leaky{cls.__name__}", (_LeakyBlock, cls),
-                             {"__module__": __name__, "__doc__": f"{cls.__name__} as a leaky residual step "
-                                                                 f"(made by adaptive_depth.wrap)."})
+                             {"__module__": __name__, "leaky_base": cls,
+                              "__doc__": f"{cls.__name__} as a leaky residual step (made by adaptive_depth.wrap)."})
     return _CLASSES[cls]
 
 
 def _rebuild(cls: type) -> nn.Module:
-    return _leaky_class(cls).__new__(_leaky_class(cls))
+    leaky = _leaky_class(cls)
+    return leaky.__new__(leaky)
 
 
 _LEAKY_ATTRS = ("_leaky_adapter", "_leaky_group", "_leaky_group_name", "_leaky_index", "_leaky_backend")
@@ -462,7 +465,7 @@ def unwrap(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         if isinstance(module, _LeakyBlock):
             for attr in _LEAKY_ATTRS:
                 module.__dict__.pop(attr, None)
-            module.__class__ = type(module).__bases__[1]
+            module.__class__ = type(module).leaky_base
     ours = set(_stats_names(model._modules[STEPS_NAME]))
     rest = [n for n in getattr(model, DDP_IGNORE, ()) if n not in ours]
     if rest:

@@ -123,7 +123,8 @@ def train_one(config: str, args, data) -> Dict:
 
 
 def format_table(rows) -> str:
-    head = f"{'run':<10} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8} {'ms/step':>8}  steps per stage"
+    head = (f"{'run':<10} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8} {'ms/step':>8}  "
+            f"steps per stage")
     lines = [head, "-" * len(head)]
     for r in rows:
         steps = "  ".join(f"{k}:[{', '.join(f'{v:.2f}' for v in s)}]" for k, s in r["steps"].items()) or "-"

@@ -12,16 +12,16 @@ images, SGD with momentum, cross-entropy, train mode. Three configurations:
 
 ``test_update_op_cost`` isolates what wrapping adds to the arithmetic: the 8 residual updates of resnet18 at
 this batch, forward and backward, as the plain blocks do them (``out += identity; relu``) and as the wrapped
-ones do (``ops.fused_update`` with fixed steps), alternated many times, reported in ms per training step
-and as a fraction of the plain step time measured in the same test. It is far steadier than the end-to-end
-ratio on a busy machine.
+ones do (``ops.fused_update`` with fixed steps), alternated many times, reported in ms per training step and
+as a fraction of the plain step time measured in the same test. It is far steadier than the end-to-end ratio
+on a busy machine.
 
-A shared CPU drifts by more than the 3% we look for, so each benchmark times a configuration side by side
-with a fresh plain baseline: single steps interleaved (the order flips every step), summed into blocks of
-``EVERY`` consecutive steps of each, and puts in ``extra_info`` the median of the paired block ratios
-(config / plain), their min/max, and the ratio of the median block times, by wall clock and by CPU time. pytest-benchmark's own statistics time the configuration's blocks. Nothing here
-asserts a speed. Environment: ``BENCH_THREADS`` (torch threads, default 1), ``BENCH_BLOCKS`` (pairs of
-blocks, default 15), ``BENCH_BATCH``.
+A shared CPU drifts by more than the 3% we look for, so each benchmark times a configuration side by side with
+a fresh plain baseline: single steps interleaved (the order flips every step), summed into blocks of ``EVERY``
+consecutive steps of each, and puts in ``extra_info`` the median of the paired block ratios (config / plain),
+their min/max, and the ratio of the median block times, by wall clock and by CPU time. pytest-benchmark's own
+statistics time the configuration's blocks. Nothing here asserts a speed. Environment: ``BENCH_THREADS``
+(torch threads, default 1), ``BENCH_BLOCKS`` (pairs of blocks, default 15), ``BENCH_BATCH``.
 """
 import os
 import statistics

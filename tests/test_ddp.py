@@ -1,11 +1,12 @@
-"""DistributedDataParallel with the AdaptiveSteps plugin on a wrapped ResNet: 2 CPU processes (gloo), launched
-by the test with ``torchrun`` (``python -m torch.distributed.run``), the command a user runs.
+"""DistributedDataParallel with the AdaptiveSteps plugin on a wrapped ResNet: 2 CPU processes (gloo), launched by
+the test with ``torchrun`` (``python -m torch.distributed.run``), the command a user runs.
 
 The worker (this file run as a script) trains a wrapped torchvision ResNet for a few steps (each accumulating
-two micro-batches, whose statistics DDP must not overwrite with rank 0's) with adaptation every 2 steps, checks after every step that all ranks hold bit-identical steps and weights, and rank 0 also
-trains the same model in one process on the concatenated batch. That comparison uses GroupNorm: BatchNorm's
-batch statistics over a rank's half batch differ from those over the whole batch, so a BN model is only
-checked for identical ranks.
+two micro-batches, whose statistics DDP must not overwrite with rank 0's) with adaptation every 2 steps,
+checks after every step that all ranks hold bit-identical steps and weights, and rank 0 also trains the same
+model in one process on the concatenated batch. That comparison uses GroupNorm: BatchNorm's batch statistics
+over a rank's half batch differ from those over the whole batch, so a BN model is only checked for identical
+ranks.
 """
 import json
 import os
