@@ -146,8 +146,9 @@ def reference_forward(x: Tensor, f: Tensor, a: Tensor, b: Tensor, effective_dept
     if stats:
         lt = effective_depth.to(xc.dtype)
         velocity = torch.addcmul(fc, xc, -lt)
-        s = torch.stack([torch.linalg.vector_norm(velocity, dtype=torch.float32),
-                         torch.linalg.vector_norm(xc, dtype=torch.float32)]).square()
+        acc = torch.float64 if xc.dtype == torch.float64 else torch.float32
+        s = torch.stack([torch.linalg.vector_norm(velocity, dtype=acc),
+                         torch.linalg.vector_norm(xc, dtype=acc)]).square().float()
     else:
         s = x.new_empty((0,), dtype=torch.float32)
     return y, s
@@ -219,17 +220,40 @@ def _backward_impl(g, x, f, a, b, relu, need, backend):
 
 
 # ------------------------------------------------------------------------------------ eager autograd
+def _fixed_step_backward(g: Tensor, y: Optional[Tensor], a: Tensor, b: Tensor, need, dtypes):
+    """``(dx, df)`` of ``y = act(a x + b f)`` when a and b need no gradient: the ReLU mask is read from the
+    output (``y > 0`` iff ``a x + b f > 0``), so neither x nor f has to be kept."""
+    out = torch.promote_types(*dtypes)
+    math_dtype = torch.float32 if out in _LOW_PRECISION else out
+    if y is not None:
+        g = torch.ops.aten.threshold_backward(g, y, 0)
+    gm = g.to(math_dtype)
+    dx = (gm * a.to(math_dtype)).to(dtypes[0]) if need[0] else None
+    df = (gm * b.to(math_dtype)).to(dtypes[1]) if need[1] else None
+    return dx, df
+
+
 class _LeakyUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, f, a, b, lt, relu: bool, stats: bool, backend: str):
         y, s = _forward_impl(x, f, a, b, lt, relu, stats, backend)
-        ctx.save_for_backward(x, f, a, b)
-        ctx.relu, ctx.backend = relu, backend
+        ctx.relu, ctx.backend, ctx.dtypes = relu, backend, (x.dtype, f.dtype)
+        # fixed steps on the torch path: keep only y (for the ReLU mask) or nothing; x and f are needed
+        # only for the coefficient gradients and by the Triton backward, which recomputes the mask
+        ctx.from_output = not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3] or _use_triton(x, backend))
+        if ctx.from_output:
+            ctx.save_for_backward(a, b, y if relu else None)
+        else:
+            ctx.save_for_backward(x, f, a, b)
         ctx.mark_non_differentiable(s)
         return y, s
 
     @staticmethod
     def backward(ctx, g, _gs):
+        if ctx.from_output:
+            a, b, y = ctx.saved_tensors
+            dx, df = _fixed_step_backward(g, y, a, b, tuple(ctx.needs_input_grad[:2]), ctx.dtypes)
+            return dx, df, None, None, None, None, None, None
         x, f, a, b = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:4])
         dx, df, da, db = _backward_impl(g.contiguous() if not _same_layout(g, x) else g,

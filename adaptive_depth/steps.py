@@ -17,6 +17,7 @@ from . import rules
 from .ops import check_effective_depth, check_scheme, step_coefficients, _as_float
 
 StepsInit = Union[str, Sequence[float], Tensor]
+_STATS = ("velocity_sq", "input_sq", "count")
 
 _REL_TOL = 1e-5  # tolerance on sum(rho) = T for steps given by the user (float32 storage)
 
@@ -75,9 +76,11 @@ class StepSizes(nn.Module):
         _check_steps(values, self, lt)
         self.rho = nn.Parameter(values.to(torch.float32), requires_grad=bool(learnable))
         self.register_buffer("effective_depth", torch.tensor(lt, dtype=torch.float32))
-        self.register_buffer("velocity_sq", torch.zeros(depth, dtype=torch.float64), persistent=False)
-        self.register_buffer("input_sq", torch.zeros(depth, dtype=torch.float64), persistent=False)
-        self.register_buffer("count", torch.zeros(depth, dtype=torch.float64), persistent=False)
+        # per-rank sums (float64), plain tensors rather than buffers: DistributedDataParallel broadcasts
+        # buffers from rank 0 at every forward, which would overwrite the other ranks' sums under gradient
+        # accumulation; AdaptiveSteps all-reduces them itself and saves them in its state_dict
+        for name in _STATS:
+            setattr(self, name, torch.zeros(depth, dtype=torch.float64))
         self.recording = False
         self.optional_in_checkpoint = False  # wrap() sets it: a plain checkpoint loads with defaults
         self._layers: List[nn.Module] = []  # the blocks, unregistered (they live elsewhere in the model)
@@ -177,6 +180,8 @@ class StepSizes(nn.Module):
             old = keep[name]
             if t.dtype != old.dtype and torch.finfo(t.dtype).eps > torch.finfo(old.dtype).eps:
                 t.data = old.to(t.device)
+        for name in _STATS:
+            setattr(self, name, getattr(self, name).to(self.rho.device))
         return self
 
     def _own_tensors(self):

@@ -32,8 +32,6 @@ __all__ = ["wrap", "unwrap", "register_adapter", "unregister_adapter", "Adapter"
            "wrapped_blocks"]
 
 STEPS_NAME = "leaky_steps"
-STATS_BUFFERS = ("velocity_sq", "input_sq", "count")  # per-rank sums that AdaptiveSteps all-reduces itself
-DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # what DistributedDataParallel reads on the module it wraps
 GROUPINGS = ("stage", "global")
 Split = Callable[[nn.Module, Tensor], Tuple[Tensor, Tensor]]
 Groups = Union[str, Sequence[Sequence[str]], Mapping[str, Sequence[str]]]
@@ -276,12 +274,12 @@ def _blocks_by_name(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     if unknown:
         found = ", ".join(f"{t} (at {n!r})" for t, n in unknown.items())
         raise TypeError(f"model contains residual blocks wrap() does not support: {found}. Supported: "
-                        f"{_supported()}. Register one with adaptive_depth.wrap.register_adapter(BlockType, "
+                        f"{_supported()}. Register one with adaptive_depth.register_adapter(BlockType, "
                         f"split, activation=..., shortcut=...), where split(block, x) returns (shortcut, "
                         f"branch) computed by the block's own modules")
     if not blocks:
         raise TypeError(f"model ({type(model).__name__}) contains no supported residual block. Supported: "
-                        f"{_supported()}. Register one with adaptive_depth.wrap.register_adapter(BlockType, "
+                        f"{_supported()}. Register one with adaptive_depth.register_adapter(BlockType, "
                         f"split, activation=..., shortcut=...)")
     return blocks
 
@@ -384,8 +382,8 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
     Returns:
         The wrapped model (``model`` itself when ``inplace``). Its groups are ``model.leaky_steps`` (one
         ``StepSizes`` each); ``AdaptiveSteps(optimizer, model)`` and ``step_sizes(model)`` find them. Their
-        statistics buffers are listed in ``model._ddp_params_and_buffers_to_ignore`` so that
-        ``DistributedDataParallel(model)`` does not overwrite them with rank 0's (the plugin all-reduces them).
+        per-rank statistics are plain tensors, not buffers, so ``DistributedDataParallel(model)`` does not
+        overwrite them with rank 0's (the plugin all-reduces them).
 
     Example:
         >>> model = wrap(torchvision.models.resnet18(num_classes=10))     # exact: Lt = 0, unit steps
@@ -440,14 +438,7 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
     model._modules.clear()
     model._modules[STEPS_NAME] = container
     model._modules.update(children)
-    # DDP broadcasts rank 0's buffers at each forward: a second forward before an adaptation (gradient
-    # accumulation) would replace the other ranks' statistics with rank 0's. Keep them out of DDP's reach.
-    setattr(model, DDP_IGNORE, list(getattr(model, DDP_IGNORE, ())) + _stats_names(container))
     return model
-
-
-def _stats_names(container: StepGroups) -> List[str]:
-    return [f"{STEPS_NAME}.{key}.{buf}" for key in container for buf in STATS_BUFFERS]
 
 
 def unwrap(model: nn.Module, *, inplace: bool = True) -> nn.Module:
@@ -466,12 +457,6 @@ def unwrap(model: nn.Module, *, inplace: bool = True) -> nn.Module:
             for attr in _LEAKY_ATTRS:
                 module.__dict__.pop(attr, None)
             module.__class__ = type(module).leaky_base
-    ours = set(_stats_names(model._modules[STEPS_NAME]))
-    rest = [n for n in getattr(model, DDP_IGNORE, ()) if n not in ours]
-    if rest:
-        setattr(model, DDP_IGNORE, rest)
-    elif hasattr(model, DDP_IGNORE):
-        delattr(model, DDP_IGNORE)
     del model._modules[STEPS_NAME]
     return model
 

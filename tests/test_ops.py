@@ -177,3 +177,26 @@ def test_bad_input_names_the_argument(kwargs, error, words):
     x, f, rho, lt = (args.pop(k) for k in ("x", "f", "rho", "effective_depth"))
     with pytest.raises(error, match=words):
         leaky_update(x, f, rho, lt, **args)
+
+
+@pytest.mark.parametrize("relu", [None, "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fixed_steps_backward_keeps_only_the_output(relu, dtype):
+    """With a step that needs no gradient, the backward keeps y (for the ReLU mask) or nothing of size."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 9, generator=gen).to(dtype).requires_grad_()
+    f = torch.randn(16, 9, generator=gen).to(dtype).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = leaky_update(x, f, 0.3, 1.5, scheme="exponential", activation=relu)
+    big = [t for t in saved if t.numel() > 1]
+    assert len(big) == (1 if relu else 0)
+    if relu:
+        assert big[0].data_ptr() == y.data_ptr()
+    g = torch.randn(y.shape, generator=gen).to(dtype)
+    y.backward(g)
+    a, b = math.exp(-0.45), (1 - math.exp(-0.45)) / 1.5
+    mask = (formula(x.detach(), f.detach(), 0.3, 1.5, "exponential", False) > 0) if relu else 1.0
+    tol = TOL[dtype]
+    assert torch.allclose(x.grad.double(), a * g.double() * mask, atol=tol * 4, rtol=tol)
+    assert torch.allclose(f.grad.double(), b * g.double() * mask, atol=tol * 4, rtol=tol)
