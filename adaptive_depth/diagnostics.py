@@ -308,6 +308,15 @@ class Diagnostics:
                 "notes": list(self.notes), "summary": self.bottleneck(),
                 "layers": [dataclasses.asdict(r) for r in self.layers]}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Diagnostics":
+        """The inverse of ``to_dict`` (e.g. to re-plot a saved JSON)."""
+        names = {f.name for f in dataclasses.fields(LayerRecord)}
+        layers = [LayerRecord(**{k: (float(v) if isinstance(v, str) else v) for k, v in layer.items() if k in names})
+                  for layer in data["layers"]]
+        return cls(layers, data["effective_depth"], data["lam"], data["gamma"], data["scheme"], data["data_cost"],
+                   data["branch_form"], list(data.get("notes", [])))
+
     def save_json(self, path: str) -> str:
         with open(path, "w") as fh:
             json.dump(_finite(self.to_dict()), fh, indent=1)
@@ -328,7 +337,8 @@ class Diagnostics:
         a.plot(p, self.column("coi_lower"), "^-", label="COI lower bound")
         a.plot(p, self.column("rank_threshold_centered"), "x--", label="rank (threshold, centred)")
         a.plot(p, self.column("rank_entropy_centered"), "+--", label="rank (entropy, centred)")
-        a.set_xlabel("depth p"), a.set_title("rank and cost of identity"), a.legend(fontsize=7)
+        a.set_yscale("log")  # the exact COI jumps by orders of magnitude where s(A) is ill-conditioned
+        a.set_xlabel("depth p"), a.set_title("rank and cost of identity (log)"), a.legend(fontsize=7)
         a = ax[0, 1]
         lt = self.effective_depth
         if lt > 0:
@@ -338,7 +348,8 @@ class Diagnostics:
             es = self.column("energy_stable")
             a.plot(p[1:], [-2 / lt * e for e in es[1:]], "^--", label="-(2/Lt)(kinetic + potential), stable")
             a.plot(p, self.column("coi"), ":", color="gray", label="COI")
-        a.set_xlabel("depth p"), a.set_title("Hamiltonian"), a.legend(fontsize=7)
+            a.set_yscale("symlog", linthresh=1.0)
+        a.set_xlabel("depth p"), a.set_title("Hamiltonian (symlog)"), a.legend(fontsize=7)
         a = ax[0, 2]
         layers = self.column("layer")[1:]
         a.plot(layers, self.column("step")[1:], "o-", label="step rho_l")

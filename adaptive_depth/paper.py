@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sgd-steps", type=int, default=None, help="SGD steps after Adam")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--sgd-lr", type=float, default=1e-3, help="SGD learning rate (the paper: smaller than Adam's phase)")
+    p.add_argument("--lam", type=float, default=1e-3,
+                   help="lambda * Lt of the parameter-norm cost (the paper: lambda = 1e-3 / Lt)")
     p.add_argument("--scheme", choices=("euler", "exponential"), default="euler", help="the paper: euler")
     p.add_argument("--io", choices=("fixed", "free"), default="fixed",
                    help="fixed: the paper's A_0 = X, output = first coordinates of A_1; free: trained "
@@ -112,6 +114,8 @@ def _check(args, s: Dict) -> None:
             raise ValueError(f"--depths must list numbers of blocks >= 1, got {s['depths']}")
         if s["seeds"] < 1:
             raise ValueError(f"--seeds must be >= 1, got {s['seeds']}")
+    if not args.lam > 0:
+        raise ValueError(f"--lam must be > 0, got {args.lam}")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
 
@@ -148,6 +152,8 @@ def _train(config: RunConfig, task: Task, io: str, label: str, progress: bool):
 
 def _config(args, s: Dict, **kw) -> RunConfig:
     total = s["steps"] + s["sgd_steps"]
+    lt = kw["effective_depth"]
+    kw["weight_decay"] = args.lam / lt if lt > 0 else args.lam
     return RunConfig(width=s["width"], scheme=args.scheme, steps=s["steps"], sgd_steps=s["sgd_steps"], lr=args.lr,
                      sgd_lr=args.sgd_lr, n_train=s["n"], n_test=s["n"], data_seed=args.data_seed,
                      eval_every=max(1, total // 10), **kw)
@@ -186,26 +192,35 @@ def fig1(args, s: Dict) -> Dict:
 
 
 def _plot_fig1(out: str, rows: List[Dict], runs: List[Dict], io: str) -> None:
+    """Left: -(2/Lt) H over Lt (symlog: far from a critical point it is orders of magnitude off); middle: the
+    smallest COI over the layers against k*; right: -(2/Lt) H along depth for every Lt (symlog)."""
     plt = _pyplot()
     lts = [r["Lt"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, ax = plt.subplots(1, 3, figsize=(17, 4.8))
     a = ax[0]
     a.fill_between(lts, [r["-2H/Lt min"] for r in rows], [r["-2H/Lt max"] for r in rows], alpha=0.25,
                    label="-(2/Lt) H: min..max over layers")
     a.plot(lts, [r["-2H/Lt median"] for r in rows], "o-", label="-(2/Lt) H: median over layers")
-    a.plot(lts, [r["min COI"] for r in rows], "s-", label="min over layers of COI")
-    a.plot(lts, [r["min COI_g"] for r in rows], "^--", label="min over layers of COI (g0=1e-3)")
+    a.plot(lts, [r["min COI_g"] for r in rows], "^--", label="min COI (g0=1e-3)")
     a.axhline(K_STAR, color="k", ls=":", label=f"k* = {K_STAR}")
-    a.set_xlabel("effective depth Lt"), a.set_title(f"fig1: bottleneck rank ({io} io)"), a.legend(fontsize=8)
-    a.set_ylim(min(0, min(r["-2H/Lt min"] for r in rows)) - 0.5, max(3 * K_STAR, 1.2 * K_STAR + 1))
+    a.set_yscale("symlog", linthresh=10)
+    a.set_xlabel("effective depth Lt"), a.set_title(f"fig1: -(2/Lt) H ({io} io; symlog)"), a.legend(fontsize=8)
     a = ax[1]
+    a.plot(lts, [r["min COI_g"] for r in rows], "^-", label="min over layers of COI (g0=1e-3)")
+    a.plot(lts, [r["min rank"] for r in rows], "x--", label="min over layers of rank (centred, 1e-2)")
+    a.plot(lts, [r["min COI"] for r in rows], "s:", label="min over layers of exact COI")
+    a.axhline(K_STAR, color="k", ls=":", label=f"k* = {K_STAR}")
+    a.set_yscale("log"), a.set_xlabel("effective depth Lt"), a.set_title("bottleneck: COI and rank")
+    a.legend(fontsize=8)
+    a = ax[2]
     for r in runs:
         d = r["diagnostics"]
         lt = d["effective_depth"]
         p = [layer["depth"] for layer in d["layers"]]
         a.plot(p, [-2 / lt * layer["hamiltonian"] for layer in d["layers"]], "-", label=f"Lt={lt:g}")
     a.axhline(K_STAR, color="k", ls=":")
-    a.set_xlabel("depth p"), a.set_ylabel("-(2/Lt) H(A_p, B_p)"), a.set_title("Hamiltonian along depth")
+    a.set_yscale("symlog", linthresh=10)
+    a.set_xlabel("depth p"), a.set_ylabel("-(2/Lt) H(A_p, B_p)"), a.set_title("Hamiltonian along depth (symlog)")
     a.legend(fontsize=8)
     _save(fig, os.path.join(out, "fig1.png"))
 
@@ -293,7 +308,21 @@ def _meta(args, s: Dict, seconds: float) -> Dict:
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
             "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "seconds": seconds,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "commit": _commit()}
+
+
+def _commit() -> str:
+    """The git commit of the checkout (and '+changes' when the tree differs), or '' outside git."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+changes" if head and dirty else "")
 
 
 def _pyplot():

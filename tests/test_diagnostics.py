@@ -15,12 +15,7 @@ from adaptive_depth.diagnostics import (Diagnostics, coi_lower_bound, cost_of_id
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def gen(seed=0):
@@ -310,6 +305,7 @@ def test_diagnose_report_table_json_and_plot(tmp_path):
     path = d.save_json(str(tmp_path / "d.json"))
     loaded = json.load(open(path))
     assert len(loaded["layers"]) == 6 and loaded["layers"][3]["coi"] == pytest.approx(d.layers[3].coi)
+    assert Diagnostics.from_dict(loaded).layers == d.layers
     png = d.plot(str(tmp_path / "d.png"), title="test")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
