@@ -6,7 +6,8 @@
 It is a real ``torch.optim.Optimizer``: ``param_groups`` and ``state`` are the wrapped optimizer's own
 (live, also after ``load_state_dict``), so LR schedulers, ``GradScaler``, hooks and Lightning see one
 optimizer. Every ``every`` steps it reads the per-layer speeds the forward pass recorded (all-reduced
-under ``torch.distributed``), smooths them, and moves the steps toward the rule's target.
+under ``torch.distributed``), smooths them, and moves the steps toward the rule's target; the first
+``fast_start`` adaptations run on consecutive steps and go all the way (see the class docstring).
 """
 from __future__ import annotations
 
@@ -53,6 +54,23 @@ class AdaptiveSteps(Optimizer):
         step_lr: learning rate of the steps' parameter group under ``rule="learned"`` when the steps are not
             already in ``optimizer`` (default: the first group's lr).
         sync: all-reduce the statistics across ``torch.distributed`` ranks (every rank gets the same steps).
+
+    Defaults, and why (``benchmarks/results/bench_convergence.md``: the paper's teacher 30-3-30, width 100,
+    L = 20, exponential scheme, 1000 full-batch Adam steps, tuned on data seed 0, reported on seeds 1-5):
+
+    - ``rule="equal_distance"``: the paper's target ``rho_l ∝ 1/c_l`` with guards (floor, damping,
+      ``step_range``, exact projection), so it stays finite and in bounds when a speed is ~0 or noisy.
+    - ``fast_start=5``: the profile the rule settles on is set by the network at initialisation (with the
+      identity init the first blocks remove the negative part of the input at rate Lt, move fastest and get
+      the smallest steps; runs that stop adapting at step 200 end with the same profile), but reaching it
+      with damping 0.5 every 10 steps takes hundreds of steps. Five undamped adaptations on the first
+      steps put it in place at once: at Lt = 30 the test loss went from -16% to -24% against uniform
+      (seed 0); on held-out seeds the median paired ratio is 0.78 at Lt = 30 and 0.94 at Lt = 10, and
+      0.99-1.01 at Lt = 0, 1, 3.
+    - ``every=10``, ``damping=0.5``, ``smoothing=0.9``: after the fast start the profile only drifts;
+      adapting every 10 steps keeps the overhead near 1% of a step (``benchmarks/bench_steps.py``), and
+      with the profile already set, adapting every step gave no gain (Lt = 30, seed 0: 0.0795 vs 0.0785).
+    - ``floor=1e-3``, ``step_range=(0.1, 10)``: guards; a wider range (0.02, 50) changed nothing measurable.
     """
 
     def __init__(self, optimizer: Optimizer, model: nn.Module, *, rule: Rule = "equal_distance",
