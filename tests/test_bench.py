@@ -67,3 +67,9 @@ def test_summary_statistics():
     assert rows["ad"]["steps_to_baseline_test"] == {"median": 0, "min": 0, "max": 10, "n": 3, "missing": 0}
     assert rows["ad"]["within_baseline_spread"] is True
     assert "1 miss" in bench.tables(list(rows.values()))
+
+
+def test_task_settings():
+    assert bench.task_settings("teacher") == {"n_train": 1000, "batch_size": None}
+    assert bench.task_settings("mnist1d") == {"n_train": 4000, "batch_size": 500}
+    assert bench.task_settings("mnist1d", 1000, 1000) == {"n_train": 1000, "batch_size": 1000}
