@@ -9,8 +9,9 @@ Per (task, Lt, rule) it reports the median and the min/max over seeds, and the p
 The JSON lives under the key ``"convergence"`` (``meta``: one entry per command that contributed, ``runs``,
 ``summary``, ``table_markdown``); when ``--json`` names a file that already exists (e.g. the output of
 ``pytest benchmarks/bench_steps.py --benchmark-json=FILE``) its other keys are kept, so both suites share one
-file, and so are its runs of (task, rule) pairs this command does not run: ``--data teacher`` then
-``--data mnist1d`` (or ``--rules paper``) into the same file gives one table of all.
+file, and so are its runs that this command does not redo (same task, rule, Lt and seeds): ``--data
+teacher`` then ``--data mnist1d`` (or ``--rules paper``, or more ``--seeds``) into the same file gives one
+table of all.
 
 Seeds: run ``i`` uses model seed ``seeds[i]`` and data seed ``data_seeds[i]`` (default: the same numbers),
 so every seed is a fresh teacher or MNIST-1D draw as well as a fresh initialisation. Tune on data seed 0,
@@ -129,11 +130,7 @@ def run(args) -> int:
         with open(out) as fh:
             document = json.load(fh)
         old = document.get("convergence") or {}
-        # runs of (task, rule) pairs this command did not run are kept (one JSON for several commands)
-        done = {(r["data"], r["rule"]) for r in runs}
-        runs = [r for r in old.get("runs", []) if (r["data"], r["rule"]) not in done] + runs
-        metas = [m for m in old.get("meta", []) if not {(d, r) for d in m["args"]["data"]
-                                                         for r in m["args"]["rules"]} <= done]
+        runs, metas = merge(old.get("runs", []), old.get("meta", []), runs)
     if args.from_json and not runs:
         raise SystemExit(f"--from-json: no runs in {out}")
     if not args.from_json:
@@ -153,6 +150,24 @@ def run(args) -> int:
         json.dump(document, fh, indent=1)
     print(f"wrote {out}, {table_path}, {plot_path} ({time.time() - start:.0f} s)")
     return 0
+
+
+def _run_key(r: Dict) -> tuple:
+    return r["data"], r["rule"], float(r["lt"]), r["seed"], r["data_seed"]
+
+
+def _meta_keys(meta: Dict) -> set:
+    a = meta["args"]
+    pairs = list(zip(a["seeds"], a.get("data_seeds") or a["seeds"]))
+    return {(d, rule, float(lt), s, t) for d in a["data"] for rule in a["rules"] for lt in a["lt"] for s, t in pairs}
+
+
+def merge(old_runs: List[Dict], old_meta: List[Dict], runs: List[Dict]):
+    """Stored runs plus new ones: a new run replaces the stored run of the same (task, rule, Lt, seeds);
+    the others are kept, and so is every stored command that still contributes a run."""
+    done = {_run_key(r) for r in runs}
+    kept = [r for r in old_runs if _run_key(r) not in done]
+    return kept + runs, [m for m in old_meta if not _meta_keys(m) <= done]
 
 
 def task_settings(name: str, n_train: Optional[int] = None, batch_size: Optional[int] = None) -> Dict:
@@ -264,7 +279,8 @@ def tables(summary: List[Dict], baseline: str = "uniform") -> str:
         classify = any(r["data"] == name and r["test_error"]["median"] not in (None, r["test_loss"]["median"])
                        for r in summary)
         for r in (r for r in summary if r["data"] == name):
-            row = {"Lt": f"{r['lt']:g}", "rule": r["rule"], "test loss": _fmt(r["test_loss"]),
+            row = {"Lt": f"{r['lt']:g}", "rule": r["rule"], "seeds": str(r["seeds"]),
+                   "test loss": _fmt(r["test_loss"]),
                    f"test / {baseline} (paired)": _fmt(r["test_ratio"], digits=".3f"),
                    f"steps to {baseline}'s final test": _fmt(r["steps_to_baseline_test"], digits=".0f")}
             if classify:
@@ -275,8 +291,7 @@ def tables(summary: List[Dict], baseline: str = "uniform") -> str:
                         "ms/step": _fmt(r["seconds_per_step"], 1e3, ".3g")})
             rows.append(row)
         cols = list(dict.fromkeys(k for row in rows for k in row))
-        seeds = max(r["seeds"] for r in summary if r["data"] == name)
-        parts.append(f"### {name} (median [min, max] over {seeds} seeds)\n\n" + format_table(rows, cols))
+        parts.append(f"### {name} (median [min, max] over seeds)\n\n" + format_table(rows, cols))
     return "\n\n".join(parts)
 
 

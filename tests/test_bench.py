@@ -73,3 +73,15 @@ def test_task_settings():
     assert bench.task_settings("teacher") == {"n_train": 1000, "batch_size": None}
     assert bench.task_settings("mnist1d") == {"n_train": 4000, "batch_size": 500}
     assert bench.task_settings("mnist1d", 1000, 1000) == {"n_train": 1000, "batch_size": 1000}
+
+
+def test_merge_replaces_only_the_same_runs():
+    def meta(rules, seeds):
+        return {"args": {"data": ["t"], "rules": rules, "lt": [1.0], "seeds": seeds, "data_seeds": None}}
+
+    old = [_record("t", "uniform", 0, 1.0), _record("t", "uniform", 1, 2.0), _record("t", "ad", 0, 3.0)]
+    new = [_record("t", "uniform", 1, 5.0), _record("t", "uniform", 2, 6.0)]
+    runs, metas = bench.merge(old, [meta(["uniform", "ad"], [0, 1]), meta(["uniform"], [1])], new)
+    assert sorted((r["rule"], r["seed"], r["test_loss"]) for r in runs) == \
+        [("ad", 0, 3.0), ("uniform", 0, 1.0), ("uniform", 1, 5.0), ("uniform", 2, 6.0)]
+    assert [m["args"]["seeds"] for m in metas] == [[0, 1]]  # the second command's only run was redone
