@@ -122,6 +122,7 @@ class AdaptiveSteps(Optimizer):
         self.__dict__["_delegating"] = True
 
         self._steps_done = 0
+        self.projections = 0  # adaptations whose result had to be projected onto the group's bounds
         self._ema: List[Optional[Tensor]] = [None] * len(groups)
         self._ema_count = [0] * len(groups)
         self._decay_params = [[list(g.branch_parameters(l)) for l in range(g.depth)] for g in groups]
@@ -264,9 +265,12 @@ class AdaptiveSteps(Optimizer):
                           f"steps left unchanged", RuntimeWarning)
             return
         if float(new.min()) < g.min_step or float(new.max()) > g.max_step:
-            warnings.warn(f"adaptive steps: rule {self.rule!r} left [min_step, max_step] = [{g.min_step:g}, "
-                          f"{g.max_step:g}] in group {i} (steps in [{float(new.min()):g}, "
-                          f"{float(new.max()):g}]); projected back onto the bounds", RuntimeWarning)
+            self.projections += 1
+            if self.projections == 1:  # once per plugin: the count keeps the rest visible
+                warnings.warn(f"adaptive steps: rule {self.rule!r} left [min_step, max_step] = "
+                              f"[{g.min_step:g}, {g.max_step:g}] in group {i} (steps in [{float(new.min()):g}, "
+                              f"{float(new.max()):g}]); projected back onto the bounds (reported once; "
+                              f"AdaptiveSteps.projections counts them)", RuntimeWarning)
             new = rules.project_steps(new, g.total_time, g.min_step, g.max_step)
         g.set_steps(new)
 

@@ -237,6 +237,13 @@ def test_paper_rule_out_of_bounds_is_projected_with_a_warning():
         opt.adapt()
     rho = step_sizes(model)[0]
     assert float(rho.min()) >= 0.15 - 1e-6 and abs(float(rho.sum()) - 1) < 1e-5
+    model.steps.velocity_sq.copy_(torch.tensor([1e4, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    model.steps.input_sq.fill_(1.0)
+    model.steps.count.fill_(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once per plugin, then counted
+        opt.adapt()
+    assert opt.projections == 2
 
 
 def test_optimizer_plumbing_zero_grad_hooks_repr():
@@ -354,3 +361,54 @@ def test_distributed_ranks_hold_identical_steps_equal_to_one_process(tmp_path):
     assert torch.allclose(step_sizes(model)[0], r0["rho"], rtol=1e-5)
     for p, q in zip(model.parameters(), r0["params"]):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
+
+
+
+def _train_profiles(opt, model, x, n):
+    profiles = []
+    for _ in range(n):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        profiles.append(model.step_sizes().clone())
+    return profiles
+
+
+def test_fast_start_adapts_on_consecutive_steps_then_every():
+    torch.manual_seed(0)
+    model = LeakyMLP(5, 5, 16, 6, effective_depth=20.0, scheme="exponential")
+    x = torch.randn(64, 5)
+    opt = AdaptiveSteps(torch.optim.SGD(model.parameters(), lr=0.0), model, every=10, fast_start=3)
+    p = _train_profiles(opt, model, x, 12)
+    changed = [i + 1 for i in range(1, 12) if not torch.equal(p[i], p[i - 1])]
+    assert not torch.equal(p[0], torch.full((6,), 1 / 6))  # step 1 adapted
+    assert changed == [2, 3, 10]  # steps 2, 3 (fast start), then step 10
+    assert abs(float(p[-1].sum()) - 1.0) < 1e-5
+
+
+def test_fast_start_is_undamped_and_zero_restores_old_behaviour():
+    torch.manual_seed(0)
+    model = LeakyMLP(5, 5, 16, 6, effective_depth=20.0, scheme="exponential")
+    x = torch.randn(64, 5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = AdaptiveSteps(torch.optim.SGD(model.parameters(), lr=0.0), model, every=1, fast_start=1,
+                        smoothing=0.0)
+    fast = _train_profiles(opt, model, x, 1)[0]
+    model.load_state_dict(state)
+    opt = AdaptiveSteps(torch.optim.SGD(model.parameters(), lr=0.0), model, every=1, fast_start=0,
+                        smoothing=0.0, damping=1.0)
+    full = _train_profiles(opt, model, x, 1)[0]
+    assert torch.allclose(fast, full)  # the fast-start adaptation goes all the way (damping 1)
+    model.load_state_dict(state)
+    opt = AdaptiveSteps(torch.optim.SGD(model.parameters(), lr=0.0), model, every=10, fast_start=0)
+    assert all(torch.equal(p, torch.full((6,), 1 / 6, dtype=p.dtype)) for p in _train_profiles(opt, model, x, 9))
+
+
+def test_paper_rule_ignores_fast_start():
+    torch.manual_seed(0)
+    model = LeakyMLP(5, 5, 16, 6, effective_depth=20.0, scheme="exponential")
+    opt = AdaptiveSteps(torch.optim.SGD(model.parameters(), lr=0.0), model, rule="paper", every=10)
+    assert opt.fast_start == 0
+    assert all(torch.equal(p, torch.full((6,), 1 / 6, dtype=p.dtype))
+               for p in _train_profiles(opt, model, torch.randn(64, 5), 9))
