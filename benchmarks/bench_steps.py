@@ -16,19 +16,16 @@ in the process's CPU time (``cpu_*``; ``overhead_pct`` is its paired median, in 
 pytest-benchmark's own statistics time the adaptive configuration's blocks. Nothing here asserts a speed.
 Environment: ``BENCH_THREADS`` (torch threads, default 1), ``BENCH_BLOCKS`` (pairs of blocks, default 15).
 """
-import os
 import statistics
-import time
 
 import pytest
 import torch
+from _timing import BLOCKS, THREADS, paired, threads, timed  # noqa: F401 - threads is a fixture
 
 from adaptive_depth import AdaptiveSteps, LeakyMLP
 
 RULES = ("equal_distance", "paper", "weight_norm", "learned")
 EVERY = 10
-THREADS = int(os.environ.get("BENCH_THREADS", "1"))
-BLOCKS = int(os.environ.get("BENCH_BLOCKS", "15"))
 
 
 class Trainer:
@@ -54,21 +51,11 @@ class Trainer:
             self.step()
 
 
-def _timed(fn):
-    """(wall seconds, CPU seconds of this process); with one thread the CPU time is the steadier one."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def _paired(other, base, prefix: str) -> dict:
-    ratios = [o / b for o, b in zip(other, base)]
-    return {f"{prefix}ratio_median_paired": statistics.median(ratios), f"{prefix}ratio_min": min(ratios),
-            f"{prefix}ratio_max": max(ratios),
-            f"{prefix}ratio_of_medians": statistics.median(other) / statistics.median(base),
-            f"{prefix}uniform_ms_per_step": 1e3 * statistics.median(base) / EVERY,
+    info = {f"{prefix}ratio_{k}": v for k, v in paired(other, base).items()}
+    return {**info, f"{prefix}uniform_ms_per_step": 1e3 * statistics.median(base) / EVERY,
             f"{prefix}adaptive_ms_per_step": 1e3 * statistics.median(other) / EVERY,
-            f"{prefix}overhead_pct": 100 * (statistics.median(ratios) - 1)}
+            f"{prefix}overhead_pct": 100 * (info[f"{prefix}ratio_median_paired"] - 1)}
 
 
 def side_by_side(base: Trainer, other: Trainer, blocks: int) -> dict:
@@ -78,25 +65,17 @@ def side_by_side(base: Trainer, other: Trainer, blocks: int) -> dict:
     tb, to = [], []
     for i in range(blocks):
         if i % 2:
-            to.append(_timed(other.block)), tb.append(_timed(base.block))
+            to.append(timed(other.block)), tb.append(timed(base.block))
         else:
-            tb.append(_timed(base.block)), to.append(_timed(other.block))
+            tb.append(timed(base.block)), to.append(timed(other.block))
     cpu = _paired([t[1] for t in to], [t[1] for t in tb], "cpu_")
     return {**cpu, **_paired([t[0] for t in to], [t[0] for t in tb], "wall_"),
             "overhead_pct": cpu["cpu_overhead_pct"], "blocks": blocks, "threads": THREADS,
             "steps_per_block": EVERY}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("rule", RULES)
-def test_adaptation_overhead(benchmark, rule):
+def test_adaptation_overhead(benchmark, threads, rule):
     base, other = Trainer("fixed"), Trainer(rule)
     benchmark.extra_info.update(rule=rule, **side_by_side(base, other, BLOCKS))
     benchmark.pedantic(other.block, rounds=3, iterations=1, warmup_rounds=0)
@@ -106,7 +85,7 @@ def test_adaptation_overhead(benchmark, rule):
           f"uniform {info['cpu_uniform_ms_per_step']:.2f} ms/step")
 
 
-def test_uniform_step(benchmark):
+def test_uniform_step(benchmark, threads):
     """The baseline alone: one block of uniform steps through the plugin."""
     base = Trainer("fixed")
     base.block()

@@ -25,10 +25,10 @@ statistics time the configuration's blocks. Nothing here asserts a speed. Enviro
 """
 import os
 import statistics
-import time
 
 import pytest
 import torch
+from _timing import BLOCKS, THREADS, paired, threads, timed  # noqa: F401 - threads is a fixture
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -37,8 +37,6 @@ from adaptive_depth.ops import fused_update  # noqa: E402
 from adaptive_depth.wrap import wrap  # noqa: E402
 
 EVERY = 10
-THREADS = int(os.environ.get("BENCH_THREADS", "1"))
-BLOCKS = int(os.environ.get("BENCH_BLOCKS", "15"))
 BATCH = int(os.environ.get("BENCH_BATCH", "16"))
 
 
@@ -69,19 +67,6 @@ class Trainer:
             self.step()
 
 
-def _timed(fn):
-    """(wall seconds, CPU seconds of this process): CPU time is far less disturbed by other jobs."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def _ratios(other, base) -> dict:
-    ratios = [o / b for o, b in zip(other, base)]
-    return {"median_paired": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-            "of_medians": statistics.median(other) / statistics.median(base)}
-
-
 def side_by_side(base: Trainer, other: Trainer, blocks: int) -> dict:
     """Interleave single steps of the two trainers (the order flips every step, so the two see the same
     machine within ~0.1 s) and compare blocks of ``EVERY`` consecutive steps each (a block of the adaptive
@@ -90,15 +75,15 @@ def side_by_side(base: Trainer, other: Trainer, blocks: int) -> dict:
     sb, so = [], []
     for i in range(blocks * EVERY):
         if i % 2:
-            so.append(_timed(other.step)), sb.append(_timed(base.step))
+            so.append(timed(other.step)), sb.append(timed(base.step))
         else:
-            sb.append(_timed(base.step)), so.append(_timed(other.step))
+            sb.append(timed(base.step)), so.append(timed(other.step))
 
     def per_block(times):
         return [tuple(sum(t[k] for t in times[j:j + EVERY]) for k in (0, 1)) for j in range(0, len(times), EVERY)]
     tb, to = per_block(sb), per_block(so)
-    wall = _ratios([t[0] for t in to], [t[0] for t in tb])
-    cpu = _ratios([t[1] for t in to], [t[1] for t in tb])
+    wall = paired([t[0] for t in to], [t[0] for t in tb])
+    cpu = paired([t[1] for t in to], [t[1] for t in tb])
     info = {f"ratio_{k}": v for k, v in wall.items()}
     info.update({f"cpu_ratio_{k}": v for k, v in cpu.items()})
     info.update(plain_ms_per_step=1e3 * statistics.median(t[0] for t in tb) / EVERY,
@@ -109,16 +94,8 @@ def side_by_side(base: Trainer, other: Trainer, blocks: int) -> dict:
     return info
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("config", ["wrapped", "adaptive"])
-def test_wrapped_resnet18_step(benchmark, config):
+def test_wrapped_resnet18_step(benchmark, threads, config):
     base, other = Trainer("plain"), Trainer(config)
     benchmark.extra_info.update(config=config, **side_by_side(base, other, BLOCKS))
     benchmark.pedantic(other.block, rounds=3, iterations=1, warmup_rounds=0)
@@ -128,7 +105,7 @@ def test_wrapped_resnet18_step(benchmark, config):
           f"({info['cpu_ratio_min']:.3f}..{info['cpu_ratio_max']:.3f}); plain {info['plain_ms_per_step']:.2f} ms/step")
 
 
-def test_plain_resnet18_step(benchmark):
+def test_plain_resnet18_step(benchmark, threads):
     """The baseline alone."""
     base = Trainer("plain")
     base.block()
@@ -155,7 +132,7 @@ def _leaky_adds(tensors, a=torch.tensor(0.5), b=torch.tensor(1.0), lt=torch.tens
         fused_update(x, out, a, b, lt, relu=True)[0].backward(g)
 
 
-def test_update_op_cost(benchmark):
+def test_update_op_cost(benchmark, threads):
     gen = torch.Generator().manual_seed(0)
     tensors = [tuple(torch.randn(BATCH, c, s, s, generator=gen) for _ in range(3)) for c, s in _ADDS]
     reps = 20
@@ -164,11 +141,11 @@ def test_update_op_cost(benchmark):
     for i in range(10 * BLOCKS):
         order = (_plain_adds, _leaky_adds) if i % 2 else (_leaky_adds, _plain_adds)
         for fn in order:
-            t = _timed(lambda: [fn(tensors) for _ in range(reps)])[1] / reps
+            t = timed(lambda: [fn(tensors) for _ in range(reps)])[1] / reps
             (plain_t if fn is _plain_adds else leaky_t).append(t)
     base = Trainer("plain")
     base.block()
-    step = statistics.median(_timed(base.block)[1] for _ in range(3)) / EVERY
+    step = statistics.median(timed(base.block)[1] for _ in range(3)) / EVERY
     plain_ms, leaky_ms = 1e3 * statistics.median(plain_t), 1e3 * statistics.median(leaky_t)
     benchmark.extra_info.update(
         config="update_op", plain_adds_ms_per_step=plain_ms, leaky_updates_ms_per_step=leaky_ms,
