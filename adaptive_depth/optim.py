@@ -51,8 +51,9 @@ class AdaptiveSteps(Optimizer):
         weight_decay: ``lambda`` of the paper's parameter-norm cost ``lambda/(2 Lt) sum_l rho_l ||W_l||^2``
             (``lambda/2`` at Lt = 0): its gradient ``(lambda/Lt) rho_l W_l`` is added to each branch's
             gradients before the inner step, with the current steps.
-        step_lr: learning rate of the steps' parameter group under ``rule="learned"`` when the steps are not
-            already in ``optimizer`` (default: the first group's lr).
+        step_lr: learning rate of the steps' own parameter group under ``rule="learned"`` (they are moved out of
+            any group they were in); ``None``: steps already in ``optimizer`` keep their group, and missing
+            ones get a group at the first group's lr.
         sync: all-reduce the statistics across ``torch.distributed`` ranks (every rank gets the same steps).
 
     Defaults, and why (``benchmarks/results/bench_convergence.md``: the paper's teacher 30-3-30, width 100,
@@ -326,10 +327,20 @@ class AdaptiveSteps(Optimizer):
 
     # ------------------------------------------------------------------------------- learned steps
     def _make_learnable(self, step_lr: Optional[float]) -> None:
-        known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        missing = [g.rho for g in self.model_groups if id(g.rho) not in known]
-        for g in self.model_groups:
-            g.rho.requires_grad_(True)
+        """Steps become trainable. With ``step_lr`` they get a group of their own (``lr=step_lr``, no weight
+        decay), taken out of any group they sat in (``model.parameters()`` includes them); without it, steps
+        already in a group stay there and missing ones get a group at the first group's lr."""
+        rhos = [g.rho for g in self.model_groups]
+        ours = {id(r) for r in rhos}
+        if step_lr is not None:
+            for group in self.optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ours]
+            missing = rhos
+        else:
+            known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            missing = [r for r in rhos if id(r) not in known]
+        for r in rhos:
+            r.requires_grad_(True)
         if missing:
             group = {"params": missing, "weight_decay": 0.0}
             if step_lr is not None:

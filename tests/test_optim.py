@@ -412,3 +412,17 @@ def test_paper_rule_ignores_fast_start():
     assert opt.fast_start == 0
     assert all(torch.equal(p, torch.full((6,), 1 / 6, dtype=p.dtype))
                for p in _train_profiles(opt, model, torch.randn(64, 5), 9))
+
+
+def test_learned_rule_with_step_lr_gives_the_steps_their_own_group():
+    """model.parameters() includes the steps: step_lr moves them into a group of their own."""
+    model = small_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = AdaptiveSteps(inner, model, rule="learned", step_lr=1e-4)
+    groups = [[id(p) for p in g["params"]] for g in inner.param_groups]
+    assert id(model.steps.rho) not in groups[0] and groups[1] == [id(model.steps.rho)]
+    assert inner.param_groups[1]["lr"] == 1e-4 and inner.param_groups[1]["weight_decay"] == 0.0
+    before = step_sizes(model)[0]
+    train(model, opt, small_task(), 3)
+    change = float((step_sizes(model)[0] - before).abs().max())
+    assert 0 < change <= 2 * 3 * 1e-4  # Adam: <= ~lr per coordinate and step, the projection at most doubles it
