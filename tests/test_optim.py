@@ -207,8 +207,9 @@ def test_learned_rule_trains_steps_and_keeps_them_feasible():
     task = small_task()
     model = small_model()
     inner = torch.optim.Adam([p for n, p in model.named_parameters() if "rho" not in n], lr=1e-2)
-    opt = AdaptiveSteps(inner, model, rule="learned", step_lr=5e-3)
+    opt = AdaptiveSteps(inner, model, rule="learned")
     assert model.steps.rho.requires_grad and len(inner.param_groups) == 2
+    assert inner.param_groups[1]["lr"] == pytest.approx(1e-3)  # default: 0.1 x the weights' lr
     train(model, opt, task, 60)
     rho = step_sizes(model)[0]
     assert not torch.allclose(rho, torch.full_like(rho, 0.2))
