@@ -14,7 +14,7 @@ def test_demo_writes_table_json_and_plots(tmp_path, capsys):
                  "--no-progress", "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "| uniform" in text and "| equal_distance" in text and "steps to" in text
+    assert "| uniform" in text and "| equal_distance" in text and "steps to test" in text
     for name in ("results.json", "loss_curves.png", "step_profile.png", "effective_rank.png"):
         assert (out / name).stat().st_size > 0, name
     runs = json.loads((out / "results.json").read_text())["runs"]
