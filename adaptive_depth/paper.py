@@ -44,7 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .data import Task, get_task, teacher
-from .diagnostics import diagnose
+from .diagnostics import _finite, diagnose
 from .train import RunConfig, build_model, format_table, run as train_run
 
 __all__ = ["add_arguments", "run", "paper_model", "converge", "fig1", "fig2"]
@@ -527,17 +527,6 @@ def _run_dict(result, conv: Optional[Dict] = None, losses: Optional[Dict] = None
             "train_loss": losses["train_loss"], "test_loss": losses["test_loss"], "final_steps": result.final_steps,
             "seconds_per_step": result.seconds_per_step, "history": result.history, "lbfgs": conv,
             "config": dataclasses.asdict(c)}
-
-
-def _finite(obj):
-    """JSON without NaN / Infinity: non-finite floats become strings."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _write_table(out: str, name: str, table: str, note: str) -> None:
