@@ -42,7 +42,7 @@ def train(model, opt, task, steps, closure=False):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return float(loss_of(model, task))
+    return float(loss_of(model, task).detach())
 
 
 OPTIMIZERS = {
