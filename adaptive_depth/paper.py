@@ -45,7 +45,7 @@ import torch
 
 from .data import Task, get_task, teacher
 from .diagnostics import _finite, diagnose
-from .train import RunConfig, build_model, format_table, run as train_run
+from .train import RunConfig, _evaluate, build_model, format_table, run as train_run
 
 __all__ = ["add_arguments", "run", "paper_model", "converge", "fig1", "fig2"]
 
@@ -239,14 +239,15 @@ def converge(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: floa
         opt.zero_grad()
         c, data = cost()
         c.backward()
-        stat = []
+        stat, grad_sq = [], 0.0
         for ps, (scale, r) in zip(blocks, coefs):
             g2 = sum(float(p.grad.double().square().sum()) for p in ps)
             w2 = sum(float(p.detach().double().square().sum()) for p in ps)
+            grad_sq += g2
             stat.append(math.sqrt(g2) / (2 * scale * float(r) * math.sqrt(w2)) if w2 > 0 else math.inf)
         stat.sort()
         rec = {"iteration": it, "evaluations": evals, "cost": float(c.detach()), "data_cost": float(data.detach()),
-               "grad_norm": math.sqrt(sum(float(p.grad.double().square().sum()) for p in params)),
+               "grad_norm": math.sqrt(grad_sq),
                "stationarity_max": stat[-1], "stationarity_median": stat[len(stat) // 2],
                "seconds": time.time() - t0}
         if evaluate is not None:
@@ -295,13 +296,9 @@ def converge(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: floa
     return summary
 
 
-@torch.no_grad()
 def _losses(model: torch.nn.Module, task: Task) -> Dict:
-    dtype = next(p.dtype for p in model.parameters())
-    out = {}
-    for name, x, y in (("train_loss", task.x_train, task.y_train), ("test_loss", task.x_test, task.y_test)):
-        out[name] = float(task.loss_fn(model(x.to(dtype)), y.to(dtype)))
-    return out
+    train_loss, test_loss, _ = _evaluate(model, task)
+    return {"train_loss": train_loss, "test_loss": test_loss}
 
 
 # --------------------------------------------------------------------------------------------- fig1

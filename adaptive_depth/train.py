@@ -102,9 +102,11 @@ def _plugin(config: RunConfig, optimizer, model) -> AdaptiveSteps:
 
 @torch.no_grad()
 def _evaluate(model, task: Task):
+    """(train loss, test loss, test error), inputs in the model's dtype (the paper's runs end in float64)."""
+    dtype = next(model.parameters()).dtype
     model.eval()
-    train_loss = float(task.loss_fn(model(task.x_train), task.y_train))
-    pred = model(task.x_test)
+    train_loss = float(task.loss_fn(model(task.x_train.to(dtype)), task.y_train))
+    pred = model(task.x_test.to(dtype))
     model.train()
     return train_loss, float(task.loss_fn(pred, task.y_test)), task.error(pred, task.y_test)
 
