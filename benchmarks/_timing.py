@@ -22,6 +22,15 @@ def timed(fn):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def block_sums(times, size: int) -> list:
+    """Per-step timings (numbers, or tuples such as ``timed``'s) summed over consecutive blocks of ``size``
+    steps; a trailing partial block is dropped."""
+    blocks = [times[j:j + size] for j in range(0, len(times) - len(times) % size, size)]
+    if times and isinstance(times[0], tuple):
+        return [tuple(map(sum, zip(*b))) for b in blocks]
+    return [sum(b) for b in blocks]
+
+
 def paired(other, base) -> dict:
     """Median, min and max of the paired ratios other / base, and the ratio of the medians."""
     ratios = [o / b for o, b in zip(other, base)]

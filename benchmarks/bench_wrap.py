@@ -28,7 +28,7 @@ import statistics
 
 import pytest
 import torch
-from _timing import BLOCKS, THREADS, paired, threads, timed  # noqa: F401 - threads is a fixture
+from _timing import BLOCKS, THREADS, block_sums, paired, threads, timed  # noqa: F401 - threads is a fixture
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -78,10 +78,7 @@ def side_by_side(base: Trainer, other: Trainer, blocks: int) -> dict:
             so.append(timed(other.step)), sb.append(timed(base.step))
         else:
             sb.append(timed(base.step)), so.append(timed(other.step))
-
-    def per_block(times):
-        return [tuple(sum(t[k] for t in times[j:j + EVERY]) for k in (0, 1)) for j in range(0, len(times), EVERY)]
-    tb, to = per_block(sb), per_block(so)
+    tb, to = block_sums(sb, EVERY), block_sums(so, EVERY)
     wall = paired([t[0] for t in to], [t[0] for t in tb])
     cpu = paired([t[1] for t in to], [t[1] for t in tb])
     info = {f"ratio_{k}": v for k, v in wall.items()}

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from _timing import block_sums
 from bench_wrap import EVERY, Trainer
 
 
@@ -25,7 +26,7 @@ def main(steps: int = 300) -> None:
             t0 = time.process_time()
             trainers[k].step()
             cpu[k].append(time.process_time() - t0)
-    blocks = {k: [sum(v[j:j + EVERY]) for j in range(0, steps - steps % EVERY, EVERY)] for k, v in cpu.items()}
+    blocks = {k: block_sums(v, EVERY) for k, v in cpu.items()}
     print(f"plain: {1e3 * statistics.median(cpu['plain']):.1f} ms/step (CPU time, median)")
     for k in ("wrapped", "adaptive"):
         paired = statistics.median(a / b for a, b in zip(blocks[k], blocks["plain"]))
