@@ -16,8 +16,10 @@ graph has no break. On CUDA tensors the op calls the Triton kernels in ``kernels
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
 from numbers import Real
 from typing import Optional, Tuple, Union
 
@@ -176,19 +178,45 @@ def reference_backward(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, re
 
 
 # ------------------------------------------------------------------------------------ backend choice
-_KERNELS = None
+_KERNELS = None  # the kernels module, or the ImportError that says why Triton cannot be used here
+KERNELS_PACKAGE = "adaptive_depth_kernels"  # the repository's kernels/ folder, installed under this name
+
+
+def _import_kernels():
+    """Import the kernels. Only a missing or unusable Triton selects the PyTorch path (returned as the
+    exception); any other failure is a bug and propagates."""
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # not installed, or installed without a usable build
+        return err if isinstance(err, ImportError) else ImportError(f"triton does not import: {err!r}")
+    try:
+        import adaptive_depth_kernels  # a plain import statement: torch.compile may trace the first call
+        return adaptive_depth_kernels
+    except ModuleNotFoundError as err:
+        if err.name != KERNELS_PACKAGE:
+            raise
+    # a source checkout used without installing it (PYTHONPATH=<repo>): the kernels/ folder beside the package
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.exists(init):
+        return ImportError(f"{KERNELS_PACKAGE} is not installed and {folder} does not exist")
+    spec = importlib.util.spec_from_file_location(KERNELS_PACKAGE, init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[KERNELS_PACKAGE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[KERNELS_PACKAGE]
+        raise
+    return module
 
 
 def _kernels():
-    """The Triton kernels module, or None where Triton (or a GPU build of it) is missing."""
+    """The Triton kernels module, or None where Triton is missing or unusable."""
     global _KERNELS
     if _KERNELS is None:
-        try:
-            import kernels as module
-            _KERNELS = module if hasattr(module, "leaky_update_fwd") else False
-        except Exception:  # ImportError, or Triton present without a usable backend
-            _KERNELS = False
-    return _KERNELS or None
+        _KERNELS = _import_kernels()
+    return None if isinstance(_KERNELS, ImportError) else _KERNELS
 
 
 def triton_available() -> bool:
@@ -201,7 +229,8 @@ def _use_triton(x: Tensor, backend: str) -> bool:
         return False
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' was forced but the Triton kernels do not import here")
+            raise RuntimeError(f"backend='triton' was forced but the Triton kernels cannot be used here: "
+                               f"{_KERNELS}") from _KERNELS
         return True
     # auto: only dtypes the kernels take (they raise TypeError for the rest, e.g. float64)
     return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_available()

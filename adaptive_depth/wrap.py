@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -91,7 +92,7 @@ def register_adapter(block_type: type, split: Split, *, activation: Optional[str
         raise TypeError(f"activation must be None or an attribute name (str), got {type(activation).__name__}")
     if isinstance(shortcut, str) or not all(isinstance(s, str) for s in shortcut):
         raise TypeError(f"shortcut must be a sequence of attribute names, got {shortcut!r}")
-    if block_type in _ADAPTERS and not replace:
+    if block_type in _adapters() and not replace:
         raise ValueError(f"an adapter for {_qualname(block_type)} is already registered; pass replace=True "
                          f"to replace it")
     adapter = Adapter(split, activation, tuple(shortcut))
@@ -101,7 +102,7 @@ def register_adapter(block_type: type, split: Split, *, activation: Optional[str
 
 def unregister_adapter(block_type: type) -> None:
     """Forget the adapter of ``block_type`` (blocks wrapped with it keep working)."""
-    if block_type not in _ADAPTERS:
+    if block_type not in _adapters():
         raise ValueError(f"no adapter registered for {block_type!r}")
     del _ADAPTERS[block_type]
 
@@ -111,7 +112,7 @@ def _qualname(cls: type) -> str:
 
 
 def _supported() -> str:
-    return ", ".join(sorted(_qualname(t) for t in _ADAPTERS)) or "(none)"
+    return ", ".join(sorted(_qualname(t) for t in _adapters())) or "(none)"
 
 
 def _call(block: nn.Module, name: str, x: Tensor) -> Tensor:
@@ -150,21 +151,28 @@ def _timm_bottleneck(block: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
     return _call(block, "downsample", x), out
 
 
-def _register_builtins() -> None:
-    try:
-        from torchvision.models import resnet as tv
-    except ImportError:
-        tv = None
-    if tv is not None:
-        register_adapter(tv.BasicBlock, _torchvision_basic, activation="relu")
-        register_adapter(tv.Bottleneck, _torchvision_bottleneck, activation="relu")
-    try:
-        from timm.models import resnet as tm
-    except ImportError:
-        tm = None
-    if tm is not None:
-        register_adapter(tm.BasicBlock, _timm_basic, activation="act2")
-        register_adapter(tm.Bottleneck, _timm_bottleneck, activation="act3")
+# The zoo's block types, registered on first use and only if their module is already imported: the library
+# never imports torchvision or timm itself (a model built from them has imported them).
+_BUILTINS = {
+    "torchvision.models.resnet": (("BasicBlock", _torchvision_basic, "relu"),
+                                  ("Bottleneck", _torchvision_bottleneck, "relu")),
+    "timm.models.resnet": (("BasicBlock", _timm_basic, "act2"), ("Bottleneck", _timm_bottleneck, "act3")),
+}
+_BUILTINS_SEEN: set = set()
+
+
+def _adapters() -> Dict[type, Adapter]:
+    """The registered adapters, with the built-in ones of every zoo module imported so far."""
+    for module_name, entries in _BUILTINS.items():
+        module = sys.modules.get(module_name)
+        if module is None or module_name in _BUILTINS_SEEN:
+            continue
+        _BUILTINS_SEEN.add(module_name)
+        for cls_name, split, activation in entries:
+            cls = getattr(module, cls_name, None)
+            if isinstance(cls, type) and cls not in _ADAPTERS:  # a user's own registration wins
+                _ADAPTERS[cls] = Adapter(split, activation)
+    return _ADAPTERS
 
 
 # ------------------------------------------------------------------------------------ leaky blocks
@@ -267,7 +275,7 @@ def _blocks_by_name(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         if isinstance(module, _LeakyBlock):
             raise ValueError(f"model is already wrapped ({name or 'the model'} is a {cls.__name__}); call "
                              f"unwrap(model) first")
-        if cls in _ADAPTERS:
+        if cls in _adapters():
             blocks.append((name, module))
         elif _looks_residual(cls):
             unknown.setdefault(_qualname(cls), name)
@@ -286,7 +294,7 @@ def _blocks_by_name(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def _looks_residual(cls: type) -> bool:
     """Blocks we must not silently skip: subclasses of supported blocks, and classes named like blocks."""
-    if any(issubclass(cls, t) for t in _ADAPTERS):
+    if any(issubclass(cls, t) for t in _adapters()):
         return True
     return cls.__name__.endswith(("Block", "Bottleneck"))
 
@@ -427,7 +435,7 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
         layers = []
         for index, name in enumerate(members):
             block = by_name[name]
-            adapter = _ADAPTERS[type(block)]
+            adapter = _adapters()[type(block)]
             block.__class__ = _leaky_class(type(block))
             block.__dict__.update(_leaky_adapter=adapter, _leaky_group=group, _leaky_group_name=key,
                                   _leaky_index=index, _leaky_backend=backend)
@@ -467,4 +475,3 @@ def wrapped_blocks(model: nn.Module) -> List[Tuple[str, str, int]]:
             for name, m in model.named_modules() if isinstance(m, _LeakyBlock)]
 
 
-_register_builtins()

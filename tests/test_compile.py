@@ -13,7 +13,7 @@ from adaptive_depth.residual import LeakyMLP, LeakyResNet
 
 def _interpreting():
     try:
-        from kernels import _common
+        from adaptive_depth_kernels import _common
     except ImportError:
         return False
     return _common.interpreting()
@@ -45,8 +45,8 @@ def fixed_tiles(monkeypatch):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the Triton launches of the update (forward, backward) and of the fused GEMM."""
-    import kernels
-    linear_module = importlib.import_module("kernels.leaky_linear")
+    import adaptive_depth_kernels as kernels
+    linear_module = importlib.import_module("adaptive_depth_kernels.leaky_linear")
     calls = {"update_fwd": 0, "update_bwd": 0, "linear_fwd": 0}
 
     def counting(name, real):

@@ -10,14 +10,14 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels import _common  # noqa: E402
+import adaptive_depth_kernels as kernels  # noqa: E402
+from adaptive_depth_kernels import _common  # noqa: E402
 from adaptive_depth import ops  # noqa: E402
 from adaptive_depth.residual import MLPBranch  # noqa: E402
 
 # the modules (the package's attributes of these names are the functions)
-linear_module = importlib.import_module("kernels.leaky_linear")
-update_module = importlib.import_module("kernels.leaky_update")
+linear_module = importlib.import_module("adaptive_depth_kernels.leaky_linear")
+update_module = importlib.import_module("adaptive_depth_kernels.leaky_update")
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
         not _common.interpreting(), reason="CPU tensors need TRITON_INTERPRET=1, which tests/conftest.py "
@@ -537,9 +537,9 @@ _COMPILE_FOR_SM90 = """
 import importlib
 import triton
 from triton.backends.compiler import GPUTarget
-from kernels import _common
-update = importlib.import_module("kernels.leaky_update")
-linear = importlib.import_module("kernels.leaky_linear")
+from adaptive_depth_kernels import _common
+update = importlib.import_module("adaptive_depth_kernels.leaky_update")
+linear = importlib.import_module("adaptive_depth_kernels.leaky_linear")
 
 def build(fn, pointers, consts, **options):
     # arguments in the kernel's order: constexprs, pointers (by name; the rest fp32), integers

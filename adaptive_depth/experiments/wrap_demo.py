@@ -86,10 +86,10 @@ def _evaluate(model, x, y, batch: int = 250) -> Tuple[float, float]:
 def train_one(config: str, args, data) -> Dict:
     """One run: ``config`` is ``"plain"``, ``"uniform"`` or ``"adaptive"``."""
     import torchvision
-    from .optim import AdaptiveSteps
-    from .schedule import EffectiveDepthScheduler
-    from .steps import step_groups
-    from .wrap import wrap
+    from ..optim import AdaptiveSteps
+    from ..schedule import EffectiveDepthScheduler
+    from ..steps import step_groups
+    from ..wrap import wrap
 
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(args.seed)

@@ -16,9 +16,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..diagnostics import format_table  # noqa: F401 - re-exported for the experiments
 from .data import Task, get_task
-from .optim import AdaptiveSteps
-from .residual import LeakyMLP
+from ..optim import AdaptiveSteps
+from ..residual import LeakyMLP
 
 __all__ = ["RunConfig", "RunResult", "FIXED_PROFILES", "build_model", "run", "compare", "format_table"]
 
@@ -183,15 +184,3 @@ def compare(config: RunConfig, rules: Sequence[str] = ("uniform", "equal_distanc
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def format_table(rows: Sequence[Dict], columns: Sequence[str]) -> str:
-    """A plain-text table (GitHub-markdown compatible)."""
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "-" if v is None else str(v)
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
-    line = lambda cells: "| " + " | ".join(s.ljust(w) for s, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(b) for b in body])

@@ -353,7 +353,7 @@ def _meta(args, seconds: float) -> Dict:
         except ImportError:
             pass
     try:
-        from . import __version__
+        from .. import __version__
         versions["adaptive_depth"] = __version__
     except ImportError:
         pass

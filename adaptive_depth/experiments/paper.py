@@ -44,7 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .data import Task, get_task, teacher
-from .diagnostics import _finite, diagnose
+from ..diagnostics import _finite, diagnose
 from .train import RunConfig, _evaluate, build_model, format_table, run as train_run
 
 __all__ = ["add_arguments", "run", "paper_model", "converge", "fig1", "fig2"]
@@ -203,7 +203,7 @@ def converge(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: floa
     field ``diagnose`` reports, read off the gradient ``g_l`` of block l), plus ``evaluate(model)`` if given;
     it stops when the largest stationarity is below ``tol`` (``tol = 0``: never), after ``max_iter``
     iterations, or when an L-BFGS call makes no progress. Returns a summary with the history."""
-    from .steps import step_groups
+    from ..steps import step_groups
     loss = loss or (lambda pred, target: (pred - target).pow(2).sum(1).mean())
     groups = step_groups(model)
     if not groups:

@@ -90,7 +90,7 @@ def plot(results: List[RunResult], task, out: str) -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .diagnostics import effective_rank
+    from ..diagnostics import effective_rank
 
     paths = []
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))

@@ -10,10 +10,11 @@ import sys
 from typing import Optional, Sequence
 
 COMMANDS = {
-    "demo": ("adaptive_depth.demo", "train uniform vs adaptive steps on an embedded task (the main job)"),
-    "wrap-demo": ("adaptive_depth.wrap_demo", "wrap a torchvision resnet18 and train it, uniform vs adaptive"),
-    "paper": ("adaptive_depth.paper", "reproduce the paper's figures (fig1, fig2)"),
-    "bench": ("adaptive_depth.bench", "uniform vs adaptive steps over Lt, rules and seeds (JSON out)"),
+    "demo": ("adaptive_depth.experiments.demo", "train uniform vs adaptive steps on an embedded task (the main job)"),
+    "wrap-demo": ("adaptive_depth.experiments.wrap_demo",
+                  "wrap a torchvision resnet18 and train it, uniform vs adaptive"),
+    "paper": ("adaptive_depth.experiments.paper", "reproduce the paper's figures (fig1, fig2)"),
+    "bench": ("adaptive_depth.experiments.bench", "uniform vs adaptive steps over Lt, rules and seeds (JSON out)"),
 }
 
 
