@@ -7,19 +7,142 @@ A stack keeps its steps in one ``StepSizes`` module (``.steps``); its blocks ref
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import rules
 from .ops import check_activation, check_backend, fused_update, leaky_linear
 from .steps import StepSizes, StepsInit
 
-__all__ = ["LeakyResidual", "LeakyResNet", "LeakyMLP", "MLPBranch"]
+__all__ = ["LeakyResidual", "LeakyResNet", "LeakyMLP", "MLPBranch", "StepsOwner"]
 
 
-class LeakyResidual(nn.Module):
+# ----------------------------------------------------------------------------------- tracing helpers
+def torchscript_error(name: str) -> RuntimeError:
+    """The one error TorchScript gets from every leaky container (``jit.script`` and ``jit.trace``)."""
+    return RuntimeError(
+        f"{name} does not support TorchScript (torch.jit.script / torch.jit.trace): the forward is not "
+        f"scriptable, and jit.trace would record the step sizes and the effective depth as constants, so "
+        f"later step changes would be silently ignored. Use torch.compile(model) to speed it up, or "
+        f"torch.export.export(model, args) for a saved, portable graph (torch.onnx.export(..., dynamo=True) "
+        f"for ONNX); torch.fx.symbolic_trace and torchvision's create_feature_extractor work too")
+
+
+def refuse_torchscript_trace(name: str) -> None:
+    """Raise ``torchscript_error`` under ``torch.jit.trace`` (which would freeze the steps)."""
+    if torch.jit.is_tracing():
+        raise torchscript_error(name)
+
+
+def _coefficients(steps: StepSizes, x: Tensor):
+    """``steps.coefficients()``; an FX leaf, so that traced graphs read the live steps. ``x`` (unused) ties
+    the call to the traced input: FX records a wrapped function only when an argument is traced."""
+    return steps.coefficients()
+
+
+def _update(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, relu: bool, stats: bool, backend: str,
+            index: int, name: str):
+    """``fused_update`` after the shape check; an FX leaf (the check and the backend choice read tensors)."""
+    if f.shape != x.shape:
+        raise ValueError(f"block {index} ({name}) returned shape {tuple(f.shape)} for an input of shape "
+                         f"{tuple(x.shape)}; a residual branch must keep the shape")
+    return fused_update(x, f, a, b, lt, relu=relu, stats=stats, backend=backend)
+
+
+def _fused_step(block: nn.Module, x: Tensor, a: Tensor, b: Tensor, lt: Tensor, relu: bool, stats: bool,
+                backend: str):
+    """``block.leaky_step(...)`` (a branch with its own fused update); an FX leaf."""
+    return block.leaky_step(x, a, b, lt, relu=relu, stats=stats, backend=backend)
+
+
+def _record(steps: StepSizes, index: int, stats: Tensor) -> None:
+    """``steps.record`` of one block's statistics; an FX leaf (it writes the group's sums)."""
+    steps.record(index, stats)
+
+
+def _record_all(steps: StepSizes, *stats: Tensor) -> None:
+    """``steps.record_all`` of the per-block statistics; an FX leaf (it writes the group's sums)."""
+    steps.record_all(torch.stack(stats))
+
+
+# torch.fx.symbolic_trace (and torchvision's feature extraction) records these as opaque calls
+for _leaf in ("_coefficients", "_update", "_fused_step", "_record", "_record_all"):
+    torch.fx.wrap(_leaf)
+
+
+# ------------------------------------------------------------------------- construction on any device
+Snapshot = Tuple[Tensor, float]
+
+
+def build_steps(depth: int, **kwargs) -> Tuple[StepSizes, Snapshot]:
+    """A ``StepSizes`` on the ambient default device, and its construction values ``(rho, Lt)``.
+
+    ``StepSizes`` checks its values on the host, which a meta tensor cannot give, so it is built on the CPU
+    and then moved: ``with torch.device("meta")`` (empty-weights init) builds meta steps without an error.
+    """
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        steps = StepSizes(depth, **kwargs)
+        snapshot = _snapshot(steps, kwargs)
+    return (steps if device.type == "cpu" else steps.to(device)), snapshot
+
+
+def _snapshot(steps: StepSizes, kwargs) -> Snapshot:
+    """The construction values, from the stored steps, or from the arguments where a loader (accelerate's
+    ``init_empty_weights``) already put them on the meta device."""
+    lt = float(kwargs.get("effective_depth", 0.0))
+    if not steps.rho.is_meta:
+        return steps.rho.detach().double().cpu().clone(), lt
+    init, total = kwargs.get("init", "uniform"), float(kwargs.get("total_time", 1.0))
+    if isinstance(init, str):
+        profile = rules.irregular if init == "irregular" else rules.uniform  # "learned" starts uniform
+        return profile(steps.depth, total).double(), lt
+    return torch.as_tensor(init, dtype=torch.float64).detach().cpu().reshape(-1).clone(), lt
+
+
+def restore_steps(steps: StepSizes, snapshot: Snapshot) -> None:
+    """Write the construction values back (no checks: they were checked when the group was built)."""
+    rho, lt = snapshot
+    with torch.no_grad():
+        steps.rho.copy_(rho.to(steps.rho.dtype))
+        steps.effective_depth.fill_(lt)
+    steps.reset_stats()
+
+
+class StepsOwner(nn.Module):
+    """A module that owns ``StepSizes`` groups built by ``build_steps``.
+
+    ``reset_parameters()`` puts every group back to its construction steps and effective depth, and so does
+    materialising meta steps (``to_empty``): uninitialised steps would be a silently wrong model, and a
+    checkpoint without steps (a plain one loaded into a wrapped model) would keep them.
+    """
+
+    def _owned_steps(self) -> List[Tuple[StepSizes, Snapshot]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for steps, snapshot in self._owned_steps():
+            restore_steps(steps, snapshot)
+
+    def _apply(self, fn, recurse=True):
+        owned = self._owned_steps()
+        was_meta = [steps.rho.is_meta for steps, _ in owned]
+        for steps, _ in owned:  # per-rank statistics are plain tensors: meta ones have no data to move
+            for name, value in list(vars(steps).items()):
+                if isinstance(value, Tensor) and value.is_meta:
+                    setattr(steps, name, torch.zeros(value.shape, dtype=value.dtype))
+        super()._apply(fn, recurse)
+        for (steps, snapshot), meta in zip(owned, was_meta):
+            if meta and not steps.rho.is_meta:
+                restore_steps(steps, snapshot)
+        return self
+
+
+class LeakyResidual(StepsOwner):
     """One leaky residual block around any module ``block`` with ``block(x).shape == x.shape``.
 
         y = act(x + rho (f(x) - Lt x))                         (scheme="euler")
@@ -40,8 +163,8 @@ class LeakyResidual(nn.Module):
         self.block = block
         self.activation = check_activation(activation)
         self.backend = check_backend(backend)
-        self.steps = StepSizes(1, total_time=step, effective_depth=effective_depth, scheme=scheme,
-                               min_step=step, max_step=step)
+        self.steps, self._steps_init = build_steps(1, total_time=step, effective_depth=effective_depth,
+                                                   scheme=scheme, min_step=step, max_step=step)
         self._link(self.steps, 0)
         self.steps.bind([self])
 
@@ -62,13 +185,18 @@ class LeakyResidual(nn.Module):
     def branch_parameters(self):
         return self.block.parameters()
 
+    def _owned_steps(self):
+        snapshot = self.__dict__.get("_steps_init")  # standalone only; in a stack the stack owns the steps
+        return [(self.steps, snapshot)] if snapshot is not None and "steps" in self._modules else []
+
     def forward(self, x: Tensor) -> Tensor:
+        refuse_torchscript_trace(type(self).__name__)
         group = self._group
-        a, b = group.coefficients()
+        a, b = _coefficients(group, x)
         record = group.recording and self.training
         y, s = self.step(x, a[self.index], b[self.index], record)
         if record:
-            group.record(self.index, s)
+            _record(group, self.index, s)
         return y
 
     def step(self, x: Tensor, a: Tensor, b: Tensor, record: bool):
@@ -76,18 +204,18 @@ class LeakyResidual(nn.Module):
         relu = self.activation == "relu"
         lt = self._group.effective_depth
         if self._fused:
-            return self.block.leaky_step(x, a, b, lt, relu=relu, stats=record, backend=self.backend)
-        f = self.block(x)
-        if f.shape != x.shape:
-            raise ValueError(f"block {self.index} ({type(self.block).__name__}) returned shape {tuple(f.shape)} "
-                             f"for an input of shape {tuple(x.shape)}; a residual branch must keep the shape")
-        return fused_update(x, f, a, b, lt, relu=relu, stats=record, backend=self.backend)
+            return _fused_step(self.block, x, a, b, lt, relu, record, self.backend)
+        return _update(x, self.block(x), a, b, lt, relu, record, self.backend, self.index,
+                       type(self.block).__name__)
+
+    def __prepare_scriptable__(self):
+        raise torchscript_error(type(self).__name__)
 
     def extra_repr(self) -> str:
         return f"index={self.index}, activation={self.activation!r}"
 
 
-class LeakyResNet(nn.Module):
+class LeakyResNet(StepsOwner):
     """A stack of leaky residual blocks with learned per-layer step sizes.
 
     Args:
@@ -122,8 +250,9 @@ class LeakyResNet(nn.Module):
             _check_block(blk, f"blocks[{i}]")
         activation = check_activation(activation)
         backend = check_backend(backend)
-        self.steps = StepSizes(len(blocks), total_time=total_time, effective_depth=effective_depth,
-                               scheme=scheme, init=steps, min_step=min_step, max_step=max_step)
+        self.steps, self._steps_init = build_steps(len(blocks), total_time=total_time,
+                                                   effective_depth=effective_depth, scheme=scheme, init=steps,
+                                                   min_step=min_step, max_step=max_step)
         self.blocks = nn.ModuleList(LeakyResidual._linked(b, self.steps, i, activation, backend)
                                     for i, b in enumerate(blocks))
         self.steps.bind(list(self.blocks))
@@ -131,6 +260,15 @@ class LeakyResNet(nn.Module):
     @property
     def depth(self) -> int:
         return self.steps.depth
+
+    def _owned_steps(self):
+        snapshot = self.__dict__.get("_steps_init")
+        return [] if snapshot is None else [(self.steps, snapshot)]
+
+    def reset_parameters(self) -> None:
+        """Put the steps and the effective depth back to their construction values (the blocks keep theirs;
+        ``LeakyMLP.reset_parameters`` resets its branches too)."""
+        super().reset_parameters()
 
     @property
     def scheme(self) -> str:
@@ -148,15 +286,19 @@ class LeakyResNet(nn.Module):
         return self.steps.current().detach().clone()
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.steps.coefficients()
+        refuse_torchscript_trace(type(self).__name__)
+        a, b = _coefficients(self.steps, x)
         record = self.steps.recording and self.training
         stats = []
-        for blk, a_l, b_l in zip(self.blocks, a.unbind(), b.unbind()):
-            x, s = blk.step(x, a_l, b_l, record)
+        for i, blk in enumerate(self.blocks):  # a[i], not a.unbind(): torch.fx cannot iterate a traced value
+            x, s = blk.step(x, a[i], b[i], record)
             stats.append(s)
         if record:
-            self.steps.record_all(torch.stack(stats))
+            _record_all(self.steps, *stats)
         return x
+
+    def __prepare_scriptable__(self):
+        raise torchscript_error(type(self).__name__)
 
     def extra_repr(self) -> str:
         rho = self.steps.rho.detach().double().cpu()
@@ -239,9 +381,13 @@ class LeakyMLP(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Initialise every parameter as the constructor does: the steps and the effective depth back to
+        their construction values, then the layers (``init="identity"``: each branch ``W = Lt I + noise``
+        at that Lt). With ``to_empty()`` it completes an empty-weights (meta device) build."""
+        self.net.reset_parameters()
         self.input.reset_parameters()
         self.output.reset_parameters()
-        lt = self.net.effective_depth
+        lt = self.net._steps_init[1]
         for blk in self.net.blocks:
             lin = blk.block.linear
             lin.reset_parameters()

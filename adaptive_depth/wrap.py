@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import check_backend, check_effective_depth, check_scheme, fused_update
+from .residual import StepsOwner, build_steps, refuse_torchscript_trace, torchscript_error
 from .steps import StepSizes
 
 __all__ = ["wrap", "unwrap", "register_adapter", "unregister_adapter", "Adapter", "StepGroups",
@@ -183,20 +184,17 @@ class _LeakyBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         d = self.__dict__
-        adapter, group, index = d["_leaky_adapter"], d["_leaky_group"], d["_leaky_index"]
-        shortcut, f = adapter.split(self, x)
-        if f.shape != shortcut.shape:
-            raise ValueError(f"{type(self).__name__}: the residual branch gives shape {tuple(f.shape)} but the "
-                             f"shortcut gives {tuple(shortcut.shape)}; check the block's adapter")
-        act = None if adapter.activation is None else getattr(self, adapter.activation)
+        refuse_torchscript_trace(type(self).__name__)
+        shortcut, f = d["_leaky_adapter"].split(self, x)
+        activation = d["_leaky_adapter"].activation
+        act = None if activation is None else getattr(self, activation)
         relu = type(act) is nn.ReLU
-        a, b = _coefficients(group)
-        record = group.recording and self.training
-        y, s = fused_update(shortcut, f, a[index], b[index], group.effective_depth, relu=relu, stats=record,
-                            backend=d["_leaky_backend"])
-        if record:
-            group.record(index, s)
+        y = _leaky_block_update(d["_leaky_group"], d["_leaky_index"], shortcut, f, relu, self.training,
+                                d["_leaky_backend"], type(self).__name__)
         return y if act is None or relu else act(y)
+
+    def __prepare_scriptable__(self):
+        raise torchscript_error(type(self).__name__)
 
     def branch_parameters(self) -> Iterable[nn.Parameter]:
         """Parameters of the residual branch (all but the shortcut's), for the rho-scaled weight decay."""
@@ -233,38 +231,51 @@ def _rebuild(cls: type) -> nn.Module:
 _LEAKY_ATTRS = ("_leaky_adapter", "_leaky_group", "_leaky_group_name", "_leaky_index", "_leaky_backend")
 
 
-# ------------------------------------------------------------------------------------ coefficients
-def _coefficients(group: StepSizes):
-    """The group's coefficient vectors ``(a, b)``, indexable per block.
+# ------------------------------------------------------------------------------------------ update
+def _leaky_block_update(group: StepSizes, index: int, shortcut: Tensor, f: Tensor, relu: bool, training: bool,
+                        backend: str, name: str) -> Tensor:
+    """``act(a x + b f)`` of block ``index`` of ``group``, from the group's live steps.
 
-    Fixed steps (the common case) are computed once and cached until ``rho`` or ``Lt`` change (tracked by
-    their version counters and storage), so a block pays a tuple lookup instead of a few tensor ops. Learned
-    steps under autograd, and anything under ``torch.compile``, are computed afresh.
+    The coefficients are computed at every call from ``rho`` and ``Lt`` (a handful of scalar ops): a cache
+    keyed by version counters misses in-place writes through ``.data``, so it is not kept. Under
+    ``torch.fx`` tracing this function is a leaf (``torch.fx.wrap``): the graph calls it with the group
+    itself (a ``get_attr`` of the live ``StepSizes``), so a traced model (``create_feature_extractor``)
+    follows later step changes and records statistics while the group records.
     """
-    if torch.compiler.is_compiling() or (group.rho.requires_grad and torch.is_grad_enabled()):
-        return group.coefficients()
-    rho, lt = group.rho, group.effective_depth
-    key = (rho.data_ptr(), rho._version, lt.data_ptr(), lt._version, rho.device,
-           torch.is_inference_mode_enabled())
-    cache = group.__dict__.get("_wrap_coefficients")
-    if cache is None or cache[0] != key:
-        with torch.no_grad():
-            a, b = group.coefficients()
-            cache = (key, a.detach().clone().unbind(), b.detach().clone().unbind())
-        group.__dict__["_wrap_coefficients"] = cache
-    return cache[1], cache[2]
+    if f.shape != shortcut.shape:
+        raise ValueError(f"{name}: the residual branch gives shape {tuple(f.shape)} but the shortcut gives "
+                         f"{tuple(shortcut.shape)}; check the block's adapter")
+    a, b = group.coefficients()
+    record = group.recording and training
+    y, s = fused_update(shortcut, f, a[index], b[index], group.effective_depth, relu=relu, stats=record,
+                        backend=backend)
+    if record:
+        group.record(index, s)
+    return y
+
+
+torch.fx.wrap("_leaky_block_update")
 
 
 # ----------------------------------------------------------------------------------------- groups
-class StepGroups(nn.ModuleDict):
+class StepGroups(StepsOwner, nn.ModuleDict):
     """The ``StepSizes`` of a wrapped model, one per group, registered once as ``model.leaky_steps``.
 
     It is placed first among the model's children and its forward is the identity, so idioms such as
-    ``nn.Sequential(*list(model.children())[:-1])`` keep working (and keep the steps).
+    ``nn.Sequential(*list(model.children())[:-1])`` keep working (and keep the steps). ``reset_parameters()``
+    (and ``to_empty()`` of a model wrapped on the meta device) puts every group back to the steps and
+    effective depth ``wrap`` gave it.
     """
 
     def forward(self, x):
         return x
+
+    def _owned_steps(self):
+        initial = self.__dict__.get("_leaky_initial", {})
+        return [(group, initial[key]) for key, group in self.items() if key in initial]
+
+    def __prepare_scriptable__(self):
+        raise torchscript_error("a model wrapped by adaptive_depth.wrap")
 
 
 def _blocks_by_name(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -419,8 +430,8 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
     for key, members in assignment.items():
         horizon = float(len(members)) if total_time is None else float(total_time)
         try:
-            made[key] = StepSizes(len(members), total_time=horizon, effective_depth=lt, scheme=scheme,
-                                  init=steps)
+            made[key] = build_steps(len(members), total_time=horizon, effective_depth=lt, scheme=scheme,
+                                    init=steps)
         except ValueError as err:
             raise ValueError(f"group {key!r} ({len(members)} blocks): {err}") from None
     if not inplace:
@@ -429,8 +440,9 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     by_name = dict(model.named_modules())
     container = StepGroups()
+    container.__dict__["_leaky_initial"] = {key: snapshot for key, (_, snapshot) in made.items()}
     for key, members in assignment.items():
-        group = made[key].to(device)
+        group = made[key][0].to(device)
         group.optional_in_checkpoint = True
         layers = []
         for index, name in enumerate(members):
