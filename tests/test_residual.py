@@ -237,3 +237,57 @@ def test_step_sizes_module_argument_checks():
         StepSizes(0)
     g = StepSizes(4, total_time=2.0, effective_depth=1.0, scheme="exponential", init=[0.2, 0.8, 0.6, 0.4])
     assert torch.allclose(g.current(), torch.tensor([0.2, 0.8, 0.6, 0.4]))
+
+
+# ------------------------------------------------------------------ empty-weights (meta device) builds
+def _build(name):
+    torch.manual_seed(0)
+    if name == "LeakyMLP":
+        return LeakyMLP(6, 3, width=8, depth=5, effective_depth=4.0, scheme="exponential", steps="irregular")
+    if name == "LeakyResNet":
+        return LeakyResNet(mlp_blocks(4), effective_depth=1.5, steps=[0.1, 0.4, 0.3, 0.2], activation="relu")
+    return LeakyResidual(nn.Linear(8, 8), effective_depth=2.0, step=0.3)
+
+
+def _empty(name, how):
+    if how == "torch.device":
+        with torch.device("meta"):
+            return _build(name)
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights(include_buffers=how == "accelerate+buffers"):
+        return _build(name)
+
+
+@pytest.mark.parametrize("how", ["torch.device", "accelerate", "accelerate+buffers"])
+@pytest.mark.parametrize("name", ["LeakyMLP", "LeakyResNet", "LeakyResidual"])
+def test_meta_build_then_to_empty_reset_and_load_gives_the_same_model(name, how):
+    reference = _build(name)
+    model = _empty(name, how)
+    assert model.steps.rho.is_meta
+    x = torch.randn(3, 6 if name == "LeakyMLP" else 8)
+    assert model(x.to("meta")).shape == reference(x).shape  # shape inference on meta
+    model.to_empty(device="cpu")
+    # materialised steps are the construction values, never uninitialised memory
+    assert torch.equal(model.steps.rho, reference.steps.rho)
+    assert torch.equal(model.steps.effective_depth, reference.steps.effective_depth)
+    assert model.steps.count.sum() == 0 and model.steps.count.device.type == "cpu"
+    model.reset_parameters()
+    model.load_state_dict(reference.state_dict())
+    assert torch.equal(model(x), reference(x))
+
+
+def test_reset_parameters_restores_the_construction_steps_and_lt():
+    net = LeakyMLP(6, 3, width=8, depth=4, effective_depth=2.0, scheme="exponential")
+    torch.manual_seed(3)
+    net.reset_parameters()
+    torch.manual_seed(3)
+    fresh_weights = LeakyMLP(6, 3, width=8, depth=4, effective_depth=2.0, scheme="exponential")
+    torch.manual_seed(3)
+    fresh_weights.reset_parameters()
+    net.steps.set_steps([0.1, 0.2, 0.3, 0.4])
+    net.set_effective_depth(5.0)
+    torch.manual_seed(3)
+    net.reset_parameters()
+    assert torch.equal(net.step_sizes(), torch.full((4,), 0.25)) and net.effective_depth == 2.0
+    for (k, a), (_, b) in zip(net.state_dict().items(), fresh_weights.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -246,6 +246,79 @@ def test_coefficient_cache_follows_step_changes():
     assert (y1 - y0).abs().max() > 1e-4 and (y2 - y0).abs().max() > 1e-4
 
 
+def _write_steps(model, how, steps):
+    """Give group layer1 the steps ``steps`` by one of the ways users and frameworks write them."""
+    group = model.leaky_steps["layer1"]
+    values = torch.tensor(steps, dtype=group.rho.dtype)
+    if how == "data-inplace":
+        group.rho.data[:] = values  # no version bump: invisible to a cache keyed on versions
+    elif how == "data-assign":
+        group.rho.data = values.clone()
+    elif how == "copy-no-grad":
+        with torch.no_grad():
+            group.rho.copy_(values)
+    elif how == "load_state_dict":
+        state = model.state_dict()
+        state["leaky_steps.layer1.rho"] = values
+        model.load_state_dict(state)
+    elif how == "set_steps":
+        group.set_steps(steps)
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["data-inplace", "data-assign", "copy-no-grad", "load_state_dict", "set_steps"])
+def test_no_stale_coefficients_whichever_way_the_steps_are_written(how):
+    torch.manual_seed(0)
+    plain = _randomize_bn(tiny(layers=(2, 1, 1, 1))).eval()
+    model = wrap(copy.deepcopy(plain), effective_depth=0.3).eval()
+    groups = {name: (model.leaky_steps[key], i) for name, key, i in wrapped_blocks(model)}
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)  # a first forward (anything it keeps must not survive the write)
+        for steps in ([0.5, 1.5], [1.25, 0.75]):
+            _write_steps(model, how, steps)
+            torch.testing.assert_close(model(x), _manual_forward(plain, groups, x), rtol=1e-5, atol=1e-5)
+
+
+def test_no_stale_coefficients_when_lt_is_written_behind_autograd():
+    torch.manual_seed(0)
+    plain = _randomize_bn(tiny()).eval()
+    model = wrap(copy.deepcopy(plain), effective_depth=0.3).eval()
+    groups = {name: (model.leaky_steps[key], i) for name, key, i in wrapped_blocks(model)}
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        model.leaky_steps["layer2"].effective_depth.data.fill_(0.6)
+        torch.testing.assert_close(model(x), _manual_forward(plain, groups, x), rtol=1e-5, atol=1e-5)
+
+
+def test_wrap_on_the_meta_device_then_to_empty_and_a_plain_checkpoint():
+    """Empty-weights loading: wrap a meta model, materialise it, load the torchvision checkpoint. The steps
+    (absent from that checkpoint) are the ones wrap gives, not uninitialised memory."""
+    torch.manual_seed(0)
+    plain = _randomize_bn(tiny(layers=(2, 1, 1, 1))).eval()
+    with torch.device("meta"):
+        model = wrap(tiny(layers=(2, 1, 1, 1)), steps="irregular")
+    assert model.leaky_steps["layer1"].rho.is_meta
+    assert model(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 10)  # shape inference on meta
+    model.to_empty(device="cpu")
+    reference = wrap(copy.deepcopy(plain), steps="irregular")
+    for key, group in model.leaky_steps.items():
+        assert torch.equal(group.rho, reference.leaky_steps[key].rho)
+        assert float(group.effective_depth) == 0.0 and group.count.sum() == 0
+    model.load_state_dict(plain.state_dict())
+    for group in model.leaky_steps.values():
+        group.set_steps(torch.ones(group.depth))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain(x), rtol=0, atol=0)
+    # reset_parameters() of the groups gives the same values again
+    model.leaky_steps["layer1"].rho.data.fill_(float("nan"))
+    model.leaky_steps.reset_parameters()
+    assert torch.equal(model.leaky_steps["layer1"].rho, reference.leaky_steps["layer1"].rho)
+
+
 # ------------------------------------------------------------------------- the optimizer plugin
 def test_adaptive_steps_adapts_a_wrapped_resnet():
     torch.manual_seed(0)
