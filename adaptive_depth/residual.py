@@ -301,6 +301,8 @@ class LeakyResNet(StepsOwner):
         raise torchscript_error(type(self).__name__)
 
     def extra_repr(self) -> str:
+        if self.steps.rho.is_meta:
+            return f"depth={self.depth}, scheme={self.scheme!r}, steps on the meta device"
         rho = self.steps.rho.detach().double().cpu()
         return (f"depth={self.depth}, effective_depth={self.effective_depth:g}, scheme={self.scheme!r}, "
                 f"total_time={self.steps.total_time:g}, steps: min={float(rho.min()):.3g} "
