@@ -357,6 +357,8 @@ class LeakyMLP(nn.Module):
                                effective_depth=effective_depth, total_time=total_time, steps=steps,
                                scheme=scheme, min_step=min_step, max_step=max_step, backend=backend)
         self.output = nn.Linear(width, out_dim, device=device, dtype=dtype)
+        if device is not None:  # the steps follow device= too (meta: to_empty() then restores them)
+            self.net.steps.to(device)
         self.reset_parameters()
 
     @property

@@ -73,6 +73,20 @@ def test_feature_extractor_of_wrapped_backbone_equals_the_plain_one(train):
     torch.testing.assert_close(gw, gp, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "seresnet50", "resnet50d"])
+def test_feature_extractor_of_wrapped_timm_backbones_equals_the_plain_one(arch):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    plain = timm.create_model(arch).eval()
+    wrapped = wrap(copy.deepcopy(plain)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = create_feature_extractor(wrapped, RETURN_NODES)(x)
+        theirs = create_feature_extractor(plain, RETURN_NODES)(x)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0)
+
+
 def test_symbolic_trace_of_a_wrapped_resnet_follows_the_live_steps():
     wrapped = wrap(resnet18(), effective_depth=0.4, steps="irregular").eval()
     graph = torch.fx.symbolic_trace(wrapped)

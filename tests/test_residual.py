@@ -291,3 +291,12 @@ def test_reset_parameters_restores_the_construction_steps_and_lt():
     assert torch.equal(net.step_sizes(), torch.full((4,), 0.25)) and net.effective_depth == 2.0
     for (k, a), (_, b) in zip(net.state_dict().items(), fresh_weights.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_leaky_mlp_device_argument_places_the_steps_too():
+    model = LeakyMLP(6, 3, width=8, depth=5, effective_depth=4.0, scheme="exponential", steps="irregular",
+                     device="meta")
+    assert model.steps.rho.is_meta and model.input.weight.is_meta
+    model.to_empty(device="cpu")
+    reference = LeakyMLP(6, 3, width=8, depth=5, effective_depth=4.0, scheme="exponential", steps="irregular")
+    assert torch.equal(model.steps.rho, reference.steps.rho) and model.effective_depth == 4.0
