@@ -27,8 +27,8 @@ def torchscript_error(name: str) -> RuntimeError:
         f"{name} does not support TorchScript (torch.jit.script / torch.jit.trace): the forward is not "
         f"scriptable, and jit.trace would record the step sizes and the effective depth as constants, so "
         f"later step changes would be silently ignored. Use torch.compile(model) to speed it up, or "
-        f"torch.export.export(model, args) for a saved, portable graph (torch.onnx.export(..., dynamo=True) "
-        f"for ONNX); torch.fx.symbolic_trace and torchvision's create_feature_extractor work too")
+        f"torch.export.export(model, args) for a saved, portable graph; torch.fx.symbolic_trace and "
+        f"torchvision's create_feature_extractor work too")
 
 
 def refuse_torchscript_trace(name: str) -> None:
