@@ -17,7 +17,7 @@ from . import rules
 from .ops import check_activation, check_backend, fused_update, leaky_linear
 from .steps import StepSizes, StepsInit
 
-__all__ = ["LeakyResidual", "LeakyResNet", "LeakyMLP", "MLPBranch", "StepsOwner"]
+__all__ = ["LeakyResidual", "LeakyResNet", "LeakyMLP", "MLPBranch"]
 
 
 # ----------------------------------------------------------------------------------- tracing helpers
@@ -66,6 +66,12 @@ def _record(steps: StepSizes, index: int, stats: Tensor) -> None:
 def _record_all(steps: StepSizes, *stats: Tensor) -> None:
     """``steps.record_all`` of the per-block statistics; an FX leaf (it writes the group's sums)."""
     steps.record_all(torch.stack(stats))
+
+
+def _per_block(v: Tensor, n: int):
+    """``v.unbind()`` (one op for all blocks); ``v[0], ..., v[n-1]`` under torch.fx, which cannot iterate a
+    traced value."""
+    return [v[i] for i in range(n)] if isinstance(v, torch.fx.Proxy) else v.unbind()
 
 
 # torch.fx.symbolic_trace (and torchvision's feature extraction) records these as opaque calls
@@ -290,8 +296,8 @@ class LeakyResNet(StepsOwner):
         a, b = _coefficients(self.steps, x)
         record = self.steps.recording and self.training
         stats = []
-        for i, blk in enumerate(self.blocks):  # a[i], not a.unbind(): torch.fx cannot iterate a traced value
-            x, s = blk.step(x, a[i], b[i], record)
+        for blk, a_l, b_l in zip(self.blocks, _per_block(a, self.depth), _per_block(b, self.depth)):
+            x, s = blk.step(x, a_l, b_l, record)
             stats.append(s)
         if record:
             _record_all(self.steps, *stats)
