@@ -28,7 +28,9 @@ DEVICES = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # an elementwise result in fp32 maths, rounded once to its dtype (about 2 ulps)
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-SHAPES = [(1,), (7,), (13, 17), (6, 10, 10), (3, 5, 1031)]  # the last spans 4 programs, the 4th masked
+# (3, 5, 1031): 3 whole blocks of 4096 and a masked one; (5, 4100): 5 whole blocks and a masked one, so
+# that under the interpreter (3 programs) a program loops over two whole blocks and then the partial one
+SHAPES = [(1,), (7,), (13, 17), (6, 10, 10), (3, 5, 1031), (5, 4100)]
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +158,10 @@ NEEDS = [(True, True, True, True), (True, False, False, True), (False, True, Tru
 def test_update_backward(device, dtype, shape, relu, need):
     seed = hash((shape, relu, need)) % 1000
     x, f, g = (randn(shape, dtype, device, seed + i) for i in range(3))
-    a, b = scalar(0.7, device), scalar(0.3, device)
+    # a, b with few mantissa bits: for 16-bit inputs a x + b f is then exact in the kernel's fp32 maths, as in
+    # the float64 reference, so the ReLU mask (a step function of it) agrees. With 0.7 and 0.3 a bf16 pair
+    # with f = -7/3 x gives a tiny a x + b f in float64 that fp32 arithmetic rounds to 0 (in shape (5, 4100))
+    a, b = scalar(0.75, device), scalar(0.25, device)
     got = kernels.leaky_update_bwd(g, x, f, a, b, relu=relu, need=need)
     dx_ref, df_ref, da_ref, db_ref, gm = update_grads_ref(g, x, f, a, b, relu)
     for value, wanted in zip(got, need):
@@ -260,9 +265,15 @@ def test_poisoning_catches_an_unwritten_element(monkeypatch):
         pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU")
     x, f = randn((2, 4100), torch.float32, device, 1), randn((2, 4100), torch.float32, device, 2)
     a, b, lt = scalar(0.5, device), scalar(0.5, device), scalar(1.0, device)
-    monkeypatch.setattr(update_module, "_programs", lambda n: math.ceil(n / update_module.BLOCK) - 1)
+    real = update_module._leaky_fwd_kernel
+
+    class EightShort:  # launches the kernel with N eight elements short
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: real[grid](*args[:7], args[7] - 8, *args[8:], **kwargs)
+
+    monkeypatch.setattr(update_module, "_leaky_fwd_kernel", EightShort())
     y, s = kernels.leaky_update_fwd(x, f, a, b, lt, relu=False, stats=False)
-    assert y.isnan().sum().item() == 8200 - 2 * 4096
+    assert y.isnan().sum().item() == 8
     with pytest.raises(AssertionError):
         assert_elementwise(y, update_ref(x, f, a, b, lt, False)[0], torch.float32)
 
@@ -512,6 +523,108 @@ def test_autocast_takes_the_torch_path(monkeypatch):
         y, _ = branch.leaky_step(x, one, one, one, backend="triton")
         f = torch.nn.functional.linear(torch.relu(x), branch.linear.weight, branch.linear.bias)
     torch.testing.assert_close(y, 0.5 * x + 0.5 * f.float())
+
+
+# --------------------------------------------------------------------------- GEMM policy, autotuning
+def test_gemm_path_policy(monkeypatch):
+    """Triton where the dot has tensor cores (16-bit, TF32), cuBLAS for full fp32; an override by env."""
+    monkeypatch.delenv("ADAPTIVE_DEPTH_GEMM", raising=False)
+    before = torch.backends.cuda.matmul.allow_tf32  # (a module-like object: set and restored by hand)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert linear_module.gemm_path(torch.float32) == "cublas"
+        assert linear_module.gemm_path(torch.bfloat16) == linear_module.gemm_path(torch.float16) == "triton"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert linear_module.gemm_path(torch.float32) == "triton"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    monkeypatch.setenv("ADAPTIVE_DEPTH_GEMM", "cublas")
+    assert linear_module.gemm_path(torch.bfloat16) == "cublas"
+    monkeypatch.setenv("ADAPTIVE_DEPTH_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="ADAPTIVE_DEPTH_GEMM must be 'triton', 'cublas' or unset"):
+        linear_module.gemm_path(torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["triton", "cublas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leaky_linear_gemm_paths(device, path, dtype, monkeypatch):
+    """Both forward paths, forced: the same values, statistics and gradients (float64 reference)."""
+    monkeypatch.setenv("ADAPTIVE_DEPTH_GEMM", path)
+    ran = []
+    for name in ("_forward_cublas", "leaky_update_fwd"):
+        real = getattr(linear_module, name)
+        monkeypatch.setattr(linear_module, name, lambda *args, _real=real, _name=name, **kwargs:
+                            ran.append(_name) or _real(*args, **kwargs))
+    x, weight, bias, a, b = linear_inputs((70, 50), dtype, device, 31)
+    y, s = kernels.leaky_linear(x, weight, bias, a, b, scalar(1.5, device), relu=True, stats=True)
+    assert ran == (["_forward_cublas", "leaky_update_fwd"] if path == "cublas" else [])
+    assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
+    ref_inputs = [f64(t).requires_grad_() for t in (x, weight, bias, a, b)]
+    y_ref, s_ref = linear_ref(*ref_inputs, 1.5, True)
+    f_ref = (torch.relu(ref_inputs[0]) @ ref_inputs[1].t() + ref_inputs[2]).detach()
+    # the cuBLAS path rounds f to the input dtype before the combine: a couple of ulps of |b f|
+    tol = 2 * RTOL[dtype]
+    torch.testing.assert_close(f64(y), y_ref.detach(), rtol=tol, atol=tol * f_ref.abs().max().item())
+    assert_sum(s[1], s_ref[1].detach(), f64(x) ** 2)
+    assert_sum(s[0], s_ref[0].detach(), (f_ref - 1.5 * f64(x)) ** 2, rtol=1e-5 if dtype == torch.float32 else tol)
+    g = randn((70, 50), dtype, device, 32)
+    for got, ref in zip(torch.autograd.grad(y, (x, weight, bias), g),
+                        torch.autograd.grad(y_ref, ref_inputs[:3], f64(g))):
+        torch.testing.assert_close(f64(got), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def _tuned_launches(device, monkeypatch):
+    """The autotuned GEMM (as on CUDA, also under the interpreter) with a benchmark function that counts
+    its calls and times nothing: a config by its tile area (under the interpreter time means nothing)."""
+    tuned = linear_module._leaky_linear_fwd_tuned
+    benched = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        benched.append(1)
+        return [1.0, 1.0, 1.0]
+
+    if device == "cpu":
+        monkeypatch.setattr(linear_module, "_autotune", lambda: True)
+        monkeypatch.setitem(tuned.__dict__, "do_bench", bench)
+    else:
+        monkeypatch.setenv("ADAPTIVE_DEPTH_AUTOTUNE", "1")
+        real = tuned.do_bench
+        monkeypatch.setitem(tuned.__dict__, "do_bench", lambda call, quantiles:
+                            benched.append(1) or real(call, quantiles=quantiles))
+    monkeypatch.setattr(tuned, "cache", {})
+    return tuned, benched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autotuning_keys_bucket_rows_and_variants(device, monkeypatch):
+    """A new batch size in the same power-of-two bucket reuses the tuned config (no tuning inside a later
+    training step); another bucket, or another epilogue variant, is tuned once on its own."""
+    monkeypatch.setenv("ADAPTIVE_DEPTH_GEMM", "triton")
+    tuned, benched = _tuned_launches(device, monkeypatch)
+    per_tune = len(linear_module._prune(linear_module.CONFIGS, {"X": torch.empty(0, dtype=torch.bfloat16)}))
+    lt = scalar(1.0, device)
+
+    def run(rows, relu=True, stats=True):
+        x, weight, bias, a, b = linear_inputs((rows, 40), torch.bfloat16, device, rows, grads=(False,) * 5)
+        y, s = kernels.leaky_linear(x, weight, bias, a, b, lt, relu=relu, stats=stats)
+        y_ref, s_ref = linear_ref(*(f64(t) for t in (x, weight, bias, a, b)), 1.0, relu)
+        assert_elementwise(y, y_ref, torch.bfloat16)
+        if stats:
+            assert_sum(s[1], s_ref[1], f64(x) ** 2)
+
+    run(33)  # bucket 64: tuned
+    assert len(tuned.cache) == 1 and len(benched) == per_tune
+    run(60)  # the same bucket: the tuned config, no benchmark
+    assert len(tuned.cache) == 1 and len(benched) == per_tune
+    run(65)  # bucket 128: tuned once
+    assert len(tuned.cache) == 2 and len(benched) == 2 * per_tune
+    run(40, stats=False)  # another variant of the epilogue: its own config
+    assert len(tuned.cache) == 3 and len(benched) == 3 * per_tune
+    run(50, stats=False)
+    assert len(tuned.cache) == 3 and len(benched) == 3 * per_tune
+    assert linear_module.m_bucket(33) == linear_module.m_bucket(64) == 64 and linear_module.m_bucket(1) == 16
 
 
 @pytest.mark.cuda
