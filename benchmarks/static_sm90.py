@@ -9,8 +9,8 @@ multiple of 16) and the pointers 16-byte aligned (as for torch's allocations), s
 counted are those of the unmasked body.
 
     python benchmarks/static_sm90.py                  # benchmarks/results/static_sm90_<date>.{json,md}
-    python benchmarks/static_sm90.py --json FILE      # only the JSON (the static tests read it)
-    python benchmarks/static_sm90.py --quick          # fewer variants (one per kernel and dtype)
+    python benchmarks/static_sm90.py --mode test --json FILE   # the static tests' variants, JSON only
+    python benchmarks/static_sm90.py --mode quick     # one variant per kernel and dtype
 
 Runs with ``TRITON_INTERPRET`` unset (it is removed here), from the source tree (``PYTHONPATH=$PWD``).
 """
@@ -129,9 +129,16 @@ def expected_v4(dtype: str, block: int, num_warps: int, tensors: int) -> int:
     return tensors * block // (32 * num_warps) * ITEMSIZE[dtype] // 16
 
 
-def variants(quick: bool) -> List[Dict]:
-    """Every kernel variant the launchers can ask for (``quick``: one per kernel and dtype)."""
+MODES = ("full", "test", "quick")
+
+
+def variants(mode: str = "full") -> List[Dict]:
+    """The kernel variants to compile. ``full``: every variant the launchers can ask for (elementwise),
+    every shipped GEMM config of every dtype with and without statistics. ``test``: per kernel and dtype
+    the variant with every flag on (the most registers), and every shipped GEMM config of each kind
+    (16-bit, TF32) with the heaviest epilogue. ``quick``: as test, with one GEMM config per dtype."""
     out = []
+    quick = mode != "full"
     flags = [True] if quick else [False, True]
     block, warps = update.BLOCK, update.NUM_WARPS
     for dt in ("fp32", "bf16", "fp16"):
@@ -159,7 +166,9 @@ def variants(quick: bool) -> List[Dict]:
         # statistics) and without statistics; fp32 as TF32 (full fp32 takes the cuBLAS path)
         block_k = 32 if dt == "fp32" else 64
         shipped = [c for c in linear.CONFIGS if c.kwargs["BLOCK_K"] == block_k]
-        for config in shipped[:1] if quick else shipped:
+        if mode == "quick" or (mode == "test" and dt == "fp16"):  # (fp16 compiles as bf16 does)
+            shipped = shipped[:1] if mode == "quick" else []
+        for config in shipped:
             for stats in flags:
                 out.append(dict(kernel="leaky_linear_fwd", fn=linear._leaky_linear_fwd_kernel, dtype=dt,
                                 warps=config.num_warps, stages=config.num_stages, ones=("stride_wk",),
@@ -171,9 +180,9 @@ def variants(quick: bool) -> List[Dict]:
     return out
 
 
-def run(quick: bool) -> Dict:
+def run(mode: str) -> Dict:
     rows = []
-    for v in variants(quick):
+    for v in variants(mode):
         figures = compile_variant(v["fn"], v["dtype"], v["consts"], v["warps"], v.get("stages", 3),
                                   v.get("ones", ()))
         row = {"kernel": v["kernel"], "dtype": v["dtype"], "num_warps": v["warps"],
@@ -187,7 +196,7 @@ def run(quick: bool) -> Dict:
         print(json.dumps(row), flush=True)
     return {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                      "triton": triton.__version__, "target": "cuda sm_90 (ptxas --gpu-name=sm_90a)",
-                     "quick": quick}, "rows": rows}
+                     "mode": mode}, "rows": rows}
 
 
 def markdown(result: Dict) -> str:
@@ -212,9 +221,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                         help="folder for static_sm90_<date>.{json,md}")
     parser.add_argument("--json", help="write only this JSON file")
-    parser.add_argument("--quick", action="store_true", help="one variant per kernel and dtype")
+    parser.add_argument("--mode", choices=MODES, default="full", help="which variants (see variants())")
     args = parser.parse_args(argv)
-    result = run(args.quick)
+    result = run(args.mode)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         return

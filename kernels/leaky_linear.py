@@ -16,7 +16,9 @@ so ``f`` is never needed again. ``x`` may have any strides (one copy is made whe
 contiguous, for the GEMM, or x is not contiguous, for the backward); ``y`` and the gradients come out
 contiguous. On CUDA the GEMM is autotuned over ``CONFIGS``; under ``TRITON_INTERPRET=1``, or with
 ``ADAPTIVE_DEPTH_AUTOTUNE=0``, it runs with ``FIXED_CONFIG``. Autotuning picks the config on the first
-call for each (M, D, dtype); after that results are bit-identical.
+call for each ``TUNING_KEY`` (the width, the rows rounded up to a power of two, the epilogue's variant,
+the precision, the dtypes); after that results are bit-identical. Full fp32 (TF32 off) runs the forward
+as cuBLAS plus the fused update kernel instead (``gemm_path`` says why).
 """
 from __future__ import annotations
 
@@ -32,10 +34,14 @@ from torch import Tensor
 from . import _common
 from .leaky_update import BLOCK, NUM_WARPS, TAIL, dot, leaky_update_fwd
 
-# H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): BLOCK_K 64 for 16-bit inputs, 32 for fp32
-# (whose larger tiles would not fit in shared memory); _prune keeps the four of the input's kind
-_SHAPES = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
-           (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)]
+# H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): BLOCK_K 64 for 16-bit inputs, 32 for fp32 as
+# TF32 (whose larger tiles would not fit in shared memory); _prune keeps those of the input's kind. Only
+# configs that do not spill registers on sm_90 with the heaviest epilogue (bias, ReLU, statistics) are
+# shipped (tests/test_kernels_static.py; figures in benchmarks/results/static_sm90_*.md): 128x256 and
+# 256x128 with 8 warps spill about 1.1 KB (172 / 12 B without statistics), and the TF32 128x128 (8 warps),
+# 128x64 (4 warps) and 64x128 (4 warps) tiles spill 8-24 B.
+_SHAPES = [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+           (128, 64, 32, 8, 3), (64, 64, 32, 4, 4)]
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
            for m, n, k, w, s in _SHAPES]
 # one small config: under the interpreter (several tiles on test-sized inputs), and on CUDA when
