@@ -23,11 +23,11 @@ def interpreting() -> bool:
 
 
 def _fix_interpreter_index() -> None:
-    """Triton < 3.7's interpreter turns a scalar (a one-element array there) into a Python int with
+    """Triton 3.6's interpreter turns a scalar (a one-element array there) into a Python int with
     ``int(array)``, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"): every loop
     over a runtime bound (``range(pid, full, programs)``) then fails under ``TRITON_INTERPRET=1``. Triton
-    3.7 squeezes the array first; do the same on older versions. Interpreter only: compiled kernels never
-    run this code, and nothing changes where the interpreter already squeezes."""
+    3.8 squeezes the array first; do the same on older versions (3.6 tested). Interpreter only: compiled
+    kernels never run this code, and where the interpreter already squeezes the result is the same."""
     try:
         from triton.runtime import interpreter
     except ImportError:

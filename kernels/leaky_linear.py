@@ -38,10 +38,10 @@ from .leaky_update import BLOCK, NUM_WARPS, TAIL, dot, leaky_update_fwd
 # TF32 (whose larger tiles would not fit in shared memory); _prune keeps those of the input's kind. Only
 # configs that do not spill registers on sm_90 with the heaviest epilogue (bias, ReLU, statistics) are
 # shipped (tests/test_kernels_static.py; figures in benchmarks/results/static_sm90_*.md): 128x256 and
-# 256x128 with 8 warps spill about 1.1 KB (172 / 12 B without statistics), and the TF32 128x128 (8 warps),
-# 128x64 (4 warps) and 64x128 (4 warps) tiles spill 8-24 B.
+# 256x128 with 8 warps spill about 1.1 KB (172 / 12 B without statistics), and the TF32 128x128 (8 warps,
+# 2-4 stages), 128x64 (4 warps) and 64x128 (4 warps) tiles spill 8-24 B.
 _SHAPES = [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-           (128, 64, 32, 8, 3), (64, 64, 32, 4, 4)]
+           (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 4)]
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
            for m, n, k, w, s in _SHAPES]
 # one small config: under the interpreter (several tiles on test-sized inputs), and on CUDA when

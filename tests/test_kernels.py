@@ -288,6 +288,37 @@ def test_sum_partials_over_many_blocks(device):
     assert bitwise_equal(total, _common.sum_partials(partial))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("programs", [1, 2, 4])
+def test_persistent_grid_one_partial_per_program(device, programs, monkeypatch):
+    """Whatever the grid, every block is processed once (a program loops over several, the partial one
+    last), and the second pass reads one partial pair per program, in one step."""
+    if device == "cpu":
+        monkeypatch.setattr(_common, "INTERPRETER_PROGRAMS", programs)
+    else:
+        monkeypatch.setattr(_common, "PROGRAMS_PER_SM", programs)
+    seen = []
+    real = _common.sum_partials
+    monkeypatch.setattr(_common, "sum_partials", lambda partial: seen.append(partial.shape[0]) or real(partial))
+    n = 6 * update_module.BLOCK + 5  # 6 whole blocks and 5 elements
+    x, f, g = (randn((n,), torch.float32, device, 60 + i) for i in range(3))
+    a, b, lt = scalar(0.75, device), scalar(0.25, device), scalar(2.0, device)
+    y, s = kernels.leaky_update_fwd(x, f, a, b, lt, relu=True, stats=True)
+    dx, df, da, db = kernels.leaky_update_bwd(g, x, f, a, b, relu=True, need=(True, True, True, True))
+    cap = programs if device == "cpu" else programs * torch.cuda.get_device_properties(x.device).multi_processor_count
+    assert seen == [min(7, cap)] * 2  # 7 blocks: the forward's and the backward's partials
+    assert _common.persistent_programs(10 ** 12, device) <= _common.SUM_BLOCK  # one step of the second pass
+    y_ref, s_ref = update_ref(x, f, a, b, lt, True)
+    assert_elementwise(y, y_ref, torch.float32)
+    assert_sum(s[0], s_ref[0], (f64(f) - 2.0 * f64(x)) ** 2)
+    assert_sum(s[1], s_ref[1], f64(x) ** 2)
+    dx_ref, df_ref, da_ref, db_ref, gm = update_grads_ref(g, x, f, a, b, True)
+    assert_elementwise(dx, dx_ref, torch.float32)
+    assert_elementwise(df, df_ref, torch.float32)
+    assert_sum(da, da_ref, gm * f64(x))
+    assert_sum(db, db_ref, gm * f64(f))
+
+
 # ------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("device", DEVICES)
 def test_update_errors_name_the_argument(device):
