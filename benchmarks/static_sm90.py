@@ -8,7 +8,7 @@ shared memory, and the global memory accesses in the PTX by width (``v4`` = 128-
 multiple of 16) and the pointers 16-byte aligned (as for torch's allocations), so the 128-bit accesses
 counted are those of the unmasked body.
 
-    python benchmarks/static_sm90.py                  # benchmarks/results/static_sm90_<date>.{json,md}
+    python benchmarks/static_sm90.py                  # results/static_sm90_<date>_triton<version>.{json,md}
     python benchmarks/static_sm90.py --mode test --json FILE   # the static tests' variants, JSON only
     python benchmarks/static_sm90.py --mode quick     # one variant per kernel and dtype
 
@@ -135,8 +135,9 @@ MODES = ("full", "test", "quick")
 def variants(mode: str = "full") -> List[Dict]:
     """The kernel variants to compile. ``full``: every variant the launchers can ask for (elementwise),
     every shipped GEMM config of every dtype with and without statistics. ``test``: per kernel and dtype
-    the variant with every flag on (the most registers), and every shipped GEMM config of each kind
-    (16-bit, TF32) with the heaviest epilogue. ``quick``: as test, with one GEMM config per dtype."""
+    the variant with every flag on (the most registers), and every shipped GEMM config of every dtype
+    with the heaviest epilogue (fp16 and bf16 differ: 64x128 with 4 warps spilled in fp16 only).
+    ``quick``: as test, with one GEMM config per dtype."""
     out = []
     quick = mode != "full"
     flags = [True] if quick else [False, True]
@@ -162,14 +163,15 @@ def variants(mode: str = "full") -> List[Dict]:
                             warps=warps, consts={"BLOCK": block, "NEED_X": nx, "NEED_R": nr, "NEED_A": na,
                                                     "TAIL": update.TAIL},
                             loads=1 + (nx or na) + nx, stores=nx + nr))
-        # the GEMM: every shipped config of the dtype's kind, with the heaviest epilogue (bias, ReLU,
-        # statistics) and without statistics; fp32 as TF32 (full fp32 takes the cuBLAS path)
+        # the GEMM: every shipped config of the dtype's kind, with the heaviest epilogue it serves (bias,
+        # ReLU, statistics where it serves them) and without statistics; fp32 as TF32 (full fp32 takes the
+        # cuBLAS path)
         block_k = 32 if dt == "fp32" else 64
         shipped = [c for c in linear.CONFIGS if c.kwargs["BLOCK_K"] == block_k]
-        if mode == "quick" or (mode == "test" and dt == "fp16"):  # (fp16 compiles as bf16 does)
-            shipped = shipped[:1] if mode == "quick" else []
+        if mode == "quick":
+            shipped = shipped[:1]
         for config in shipped:
-            for stats in flags:
+            for stats in [s for s in flags if linear.serves_stats(config) or not s] or [False]:
                 out.append(dict(kernel="leaky_linear_fwd", fn=linear._leaky_linear_fwd_kernel, dtype=dt,
                                 warps=config.num_warps, stages=config.num_stages, ones=("stride_wk",),
                                 consts={"HAS_BIAS": True, "RELU": True, "STATS": stats, "PRECISION": "tf32",
@@ -219,7 +221,7 @@ def markdown(result: Dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
-                        help="folder for static_sm90_<date>.{json,md}")
+                        help="folder for static_sm90_<date>_triton<version>.{json,md}")
     parser.add_argument("--json", help="write only this JSON file")
     parser.add_argument("--mode", choices=MODES, default="full", help="which variants (see variants())")
     args = parser.parse_args(argv)
@@ -227,7 +229,7 @@ def main(argv=None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         return
-    stem = Path(args.out) / f"static_sm90_{result['meta']['date'][:10]}"
+    stem = Path(args.out) / f"static_sm90_{result['meta']['date'][:10]}_triton{triton.__version__}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(markdown(result))

@@ -34,24 +34,35 @@ from torch import Tensor
 from . import _common
 from .leaky_update import BLOCK, NUM_WARPS, TAIL, dot, leaky_update_fwd
 
-# H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): BLOCK_K 64 for 16-bit inputs, 32 for fp32 as
-# TF32 (whose larger tiles would not fit in shared memory); _prune keeps those of the input's kind. Only
-# configs that do not spill registers on sm_90 with the heaviest epilogue (bias, ReLU, statistics) are
-# shipped (tests/test_kernels_static.py; figures in benchmarks/results/static_sm90_*.md): 128x256 and
-# 256x128 with 8 warps spill about 1.1 KB (172 / 12 B without statistics), and the TF32 128x128 (8 warps,
-# 2-4 stages), 128x64 (4 warps) and 64x128 (4 warps) tiles spill 8-24 B.
-_SHAPES = [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-           (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 4)]
+# H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, with statistics): BLOCK_K 64 for 16-bit
+# inputs, 32 for fp32 as TF32 (whose larger tiles would not fit in shared memory); _prune keeps those of
+# the input's kind, and for the statistics variant only the tiles marked for it. No shipped config spills
+# registers on sm_90 in the variants it serves, with Triton 3.6 (the GPU machine's) or 3.8
+# (tests/test_kernels_static.py; figures in benchmarks/results/static_sm90_*.md). Found spilling there:
+# 128x256 and 256x128 with 8 warps (about 1.1 KB with statistics, 12-172 B without); with statistics on
+# Triton 3.6 every 16-bit tile of 128x128 or more, 64x256 and 128x64 with 4 warps (4-52 B); TF32 128x128
+# (8 warps), 128x64 and 64x128 (4 warps) on Triton 3.8 (8-24 B).
+_SHAPES = [(128, 128, 64, 8, 4, False), (64, 256, 64, 8, 3, False),
+           (128, 64, 64, 8, 3, True), (64, 128, 64, 8, 3, True), (64, 64, 64, 4, 4, True),
+           (128, 64, 32, 8, 3, True), (64, 128, 32, 8, 3, True), (64, 64, 32, 4, 4, True)]
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-           for m, n, k, w, s in _SHAPES]
+           for m, n, k, w, s, _ in _SHAPES]
+_NO_STATS = {(m, n, k, w) for m, n, k, w, _, stats in _SHAPES if not stats}
 # one small config: under the interpreter (several tiles on test-sized inputs), and on CUDA when
 # ADAPTIVE_DEPTH_AUTOTUNE=0 (the CUDA tests: one compile per variant instead of four)
 FIXED_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 
+def serves_stats(config: triton.Config) -> bool:
+    """Whether a shipped config is tuned for the statistics variant (whose epilogue needs more registers)."""
+    c = config.kwargs
+    return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], config.num_warps) not in _NO_STATS
+
+
 def _prune(configs, named_args, **kwargs):
     block_k = 32 if named_args["X"].dtype == torch.float32 else 64
-    return [c for c in configs if c.kwargs["BLOCK_K"] == block_k]
+    stats = bool(kwargs.get("STATS", False))
+    return [c for c in configs if c.kwargs["BLOCK_K"] == block_k and (serves_stats(c) or not stats)]
 
 
 def _autotune() -> bool:

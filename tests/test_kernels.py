@@ -636,7 +636,10 @@ def test_autotuning_keys_bucket_rows_and_variants(device, monkeypatch):
     training step); another bucket, or another epilogue variant, is tuned once on its own."""
     monkeypatch.setenv("ADAPTIVE_DEPTH_GEMM", "triton")
     tuned, benched = _tuned_launches(device, monkeypatch)
-    per_tune = len(linear_module._prune(linear_module.CONFIGS, {"X": torch.empty(0, dtype=torch.bfloat16)}))
+    bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
+    per_tune = len(linear_module._prune(linear_module.CONFIGS, bf16, STATS=True))  # configs benchmarked
+    per_plain = len(linear_module._prune(linear_module.CONFIGS, bf16, STATS=False))
+    assert 1 < per_tune < per_plain  # the large tiles serve the variant without statistics only
     lt = scalar(1.0, device)
 
     def run(rows, relu=True, stats=True):
@@ -653,10 +656,10 @@ def test_autotuning_keys_bucket_rows_and_variants(device, monkeypatch):
     assert len(tuned.cache) == 1 and len(benched) == per_tune
     run(65)  # bucket 128: tuned once
     assert len(tuned.cache) == 2 and len(benched) == 2 * per_tune
-    run(40, stats=False)  # another variant of the epilogue: its own config
-    assert len(tuned.cache) == 3 and len(benched) == 3 * per_tune
+    run(40, stats=False)  # another variant of the epilogue: its own config, from its own candidates
+    assert len(tuned.cache) == 3 and len(benched) == 2 * per_tune + per_plain
     run(50, stats=False)
-    assert len(tuned.cache) == 3 and len(benched) == 3 * per_tune
+    assert len(tuned.cache) == 3 and len(benched) == 2 * per_tune + per_plain
     assert linear_module.m_bucket(33) == linear_module.m_bucket(64) == 64 and linear_module.m_bucket(1) == 16
 
 
