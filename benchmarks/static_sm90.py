@@ -229,11 +229,12 @@ def main(argv=None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         return
-    stem = Path(args.out) / f"static_sm90_{result['meta']['date'][:10]}_triton{triton.__version__}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {stem}.{{json,md}}")
+    stem = f"static_sm90_{result['meta']['date'][:10]}_triton{triton.__version__}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(f"wrote {out / stem}.{{json,md}}")
 
 
 if __name__ == "__main__":
