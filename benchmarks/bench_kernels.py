@@ -16,7 +16,9 @@ Run it either way:
     python benchmarks/bench_kernels.py --out DIR        # standalone: triton.testing.do_bench medians on CUDA
 Choose with environment variables (defaults: GPU sizes on CUDA, small ones on the CPU):
     BENCH_DEVICE=cuda|cpu  BENCH_SIZES=1M,16M  BENCH_WIDTHS=512,2048  BENCH_ROWS=8192  BENCH_DTYPES=bf16,fp32
-    BENCH_GROUPS=update,linear  BENCH_THREADS=1 (CPU)  BENCH_OUT=DIR (pytest: also write the tables there)
+    BENCH_GROUPS=update,linear  BENCH_IMPLS=copy,naive,reference,compiled,triton,gemm,eager,triton_gemm
+    BENCH_THREADS=1 (CPU)  BENCH_OUT=DIR (pytest: also write the tables there)
+    --tag NAME (standalone): kernels_<cpu|gpu>_<date>_NAME.{json,md}, so that several runs keep their tables
 On the CPU the Triton rows are skipped: the interpreter checks correctness, it is no measure of speed.
 """
 from __future__ import annotations
@@ -58,6 +60,7 @@ WIDTHS = _numbers(os.environ.get("BENCH_WIDTHS") or ("512,1024,2048,4096,8192" i
 ROWS = int(os.environ.get("BENCH_ROWS") or (8192 if ON_CUDA else 512))
 BENCH_DTYPES = (os.environ.get("BENCH_DTYPES") or "bf16,fp32").split(",")
 GROUPS = (os.environ.get("BENCH_GROUPS") or "update,linear").split(",")
+IMPLS = set((os.environ.get("BENCH_IMPLS") or "copy,naive,reference,compiled,triton,gemm,eager,triton_gemm").split(","))
 
 
 def _triton_skip() -> Optional[str]:
@@ -178,6 +181,17 @@ def _linear_case(op: str, impl: str, dtype: str, width: int) -> Case:
         if impl == "triton":
             def fn(*args):
                 return ops.leaky_linear(*args, lt, backend="triton")[0]
+        elif impl == "triton_gemm":  # the Triton GEMM whatever the policy (fp32: FMA, no tensor cores)
+            def fn(*args):
+                before = os.environ.get("ADAPTIVE_DEPTH_GEMM")
+                os.environ["ADAPTIVE_DEPTH_GEMM"] = "triton"
+                try:
+                    return ops.leaky_linear(*args, lt, backend="triton")[0]
+                finally:
+                    if before is None:
+                        del os.environ["ADAPTIVE_DEPTH_GEMM"]
+                    else:
+                        os.environ["ADAPTIVE_DEPTH_GEMM"] = before
         else:
             fn = _eager_linear if impl == "eager" else _compiled("linear", _eager_linear)
         inputs = (x, weight, bias, a, b)
@@ -195,11 +209,15 @@ def _linear_case(op: str, impl: str, dtype: str, width: int) -> Case:
         call()
         return call
 
-    skip = _triton_skip() if impl == "triton" else None
+    skip = _triton_skip() if impl in ("triton", "triton_gemm") else None
     return Case("linear", op, impl, dtype, width, make, skip)
 
 
 def cases() -> List[Case]:
+    return [c for c in _all_cases() if c.impl in IMPLS]
+
+
+def _all_cases() -> List[Case]:
     out = []
     for dtype in BENCH_DTYPES:
         if "update" in GROUPS:
@@ -210,7 +228,10 @@ def cases() -> List[Case]:
                             for impl in ("naive", "reference", "compiled", "triton")]
         if "linear" in GROUPS:
             for width in WIDTHS:
-                out += [_linear_case("fwd", impl, dtype, width) for impl in ("gemm", "eager", "compiled", "triton")]
+                # fp32: "triton" follows the GEMM policy (cuBLAS without TF32), "triton_gemm" is the Triton
+                # GEMM regardless, the row behind the policy
+                impls = ("gemm", "eager", "compiled", "triton") + (("triton_gemm",) if dtype == "fp32" else ())
+                out += [_linear_case("fwd", impl, dtype, width) for impl in impls]
                 out += [_linear_case("fwdbwd", impl, dtype, width) for impl in ("eager", "compiled", "triton")]
     return out
 
@@ -313,13 +334,13 @@ def markdown(meta: dict, rows: List[dict], skipped: List[str]) -> str:
 _META: Dict[str, object] = {}
 
 
-def write(out_dir: Path, rows: List[dict], skipped: List[str]) -> Path:
+def write(out_dir: Path, rows: List[dict], skipped: List[str], tag: str = "") -> Path:
     if not _META:  # taken once per run
         _META.update(metadata())
     meta = _META
     out_dir.mkdir(parents=True, exist_ok=True)
     kind = "gpu" if ON_CUDA else "cpu"
-    stem = out_dir / f"kernels_{kind}_{meta['date'][:10]}"
+    stem = out_dir / f"kernels_{kind}_{meta['date'][:10]}{'_' + tag if tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped}, indent=1))
     stem.with_suffix(".md").write_text(markdown(meta, rows, skipped))
     return stem
@@ -368,7 +389,8 @@ if pytest is not None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                        help="folder for kernels_<cpu|gpu>_<date>.{json,md}")
+                        help="folder for kernels_<cpu|gpu>_<date>[_<tag>].{json,md}")
+    parser.add_argument("--tag", default="", help="a suffix of the file names (one table per run)")
     args = parser.parse_args(argv)
     skipped = []
     for case in cases():
@@ -380,10 +402,10 @@ def main(argv=None) -> None:
         extra = {k: v for k, v in r.items() if k not in ("group", "op", "impl", "dtype", "size", "ms")}
         print(f"{case.name:48s} {r['ms']:10.4f} ms  {json.dumps(extra)}  ({time.perf_counter() - t0:.1f}s)",
               flush=True)
-        write(Path(args.out), ROWS_OUT, skipped)  # after every row: a timeout keeps what was measured
+        write(Path(args.out), ROWS_OUT, skipped, args.tag)  # after every row: a timeout keeps what was measured
         if ON_CUDA:
             torch.cuda.empty_cache()
-    print(f"wrote {write(Path(args.out), ROWS_OUT, skipped)}.{{json,md}}")
+    print(f"wrote {write(Path(args.out), ROWS_OUT, skipped, args.tag)}.{{json,md}}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,13 @@ Layouts: the update kernels run in place on contiguous tensors and on any pair (
 tensors with identical strides (channels_last...); a tensor laid out otherwise is copied once into x's
 layout, and outputs always have the layout ``torch.empty_like`` gives. ``leaky_linear`` reads x with any
 row stride (rows themselves must be contiguous, else one copy). ``ADAPTIVE_DEPTH_AUTOTUNE=0`` runs the
-GEMM on one fixed tile config instead of autotuning it.
+GEMM on one fixed tile config instead of autotuning it. Full fp32 (TF32 off, torch's default) has no
+tensor-core dot: its forward is cuBLAS plus the fused update kernel (``leaky_linear.gemm_path``;
+``ADAPTIVE_DEPTH_GEMM=triton|cublas`` overrides).
+
+The flat kernels run on a persistent grid (a few programs per SM): whole blocks unmasked, so that their
+memory accesses stay 128-bit for any element count, the one partial block masked; their reductions
+accumulate in registers and the second pass adds one partial per program in one step.
 """
 from ._common import DTYPES
 from .leaky_linear import leaky_linear

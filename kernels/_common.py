@@ -1,7 +1,8 @@
 """Shared pieces of the kernels: argument checks, the memory layout the flat kernels work in, output
-allocation, and the deterministic second pass of every reduction."""
+allocation, the persistent grid of the flat kernels and the deterministic second pass of every reduction."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence, Tuple
 
@@ -12,11 +13,39 @@ from torch import Tensor
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COEF_DTYPES = (torch.float32, torch.float64)
-SUM_BLOCK = 1024  # rows of partial sums one step of the second pass reads
+SUM_BLOCK = 4096  # the most rows of partial sums one step of the second pass reads
+PROGRAMS_PER_SM = 8  # the flat kernels' persistent grid on CUDA: this many programs per SM at most
+INTERPRETER_PROGRAMS = 3  # ... and under the interpreter (small, so that the tests exercise the loop)
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _fix_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar (a one-element array there) into a Python int with
+    ``int(array)``, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"): every loop
+    over a runtime bound (``range(pid, full, programs)``) then fails under ``TRITON_INTERPRET=1``. Triton
+    3.8 squeezes the array first; do the same on older versions (3.6 tested). Interpreter only: compiled
+    kernels never run this code, and where the interpreter already squeezes the result is the same."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "adaptive_depth_index_fix", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.adaptive_depth_index_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting():
+    _fix_interpreter_index()
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -86,10 +115,31 @@ def empty(shape, strides, dtype: torch.dtype, device) -> Tensor:
     return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device)
 
 
+# ------------------------------------------------------------------------------ persistent grid
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(blocks: int, device) -> int:
+    """Programs of a flat kernel's persistent grid for ``blocks`` blocks of work: each program walks the
+    blocks ``pid, pid + P, ...`` accumulating its reductions in registers and writes one partial per
+    reduction. ``P`` is at most ``PROGRAMS_PER_SM`` per SM of the device (a property of the device, so
+    reruns on it are bit-identical), which keeps the partials few enough for one step of the second pass."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = _sm_count(index) * PROGRAMS_PER_SM
+    else:
+        cap = INTERPRETER_PROGRAMS
+    return max(1, min(blocks, cap))
+
+
 # ---------------------------------------------------------------------------------- reductions
 @triton.jit
 def _sum_partials_kernel(PARTIAL, OUT, P, BLOCK: tl.constexpr):
-    """Column sums of a (P, 2) fp32 buffer of per-program partial sums, in one fixed order."""
+    """Column sums of a (P, 2) fp32 buffer of per-program partial sums, in one fixed order: BLOCK rows
+    at a time, each step a tree reduction over BLOCK lanes (one step for the persistent grids' partials)."""
     rows = tl.arange(0, BLOCK)
     cols = tl.arange(0, 2)
     acc = tl.zeros([BLOCK, 2], dtype=tl.float32)
@@ -104,8 +154,12 @@ def partial_buffer(programs: int, device) -> Tensor:
 
 
 def sum_partials(partial: Tensor) -> Tensor:
-    """``partial.sum(0)`` for a (P, 2) fp32 buffer, by one program in a fixed order: no atomics, so the
-    same partials always give bit-identical sums."""
+    """``partial.sum(0)`` for a (P, 2) fp32 buffer in a fixed order: no atomics, so the same partials
+    always give bit-identical sums. The flat kernels leave at most a few thousand rows (one per program of
+    their persistent grid), read in one parallel step; only larger buffers (a GEMM's per-tile partials)
+    take more than one step."""
+    rows = partial.shape[0]
+    block = min(SUM_BLOCK, max(16, triton.next_power_of_2(rows)))
     out = empty((2,), (1,), torch.float32, partial.device)
-    _sum_partials_kernel[(1,)](partial, out, partial.shape[0], BLOCK=SUM_BLOCK, num_warps=4)
+    _sum_partials_kernel[(1,)](partial, out, rows, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return out

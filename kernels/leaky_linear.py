@@ -16,7 +16,9 @@ so ``f`` is never needed again. ``x`` may have any strides (one copy is made whe
 contiguous, for the GEMM, or x is not contiguous, for the backward); ``y`` and the gradients come out
 contiguous. On CUDA the GEMM is autotuned over ``CONFIGS``; under ``TRITON_INTERPRET=1``, or with
 ``ADAPTIVE_DEPTH_AUTOTUNE=0``, it runs with ``FIXED_CONFIG``. Autotuning picks the config on the first
-call for each (M, D, dtype); after that results are bit-identical.
+call for each ``TUNING_KEY`` (the width, the rows rounded up to a power of two, the epilogue's variant,
+the precision, the dtypes); after that results are bit-identical. Full fp32 (TF32 off) runs the forward
+as cuBLAS plus the fused update kernel instead (``gemm_path`` says why).
 """
 from __future__ import annotations
 
@@ -30,22 +32,37 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from .leaky_update import BLOCK, NUM_WARPS, dot
+from .leaky_update import BLOCK, NUM_WARPS, TAIL, dot, leaky_update_fwd
 
-# H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): BLOCK_K 64 for 16-bit inputs, 32 for fp32
-# (whose larger tiles would not fit in shared memory); _prune keeps the four of the input's kind
-_SHAPES = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
-           (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)]
+# H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, with statistics): BLOCK_K 64 for 16-bit
+# inputs, 32 for fp32 as TF32 (whose larger tiles would not fit in shared memory); _prune keeps those of
+# the input's kind, and for the statistics variant only the tiles marked for it. No shipped config spills
+# registers on sm_90 in the variants it serves, with Triton 3.6 (the GPU machine's) or 3.8
+# (tests/test_kernels_static.py; figures in benchmarks/results/static_sm90_*.md). Found spilling there:
+# 128x256 and 256x128 with 8 warps (about 1.1 KB with statistics, 12-172 B without); with statistics on
+# Triton 3.6 every 16-bit tile of 128x128 or more, 64x256 and 128x64 with 4 warps (4-52 B); TF32 128x128
+# (8 warps), 128x64 and 64x128 (4 warps) on Triton 3.8 (8-24 B).
+_SHAPES = [(128, 128, 64, 8, 4, False), (64, 256, 64, 8, 3, False),
+           (128, 64, 64, 8, 3, True), (64, 128, 64, 8, 3, True), (64, 64, 64, 4, 4, True),
+           (128, 64, 32, 8, 3, True), (64, 128, 32, 8, 3, True), (64, 64, 32, 4, 4, True)]
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-           for m, n, k, w, s in _SHAPES]
+           for m, n, k, w, s, _ in _SHAPES]
+_NO_STATS = {(m, n, k, w) for m, n, k, w, _, stats in _SHAPES if not stats}
 # one small config: under the interpreter (several tiles on test-sized inputs), and on CUDA when
 # ADAPTIVE_DEPTH_AUTOTUNE=0 (the CUDA tests: one compile per variant instead of four)
 FIXED_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 
+def serves_stats(config: triton.Config) -> bool:
+    """Whether a shipped config is tuned for the statistics variant (whose epilogue needs more registers)."""
+    c = config.kwargs
+    return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], config.num_warps) not in _NO_STATS
+
+
 def _prune(configs, named_args, **kwargs):
     block_k = 32 if named_args["X"].dtype == torch.float32 else 64
-    return [c for c in configs if c.kwargs["BLOCK_K"] == block_k]
+    stats = bool(kwargs.get("STATS", False))
+    return [c for c in configs if c.kwargs["BLOCK_K"] == block_k and (serves_stats(c) or not stats)]
 
 
 def _autotune() -> bool:
@@ -53,11 +70,12 @@ def _autotune() -> bool:
 
 
 @triton.jit
-def _leaky_linear_fwd_kernel(X, W, BIAS, Y, A, B, LT, PARTIAL, M, D, SLOTS,
+def _leaky_linear_fwd_kernel(X, W, BIAS, Y, A, B, LT, PARTIAL, M, D, SLOTS, M_BUCKET,
                              stride_xm, stride_wn, stride_wk,
                              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
                              PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # (M_BUCKET: unused here, a key of the autotuner's cache: M rounded up to a power of two)
     # tiles in groups of GROUP_M rows, so that neighbouring programs share tiles of W in L2
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -107,30 +125,74 @@ def _leaky_linear_fwd_kernel(X, W, BIAS, Y, A, B, LT, PARTIAL, M, D, SLOTS,
             tl.store(PARTIAL + 2 * (pid + j * programs) + 1, 0.0)
 
 
-_leaky_linear_fwd_tuned = triton.autotune(CONFIGS, key=["M", "D"], prune_configs_by={"early_config_prune": _prune})(
+# What changes the best config: the width, the number of rows to within a power of two (so that a new
+# batch size in the same bucket reuses the tuned config instead of retuning inside a training step), the
+# epilogue's variants and the dot's precision; the autotuner adds the tensors' dtypes itself.
+TUNING_KEY = ["M_BUCKET", "D", "HAS_BIAS", "RELU", "STATS", "PRECISION"]
+_leaky_linear_fwd_tuned = triton.autotune(CONFIGS, key=TUNING_KEY, prune_configs_by={"early_config_prune": _prune})(
     _leaky_linear_fwd_kernel)
 
 
+def m_bucket(m: int) -> int:
+    """The autotuner's bucket of a row count: ``m`` rounded up to a power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(m))
+
+
 @triton.jit
-def _leaky_linear_bwd_kernel(G, H, X, DX, R, A, B, PARTIAL, N, BLOCK: tl.constexpr,
-                             NEED_X: tl.constexpr, NEED_R: tl.constexpr, NEED_A: tl.constexpr):
-    """dx = a G + b H [x > 0] (H = G W), R = relu(x), and the partial sums of <G, x>."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if NEED_X or NEED_A:
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    if NEED_X:
-        h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-        dx = tl.load(A).to(tl.float32) * g + tl.load(B).to(tl.float32) * tl.where(x > 0.0, h, 0.0)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-    if NEED_R:
-        tl.store(R + offs, tl.where(x < 0.0, 0.0, x).to(R.dtype.element_ty), mask=mask)
-    if NEED_A:
-        tl.store(PARTIAL + 2 * pid, tl.sum(g * x, axis=0))
+def _linear_bwd_block(G, H, X, DX, R, offs, N, a, b, acc, EVEN: tl.constexpr, NEED_X: tl.constexpr,
+                      NEED_R: tl.constexpr, NEED_A: tl.constexpr):
+    """One block of the backward's elementwise part: unmasked when EVEN (vector accesses), else masked."""
+    if EVEN:
+        x = tl.load(X + offs).to(tl.float32)
     else:
-        tl.store(PARTIAL + 2 * pid, 0.0)
+        x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
+    if NEED_X or NEED_A:
+        if EVEN:
+            g = tl.load(G + offs).to(tl.float32)
+        else:
+            g = tl.load(G + offs, mask=offs < N, other=0.0).to(tl.float32)
+    if NEED_X:
+        if EVEN:
+            h = tl.load(H + offs).to(tl.float32)
+        else:
+            h = tl.load(H + offs, mask=offs < N, other=0.0).to(tl.float32)
+        dx = (a * g + b * tl.where(x > 0.0, h, 0.0)).to(DX.dtype.element_ty)
+        if EVEN:
+            tl.store(DX + offs, dx)
+        else:
+            tl.store(DX + offs, dx, mask=offs < N)
+    if NEED_R:
+        r = tl.where(x < 0.0, 0.0, x).to(R.dtype.element_ty)
+        if EVEN:
+            tl.store(R + offs, r)
+        else:
+            tl.store(R + offs, r, mask=offs < N)
+    if NEED_A:
+        acc += g * x
+    return acc
+
+
+@triton.jit(do_not_specialize=["N"])  # N % 16 plays no part: the split does
+def _leaky_linear_bwd_kernel(G, H, X, DX, R, A, B, PARTIAL, N, BLOCK: tl.constexpr,
+                             NEED_X: tl.constexpr, NEED_R: tl.constexpr, NEED_A: tl.constexpr, TAIL: tl.constexpr):
+    """dx = a G + b H [x > 0] (H = G W), R = relu(x), and the partial sums of <G, x>, on the update
+    kernels' persistent grid (whole blocks unmasked, the partial one masked, the sum in registers)."""
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2^31 elements
+    programs = tl.num_programs(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    a = tl.load(A).to(tl.float32) if NEED_X else 0.0
+    b = tl.load(B).to(tl.float32) if NEED_X else 0.0
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    full = N.to(tl.int64) // BLOCK
+    for blk in range(pid, full, programs):
+        acc = _linear_bwd_block(G, H, X, DX, R, blk * BLOCK + lanes, N, a, b, acc,
+                                True, NEED_X, NEED_R, NEED_A)
+    tail = tl.zeros([TAIL], dtype=tl.float32)
+    if (pid == full % programs) & (full * BLOCK < N):  # TAIL elements a step: few registers
+        for start in range(full * BLOCK, N, TAIL):
+            tail = _linear_bwd_block(G, H, X, DX, R, start + tl.arange(0, TAIL), N, a, b, tail,
+                                     False, NEED_X, NEED_R, NEED_A)
+    tl.store(PARTIAL + 2 * pid, tl.sum(acc, axis=0) + tl.sum(tail, axis=0))  # zero when not asked for
     tl.store(PARTIAL + 2 * pid + 1, 0.0)
 
 
@@ -162,6 +224,28 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
+def gemm_path(dtype: torch.dtype) -> str:
+    """The forward's GEMM for inputs of ``dtype``: ``"triton"`` (the fused kernel above) or ``"cublas"``
+    (``F.linear(relu(x), W, bias)`` by cuBLAS, then the fused update kernel for the combine, the output
+    ReLU and the statistics in one memory pass).
+
+    - bf16 / fp16, and fp32 with TF32 allowed (``torch.backends.cuda.matmul.allow_tf32``): Triton. The
+      dot runs on tensor cores, and fusing the ReLU prologue and the leaky epilogue saves what cuBLAS
+      would add around its GEMM: writing and reading ``relu(x)`` and ``f`` (four M x D passes).
+    - fp32 with TF32 off (torch's default): cuBLAS. Full fp32 has no tensor-core path: Triton lowers the
+      dot to FMA instructions and stays well behind cuBLAS's SGEMM (the sm_90 review of issue 13: not
+      within 5%), while the GEMM then costs O(D) times more than the elementwise passes fusion saves.
+
+    ``ADAPTIVE_DEPTH_GEMM=triton`` or ``cublas`` overrides the choice (benchmarks, tests).
+    """
+    forced = os.environ.get("ADAPTIVE_DEPTH_GEMM", "").strip().lower()
+    if forced in ("triton", "cublas"):
+        return forced
+    if forced:
+        raise ValueError(f"ADAPTIVE_DEPTH_GEMM must be 'triton', 'cublas' or unset, got {forced!r}")
+    return "cublas" if _precision(dtype) == "ieee" else "triton"
+
+
 def _slots(m: int, d: int, configs) -> int:
     """Statistics slots: one per tile of the config with the most tiles (the autotuner picks one later)."""
     return max(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(d, c["BLOCK_N"]) for c in configs)
@@ -180,16 +264,25 @@ def _forward(x, weight, bias, a, b, lt, relu: bool, stats: bool) -> Tuple[Tensor
         kernel, configs, fixed = _leaky_linear_fwd_kernel, [FIXED_CONFIG], FIXED_CONFIG
     if x2.stride(1) != 1:  # rows of x must be contiguous for the GEMM (one copy otherwise)
         x2 = x2.contiguous()
+    if gemm_path(x.dtype) == "cublas":
+        return _forward_cublas(x2, weight, bias, a, b, lt, relu, stats, x.shape)
     slots = _slots(m, d, configs)
     partial = _common.partial_buffer(slots, x.device) if stats else y  # (y: an unused placeholder)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](x2, weight, bias if bias is not None else weight, y, a, b, lt if stats else a, partial,
-                 m, d, slots, x2.stride(0), weight.stride(0), weight.stride(1),
+                 m, d, slots, m_bucket(m), x2.stride(0), weight.stride(0), weight.stride(1),
                  HAS_BIAS=bias is not None, RELU=relu, STATS=stats, PRECISION=_precision(x.dtype),
                  DOT_FP32=_common.interpreting() and x.dtype == torch.bfloat16,
                  **fixed)
     s = _common.sum_partials(partial) if stats else x.new_empty((0,), dtype=torch.float32)
     return y.view(x.shape), s
+
+
+def _forward_cublas(x2, weight, bias, a, b, lt, relu: bool, stats: bool, shape) -> Tuple[Tensor, Tensor]:
+    """The forward by cuBLAS and the fused update kernel (``gemm_path``): ``f`` in x's dtype (fp32)."""
+    f = torch.nn.functional.linear(torch.relu(x2), weight, bias)
+    y, s = leaky_update_fwd(x2, f, a, b, lt, relu=relu, stats=stats)
+    return y.reshape(shape), s
 
 
 def _backward(g, x, weight, bias, a, b, y, relu: bool, need) -> Tuple[Optional[Tensor], ...]:
@@ -209,11 +302,11 @@ def _backward(g, x, weight, bias, a, b, y, relu: bool, need) -> Tuple[Optional[T
     n = x2.numel()
     sums = x.new_zeros((2,), dtype=torch.float32)
     if n > 0 and (need_x or need_r or need_a):
-        programs = triton.cdiv(n, BLOCK)
+        programs = _common.persistent_programs(triton.cdiv(n, BLOCK), x.device)
         partial = _common.partial_buffer(programs, x.device)
         _leaky_linear_bwd_kernel[(programs,)](gm, h if need_x else gm, x2, dx if need_x else x2,
                                               r if need_r else x2, a, b, partial, n, BLOCK=BLOCK,
-                                              NEED_X=need_x, NEED_R=need_r, NEED_A=need_a,
+                                              NEED_X=need_x, NEED_R=need_r, NEED_A=need_a, TAIL=TAIL,
                                               num_warps=NUM_WARPS)
         sums = _common.sum_partials(partial)
     u = gm.t() @ r if need_r else None  # G^T relu(x): dW / b

@@ -2,8 +2,12 @@
 
 Both kernels treat their tensors as flat buffers in one shared dense layout (contiguous, channels_last or
 any other dense permutation: ``_common.flat_strides``); a tensor laid out otherwise is copied into that
-layout once. Reductions (the statistics forward, ``<g, x>`` and ``<g, f>`` backward) are fp32 partial sums,
-one pair per program, added up by ``_common.sum_partials`` in a fixed order: bit-identical across runs.
+layout once. They run on a persistent grid (``_common.persistent_programs``): every whole block of
+``BLOCK`` elements is processed without masks, so that the loads and stores stay 128-bit vector accesses
+whatever the element count, and only the one partial block at the end is masked. Reductions (the
+statistics forward, ``<g, x>`` and ``<g, f>`` backward) accumulate in registers across a program's blocks,
+one fp32 partial pair per program, added up by ``_common.sum_partials`` in one parallel step in a fixed
+order: bit-identical across runs on a device.
 """
 from __future__ import annotations
 
@@ -16,59 +20,125 @@ from torch import Tensor
 
 from . import _common
 
-BLOCK = 4096  # elements per program
+BLOCK = 2048  # elements of a whole block (one step of a program's loop)
+TAIL = 256  # elements of one step over the partial block at the end (one per thread: few registers)
 NUM_WARPS = 8
 
 
 @triton.jit
-def _leaky_fwd_kernel(X, F, Y, A, B, LT, PARTIAL, N,
-                      BLOCK: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    f = tl.load(F + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(A).to(tl.float32)
-    b = tl.load(B).to(tl.float32)
+def _fwd_block(X, F, Y, offs, N, a, b, lt, acc_v, acc_x, EVEN: tl.constexpr, RELU: tl.constexpr,
+               STATS: tl.constexpr):
+    """One block of the forward: unmasked when EVEN (vector loads and stores), else masked at N."""
+    if EVEN:
+        x = tl.load(X + offs).to(tl.float32)
+        f = tl.load(F + offs).to(tl.float32)
+    else:
+        x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
+        f = tl.load(F + offs, mask=offs < N, other=0.0).to(tl.float32)
     y = a * x + b * f
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    if EVEN:
+        tl.store(Y + offs, y.to(Y.dtype.element_ty))
+    else:
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=offs < N)
     if STATS:
-        v = f - tl.load(LT).to(tl.float32) * x  # masked lanes: 0 - lt * 0
-        tl.store(PARTIAL + 2 * pid, tl.sum(v * v, axis=0))
-        tl.store(PARTIAL + 2 * pid + 1, tl.sum(x * x, axis=0))
+        v = f - lt * x  # masked lanes: 0 - lt * 0
+        acc_v += v * v
+        acc_x += x * x
+    return acc_v, acc_x
+
+
+@triton.jit(do_not_specialize=["N"])  # N % 16 plays no part: the split does
+def _leaky_fwd_kernel(X, F, Y, A, B, LT, PARTIAL, N,
+                      BLOCK: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, TAIL: tl.constexpr):
+    # a persistent grid: program pid takes the whole blocks pid, pid + P, ... unmasked, and the program
+    # next in turn the one partial block at the end, masked, TAIL elements a step (a masked step of a
+    # whole block would hold more registers than the unmasked body); the statistics accumulate in registers
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2^31 elements
+    programs = tl.num_programs(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    a = tl.load(A).to(tl.float32)
+    b = tl.load(B).to(tl.float32)
+    lt = tl.load(LT).to(tl.float32) if STATS else 0.0
+    acc_v = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_x = tl.zeros([BLOCK], dtype=tl.float32)
+    full = N.to(tl.int64) // BLOCK
+    for blk in range(pid, full, programs):
+        acc_v, acc_x = _fwd_block(X, F, Y, blk * BLOCK + lanes, N, a, b, lt, acc_v, acc_x,
+                                  True, RELU, STATS)
+    tail_v = tl.zeros([TAIL], dtype=tl.float32)
+    tail_x = tl.zeros([TAIL], dtype=tl.float32)
+    if (pid == full % programs) & (full * BLOCK < N):  # TAIL elements a step: few registers
+        for start in range(full * BLOCK, N, TAIL):
+            tail_v, tail_x = _fwd_block(X, F, Y, start + tl.arange(0, TAIL), N, a, b, lt, tail_v, tail_x,
+                                        False, RELU, STATS)
+    if STATS:
+        tl.store(PARTIAL + 2 * pid, tl.sum(acc_v, axis=0) + tl.sum(tail_v, axis=0))
+        tl.store(PARTIAL + 2 * pid + 1, tl.sum(acc_x, axis=0) + tl.sum(tail_x, axis=0))
 
 
 @triton.jit
-def _leaky_bwd_kernel(G, X, F, DX, DF, A, B, PARTIAL, N, BLOCK: tl.constexpr, RELU: tl.constexpr,
-                      NEED_X: tl.constexpr, NEED_F: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+def _bwd_block(G, X, F, DX, DF, offs, N, a, b, acc_a, acc_b, EVEN: tl.constexpr, RELU: tl.constexpr,
+               NEED_X: tl.constexpr, NEED_F: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr):
+    """One block of the backward: unmasked when EVEN (vector loads and stores), else masked at N."""
+    if EVEN:
+        g = tl.load(G + offs).to(tl.float32)
+    else:
+        g = tl.load(G + offs, mask=offs < N, other=0.0).to(tl.float32)
     if RELU or NEED_A:
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if EVEN:
+            x = tl.load(X + offs).to(tl.float32)
+        else:
+            x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
     if RELU or NEED_B:
-        f = tl.load(F + offs, mask=mask, other=0.0).to(tl.float32)
-    if RELU or NEED_X:
-        a = tl.load(A).to(tl.float32)
-    if RELU or NEED_F:
-        b = tl.load(B).to(tl.float32)
+        if EVEN:
+            f = tl.load(F + offs).to(tl.float32)
+        else:
+            f = tl.load(F + offs, mask=offs < N, other=0.0).to(tl.float32)
     if RELU:  # the mask is recomputed from the inputs, not saved
         g = tl.where(a * x + b * f > 0.0, g, 0.0)
     if NEED_X:
-        tl.store(DX + offs, (a * g).to(DX.dtype.element_ty), mask=mask)
+        if EVEN:
+            tl.store(DX + offs, (a * g).to(DX.dtype.element_ty))
+        else:
+            tl.store(DX + offs, (a * g).to(DX.dtype.element_ty), mask=offs < N)
     if NEED_F:
-        tl.store(DF + offs, (b * g).to(DF.dtype.element_ty), mask=mask)
+        if EVEN:
+            tl.store(DF + offs, (b * g).to(DF.dtype.element_ty))
+        else:
+            tl.store(DF + offs, (b * g).to(DF.dtype.element_ty), mask=offs < N)
     if NEED_A:
-        tl.store(PARTIAL + 2 * pid, tl.sum(g * x, axis=0))
-    else:
-        tl.store(PARTIAL + 2 * pid, 0.0)
+        acc_a += g * x
     if NEED_B:
-        tl.store(PARTIAL + 2 * pid + 1, tl.sum(g * f, axis=0))
-    else:
-        tl.store(PARTIAL + 2 * pid + 1, 0.0)
+        acc_b += g * f
+    return acc_a, acc_b
+
+
+@triton.jit(do_not_specialize=["N"])  # N % 16 plays no part: the split does
+def _leaky_bwd_kernel(G, X, F, DX, DF, A, B, PARTIAL, N, BLOCK: tl.constexpr, RELU: tl.constexpr,
+                      NEED_X: tl.constexpr, NEED_F: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr,
+                      TAIL: tl.constexpr):
+    # the forward's persistent grid: whole blocks unmasked, the partial one masked, sums in registers
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2^31 elements
+    programs = tl.num_programs(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    a = tl.load(A).to(tl.float32) if (RELU or NEED_X) else 0.0
+    b = tl.load(B).to(tl.float32) if (RELU or NEED_F) else 0.0
+    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    full = N.to(tl.int64) // BLOCK
+    for blk in range(pid, full, programs):
+        acc_a, acc_b = _bwd_block(G, X, F, DX, DF, blk * BLOCK + lanes, N, a, b, acc_a, acc_b,
+                                  True, RELU, NEED_X, NEED_F, NEED_A, NEED_B)
+    tail_a = tl.zeros([TAIL], dtype=tl.float32)
+    tail_b = tl.zeros([TAIL], dtype=tl.float32)
+    if (pid == full % programs) & (full * BLOCK < N):  # TAIL elements a step: few registers
+        for start in range(full * BLOCK, N, TAIL):
+            tail_a, tail_b = _bwd_block(G, X, F, DX, DF, start + tl.arange(0, TAIL), N, a, b, tail_a, tail_b,
+                                        False, RELU, NEED_X, NEED_F, NEED_A, NEED_B)
+    tl.store(PARTIAL + 2 * pid, tl.sum(acc_a, axis=0) + tl.sum(tail_a, axis=0))  # zeros when not asked for
+    tl.store(PARTIAL + 2 * pid + 1, tl.sum(acc_b, axis=0) + tl.sum(tail_b, axis=0))
 
 
 def _check(x: Tensor, f: Tensor, a: Tensor, b: Tensor) -> None:
@@ -79,8 +149,9 @@ def _check(x: Tensor, f: Tensor, a: Tensor, b: Tensor) -> None:
     _common.check_scalar(b, "b", x)
 
 
-def _programs(n: int) -> int:
-    return triton.cdiv(n, BLOCK)
+def _programs(n: int, device) -> int:
+    """The persistent grid's size for ``n`` elements (``_common.persistent_programs``)."""
+    return _common.persistent_programs(triton.cdiv(n, BLOCK), device)
 
 
 def leaky_update_fwd(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, *, relu: bool,
@@ -99,10 +170,10 @@ def leaky_update_fwd(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, *, 
     if n == 0:
         return y, x.new_zeros((2 if stats else 0,), dtype=torch.float32)
     xs, fs = _common.in_layout(x, strides), _common.in_layout(f, strides)
-    grid = (_programs(n),)
+    grid = (_programs(n, x.device),)
     partial = _common.partial_buffer(grid[0], x.device) if stats else y  # (y: an unused placeholder)
     _leaky_fwd_kernel[grid](xs, fs, y, a, b, lt if stats else a, partial, n,
-                            BLOCK=BLOCK, RELU=relu, STATS=stats, num_warps=NUM_WARPS)
+                            BLOCK=BLOCK, RELU=relu, STATS=stats, TAIL=TAIL, num_warps=NUM_WARPS)
     s = _common.sum_partials(partial) if stats else x.new_empty((0,), dtype=torch.float32)
     return y, s
 
@@ -125,11 +196,11 @@ def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, r
     sums = x.new_zeros((2,), dtype=torch.float32)
     if n > 0 and any(need):
         gs, xs, fs = (_common.in_layout(t, strides) for t in (g, x, f))
-        grid = (_programs(n),)
+        grid = (_programs(n, x.device),)
         partial = _common.partial_buffer(grid[0], x.device)
         _leaky_bwd_kernel[grid](gs, xs, fs, dx if need_x else gs, df if need_f else gs, a, b, partial, n,
                                 BLOCK=BLOCK, RELU=relu, NEED_X=need_x, NEED_F=need_f, NEED_A=need_a,
-                                NEED_B=need_b, num_warps=NUM_WARPS)
+                                NEED_B=need_b, TAIL=TAIL, num_warps=NUM_WARPS)
         if need_a or need_b:
             sums = _common.sum_partials(partial)
     if need_f:

@@ -10,9 +10,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from adaptive_depth import ops  # noqa: E402
+
+ops._kernels()  # a checkout used without installing it (the GPU machine): loads kernels/ by path
 import adaptive_depth_kernels as kernels  # noqa: E402
 from adaptive_depth_kernels import _common  # noqa: E402
-from adaptive_depth import ops  # noqa: E402
 from adaptive_depth.residual import MLPBranch  # noqa: E402
 
 # the modules (the package's attributes of these names are the functions)
@@ -28,7 +30,9 @@ DEVICES = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # an elementwise result in fp32 maths, rounded once to its dtype (about 2 ulps)
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-SHAPES = [(1,), (7,), (13, 17), (6, 10, 10), (3, 5, 1031)]  # the last spans 4 programs, the 4th masked
+# (3, 5, 1031): 3 whole blocks of 4096 and a masked one; (5, 4100): 5 whole blocks and a masked one, so
+# that under the interpreter (3 programs) a program loops over two whole blocks and then the partial one
+SHAPES = [(1,), (7,), (13, 17), (6, 10, 10), (3, 5, 1031), (5, 4100)]
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +160,10 @@ NEEDS = [(True, True, True, True), (True, False, False, True), (False, True, Tru
 def test_update_backward(device, dtype, shape, relu, need):
     seed = hash((shape, relu, need)) % 1000
     x, f, g = (randn(shape, dtype, device, seed + i) for i in range(3))
-    a, b = scalar(0.7, device), scalar(0.3, device)
+    # a, b with few mantissa bits: for 16-bit inputs a x + b f is then exact in the kernel's fp32 maths, as in
+    # the float64 reference, so the ReLU mask (a step function of it) agrees. With 0.7 and 0.3 a bf16 pair
+    # with f = -7/3 x gives a tiny a x + b f in float64 that fp32 arithmetic rounds to 0 (in shape (5, 4100))
+    a, b = scalar(0.75, device), scalar(0.25, device)
     got = kernels.leaky_update_bwd(g, x, f, a, b, relu=relu, need=need)
     dx_ref, df_ref, da_ref, db_ref, gm = update_grads_ref(g, x, f, a, b, relu)
     for value, wanted in zip(got, need):
@@ -260,9 +267,15 @@ def test_poisoning_catches_an_unwritten_element(monkeypatch):
         pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU")
     x, f = randn((2, 4100), torch.float32, device, 1), randn((2, 4100), torch.float32, device, 2)
     a, b, lt = scalar(0.5, device), scalar(0.5, device), scalar(1.0, device)
-    monkeypatch.setattr(update_module, "_programs", lambda n: math.ceil(n / update_module.BLOCK) - 1)
+    real = update_module._leaky_fwd_kernel
+
+    class EightShort:  # launches the kernel with N eight elements short
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: real[grid](*args[:7], args[7] - 8, *args[8:], **kwargs)
+
+    monkeypatch.setattr(update_module, "_leaky_fwd_kernel", EightShort())
     y, s = kernels.leaky_update_fwd(x, f, a, b, lt, relu=False, stats=False)
-    assert y.isnan().sum().item() == 8200 - 2 * 4096
+    assert y.isnan().sum().item() == 8
     with pytest.raises(AssertionError):
         assert_elementwise(y, update_ref(x, f, a, b, lt, False)[0], torch.float32)
 
@@ -273,6 +286,37 @@ def test_sum_partials_over_many_blocks(device):
     total = _common.sum_partials(partial)
     assert_sum(total, f64(partial).sum(0), f64(partial))
     assert bitwise_equal(total, _common.sum_partials(partial))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("programs", [1, 2, 4])
+def test_persistent_grid_one_partial_per_program(device, programs, monkeypatch):
+    """Whatever the grid, every block is processed once (a program loops over several, the partial one
+    last), and the second pass reads one partial pair per program, in one step."""
+    if device == "cpu":
+        monkeypatch.setattr(_common, "INTERPRETER_PROGRAMS", programs)
+    else:
+        monkeypatch.setattr(_common, "PROGRAMS_PER_SM", programs)
+    seen = []
+    real = _common.sum_partials
+    monkeypatch.setattr(_common, "sum_partials", lambda partial: seen.append(partial.shape[0]) or real(partial))
+    n = 6 * update_module.BLOCK + 5  # 6 whole blocks and 5 elements
+    x, f, g = (randn((n,), torch.float32, device, 60 + i) for i in range(3))
+    a, b, lt = scalar(0.75, device), scalar(0.25, device), scalar(2.0, device)
+    y, s = kernels.leaky_update_fwd(x, f, a, b, lt, relu=True, stats=True)
+    dx, df, da, db = kernels.leaky_update_bwd(g, x, f, a, b, relu=True, need=(True, True, True, True))
+    cap = programs if device == "cpu" else programs * torch.cuda.get_device_properties(x.device).multi_processor_count
+    assert seen == [min(7, cap)] * 2  # 7 blocks: the forward's and the backward's partials
+    assert _common.persistent_programs(10 ** 12, device) <= _common.SUM_BLOCK  # one step of the second pass
+    y_ref, s_ref = update_ref(x, f, a, b, lt, True)
+    assert_elementwise(y, y_ref, torch.float32)
+    assert_sum(s[0], s_ref[0], (f64(f) - 2.0 * f64(x)) ** 2)
+    assert_sum(s[1], s_ref[1], f64(x) ** 2)
+    dx_ref, df_ref, da_ref, db_ref, gm = update_grads_ref(g, x, f, a, b, True)
+    assert_elementwise(dx, dx_ref, torch.float32)
+    assert_elementwise(df, df_ref, torch.float32)
+    assert_sum(da, da_ref, gm * f64(x))
+    assert_sum(db, db_ref, gm * f64(f))
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -514,6 +558,111 @@ def test_autocast_takes_the_torch_path(monkeypatch):
     torch.testing.assert_close(y, 0.5 * x + 0.5 * f.float())
 
 
+# --------------------------------------------------------------------------- GEMM policy, autotuning
+def test_gemm_path_policy(monkeypatch):
+    """Triton where the dot has tensor cores (16-bit, TF32), cuBLAS for full fp32; an override by env."""
+    monkeypatch.delenv("ADAPTIVE_DEPTH_GEMM", raising=False)
+    before = torch.backends.cuda.matmul.allow_tf32  # (a module-like object: set and restored by hand)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert linear_module.gemm_path(torch.float32) == "cublas"
+        assert linear_module.gemm_path(torch.bfloat16) == linear_module.gemm_path(torch.float16) == "triton"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert linear_module.gemm_path(torch.float32) == "triton"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    monkeypatch.setenv("ADAPTIVE_DEPTH_GEMM", "cublas")
+    assert linear_module.gemm_path(torch.bfloat16) == "cublas"
+    monkeypatch.setenv("ADAPTIVE_DEPTH_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="ADAPTIVE_DEPTH_GEMM must be 'triton', 'cublas' or unset"):
+        linear_module.gemm_path(torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["triton", "cublas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leaky_linear_gemm_paths(device, path, dtype, monkeypatch):
+    """Both forward paths, forced: the same values, statistics and gradients (float64 reference)."""
+    monkeypatch.setenv("ADAPTIVE_DEPTH_GEMM", path)
+    ran = []
+    for name in ("_forward_cublas", "leaky_update_fwd"):
+        real = getattr(linear_module, name)
+        monkeypatch.setattr(linear_module, name, lambda *args, _real=real, _name=name, **kwargs:
+                            ran.append(_name) or _real(*args, **kwargs))
+    x, weight, bias, a, b = linear_inputs((70, 50), dtype, device, 31)
+    y, s = kernels.leaky_linear(x, weight, bias, a, b, scalar(1.5, device), relu=True, stats=True)
+    assert ran == (["_forward_cublas", "leaky_update_fwd"] if path == "cublas" else [])
+    assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
+    ref_inputs = [f64(t).requires_grad_() for t in (x, weight, bias, a, b)]
+    y_ref, s_ref = linear_ref(*ref_inputs, 1.5, True)
+    f_ref = (torch.relu(ref_inputs[0]) @ ref_inputs[1].t() + ref_inputs[2]).detach()
+    # the cuBLAS path rounds f to the input dtype before the combine: a couple of ulps of |b f|
+    tol = 2 * RTOL[dtype]
+    torch.testing.assert_close(f64(y), y_ref.detach(), rtol=tol, atol=tol * f_ref.abs().max().item())
+    assert_sum(s[1], s_ref[1].detach(), f64(x) ** 2)
+    assert_sum(s[0], s_ref[0].detach(), (f_ref - 1.5 * f64(x)) ** 2, rtol=1e-5 if dtype == torch.float32 else tol)
+    g = randn((70, 50), dtype, device, 32)
+    for got, ref in zip(torch.autograd.grad(y, (x, weight, bias), g),
+                        torch.autograd.grad(y_ref, ref_inputs[:3], f64(g))):
+        torch.testing.assert_close(f64(got), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def _tuned_launches(device, monkeypatch):
+    """The autotuned GEMM (as on CUDA, also under the interpreter) with a benchmark function that counts
+    its calls and times nothing: a config by its tile area (under the interpreter time means nothing)."""
+    tuned = linear_module._leaky_linear_fwd_tuned
+    benched = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        benched.append(1)
+        return [1.0, 1.0, 1.0]
+
+    if device == "cpu":
+        monkeypatch.setattr(linear_module, "_autotune", lambda: True)
+        monkeypatch.setitem(tuned.__dict__, "do_bench", bench)
+    else:
+        monkeypatch.setenv("ADAPTIVE_DEPTH_AUTOTUNE", "1")
+        real = tuned.do_bench
+        monkeypatch.setitem(tuned.__dict__, "do_bench", lambda call, quantiles:
+                            benched.append(1) or real(call, quantiles=quantiles))
+    monkeypatch.setattr(tuned, "cache", {})
+    return tuned, benched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autotuning_keys_bucket_rows_and_variants(device, monkeypatch):
+    """A new batch size in the same power-of-two bucket reuses the tuned config (no tuning inside a later
+    training step); another bucket, or another epilogue variant, is tuned once on its own."""
+    monkeypatch.setenv("ADAPTIVE_DEPTH_GEMM", "triton")
+    tuned, benched = _tuned_launches(device, monkeypatch)
+    bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
+    per_tune = len(linear_module._prune(linear_module.CONFIGS, bf16, STATS=True))  # configs benchmarked
+    per_plain = len(linear_module._prune(linear_module.CONFIGS, bf16, STATS=False))
+    assert 1 < per_tune < per_plain  # the large tiles serve the variant without statistics only
+    lt = scalar(1.0, device)
+
+    def run(rows, relu=True, stats=True):
+        x, weight, bias, a, b = linear_inputs((rows, 40), torch.bfloat16, device, rows, grads=(False,) * 5)
+        y, s = kernels.leaky_linear(x, weight, bias, a, b, lt, relu=relu, stats=stats)
+        y_ref, s_ref = linear_ref(*(f64(t) for t in (x, weight, bias, a, b)), 1.0, relu)
+        assert_elementwise(y, y_ref, torch.bfloat16)
+        if stats:
+            assert_sum(s[1], s_ref[1], f64(x) ** 2)
+
+    run(33)  # bucket 64: tuned
+    assert len(tuned.cache) == 1 and len(benched) == per_tune
+    run(60)  # the same bucket: the tuned config, no benchmark
+    assert len(tuned.cache) == 1 and len(benched) == per_tune
+    run(65)  # bucket 128: tuned once
+    assert len(tuned.cache) == 2 and len(benched) == 2 * per_tune
+    run(40, stats=False)  # another variant of the epilogue: its own config, from its own candidates
+    assert len(tuned.cache) == 3 and len(benched) == 2 * per_tune + per_plain
+    run(50, stats=False)
+    assert len(tuned.cache) == 3 and len(benched) == 2 * per_tune + per_plain
+    assert linear_module.m_bucket(33) == linear_module.m_bucket(64) == 64 and linear_module.m_bucket(1) == 16
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (autotuning times kernels)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -532,55 +681,8 @@ def test_leaky_linear_autotuned(dtype, monkeypatch):
     assert bitwise_equal(y, y2) and bitwise_equal(s, s2)  # the tuned config is kept
 
 
-# ------------------------------------------------------------- compiling for a GPU, without one
-_COMPILE_FOR_SM90 = """
-import importlib
-import triton
-from triton.backends.compiler import GPUTarget
-from adaptive_depth_kernels import _common
-update = importlib.import_module("adaptive_depth_kernels.leaky_update")
-linear = importlib.import_module("adaptive_depth_kernels.leaky_linear")
-
-def build(fn, pointers, consts, **options):
-    # arguments in the kernel's order: constexprs, pointers (by name; the rest fp32), integers
-    coef = {"A": "fp32", "B": "fp64", "LT": "fp32", "PARTIAL": "fp32", "OUT": "fp32"}
-    types = {**coef, **pointers}
-    sig = {n: "constexpr" if n in consts else "*" + types[n] if n.isupper() and n in types else "i32"
-           for n in fn.arg_names}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-build(_common._sum_partials_kernel, {}, {"BLOCK": 1024}, num_warps=4)
-for dt in ("fp32", "bf16", "fp16"):
-    tensors = {n: dt for n in ("X", "F", "Y", "G", "DX", "DF", "H", "R", "W", "BIAS")}
-    for flag in (False, True):
-        build(update._leaky_fwd_kernel, {**tensors, "F": "fp32"}, {"BLOCK": 4096, "RELU": flag, "STATS": flag},
-              num_warps=8)
-        build(update._leaky_bwd_kernel, tensors, {"BLOCK": 4096, "RELU": flag, "NEED_X": True, "NEED_F": flag,
-                                                  "NEED_A": flag, "NEED_B": True}, num_warps=8)
-        build(linear._leaky_linear_bwd_kernel, tensors,
-              {"BLOCK": 4096, "NEED_X": True, "NEED_R": flag, "NEED_A": flag}, num_warps=8)
-    tuned = [c for c in linear.CONFIGS if c.kwargs["BLOCK_K"] == (32 if dt == "fp32" else 64)][-1]
-    for tiles, options in ((linear.FIXED_CONFIG, {"num_warps": 4, "num_stages": 3}),
-                           (tuned.kwargs, {"num_warps": tuned.num_warps, "num_stages": tuned.num_stages})):
-        build(linear._leaky_linear_fwd_kernel, tensors,
-              {"HAS_BIAS": True, "RELU": True, "STATS": True, "PRECISION": "ieee" if dt == "fp32" else "tf32",
-               "DOT_FP32": False, **tiles}, **options)
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_hopper():
-    """The interpreter accepts code the GPU compiler rejects: compile every kernel (representative
-    variants) for sm_90 with Triton's own toolchain, which needs no GPU."""
-    import subprocess
-    import sys
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]), timeout=600)
-    if done.returncode != 0 and "ptxas" in done.stderr and "No such file" in done.stderr:
-        pytest.skip("this Triton install has no ptxas")
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-4000:]
+# (compiling every kernel variant for sm_90 without a GPU, with its registers, spills and vector accesses:
+# tests/test_kernels_static.py)
 
 
 # ------------------------------------------------------------------ CUDA: more than 2^31 elements
