@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import check_activation, check_backend, fused_update, leaky_linear
-from .steps import StepSizes, StepsInit
+from .steps import StepSizes, StepsInit, guard_checkpoints
 
 __all__ = ["LeakyResidual", "LeakyResNet", "LeakyMLP", "MLPBranch"]
 
@@ -214,6 +214,7 @@ class LeakyMLP(nn.Module):
                                scheme=scheme, min_step=min_step, max_step=max_step, backend=backend)
         self.output = nn.Linear(width, out_dim, device=device, dtype=dtype)
         self.reset_parameters()
+        guard_checkpoints(self)  # a bad checkpoint changes nothing (the input layer loads before the steps)
 
     @property
     def steps(self) -> StepSizes:

@@ -45,6 +45,7 @@ import torch
 
 from .data import Task, get_task, teacher
 from ..diagnostics import _finite, diagnose
+from ..steps import over_lt
 from .train import RunConfig, _evaluate, build_model, format_table, run as train_run
 
 __all__ = ["add_arguments", "run", "paper_model", "converge", "fig1", "fig2"]
@@ -183,7 +184,7 @@ def _train(config: RunConfig, task: Task, io: str, label: str, progress: bool):
 def _config(args, s: Dict, **kw) -> RunConfig:
     total = s["steps"] + s["sgd_steps"]
     lt = kw["effective_depth"]
-    kw["weight_decay"] = s["lam"] / lt if lt > 0 else s["lam"]
+    kw["weight_decay"] = over_lt(s["lam"], lt)
     return RunConfig(width=s["width"], scheme=args.scheme, steps=s["steps"], sgd_steps=s["sgd_steps"], lr=args.lr,
                      sgd_lr=args.sgd_lr, n_train=s["n"], n_test=s["n"], data_seed=args.data_seed,
                      eval_every=max(1, total // 10), **kw)
@@ -215,7 +216,7 @@ def converge(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: floa
         g.recording = False
         g.rho.requires_grad_(False)
         lt = float(g.effective_depth)
-        scale = lam / (2 * lt) if lt > 0 else lam / 2
+        scale = over_lt(lam, lt) / 2
         rho = g.current().detach().to(dtype)
         for l in range(g.depth):
             params = [p for p in g.branch_parameters(l) if p.requires_grad]
