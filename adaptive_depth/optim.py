@@ -147,14 +147,14 @@ class AdaptiveSteps(Optimizer):
     def _train_steps(self, step_lr: Optional[float]) -> None:
         """Steps become parameters in a group of their own (``lr=step_lr``, no weight decay), taken out of
         any group they sat in; on ``rebind`` that group takes the new steps."""
+        index = self.__dict__.get("_steps_group")
+        lr = step_lr if step_lr is not None or index is not None else 0.1 * self.param_groups[0]["lr"]
         rhos = [g.make_learnable_() for g in self.controller.groups]
         ours = {id(r) for r in rhos}
-        index = self.__dict__.get("_steps_group")
         for i, group in enumerate(self.param_groups):
             if i != index:
                 group["params"] = [p for p in group["params"] if id(p) not in ours]
         if index is None:
-            lr = 0.1 * self.param_groups[0]["lr"] if step_lr is None else step_lr
             self._steps_group = len(self.param_groups)
             self.base_optimizer.add_param_group({"params": rhos, "weight_decay": 0.0, "lr": lr})
         else:

@@ -43,6 +43,18 @@ def test_learned_steps_are_a_parameter_and_get_a_gradient():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_wrapped_resnet_passes_the_every_parameter_has_a_gradient_check():
+    """The check timm's model tests make (sum of numel over parameters == sum over those with a gradient)."""
+    tv = pytest.importorskip("torchvision")
+    from adaptive_depth import wrap
+    torch.manual_seed(0)
+    model = wrap(tv.models.resnet18(num_classes=4), effective_depth=0.1)
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+    with_grad = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    assert with_grad == sum(p.numel() for p in model.parameters())
+    assert all(not isinstance(g.rho, nn.Parameter) for g in step_groups(model))
+
+
 def test_make_learnable_round_trip_keeps_values_and_checkpoint_keys():
     g = StepSizes(4, init=[0.1, 0.2, 0.3, 0.4])
     keys = set(g.state_dict())
