@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from . import rules
 from ._controller import StepController
 from ._validate import CheckpointError, check_int, check_range, check_step_range
-from .steps import ParameterNormCost, step_groups
+from .steps import ParameterNormCost, StepSizes, step_groups
 
 __all__ = ["AdaptiveSteps"]
 
@@ -175,7 +175,8 @@ class AdaptiveSteps(Optimizer):
             raise CheckpointError("state_dict must come from AdaptiveSteps.state_dict() (keys 'optimizer' and "
                                   "'adaptive_steps')")
         checked = self.controller.check_state_dict(state_dict["adaptive_steps"])
-        self.base_optimizer.load_state_dict(state_dict["optimizer"])  # checks its groups before changing
+        inner = _without_frozen_steps(state_dict["optimizer"], self.param_groups, self.model)
+        self.base_optimizer.load_state_dict(inner)  # checks its groups before changing anything
         self._alias()
         self.controller.load(state_dict["adaptive_steps"], checked)
 
@@ -220,3 +221,32 @@ def _check_arguments(optimizer, model) -> list:
         raise ValueError("model has no step sizes: build it with LeakyResNet / LeakyMLP or "
                          "adaptive_depth.wrap(), or pass the module that contains them")
     return groups
+
+
+def _without_frozen_steps(saved: dict, groups: list, model: nn.Module) -> dict:
+    """An optimizer checkpoint from when fixed steps were frozen parameters (before they became buffers) lists
+    each group's ``rho`` among the parameters of a group built from ``model.parameters()``: drop those
+    entries (they never had state) so that it fits today's groups. Any other checkpoint is returned as is."""
+    saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        return saved
+    rhos = {id(g.rho): g.rho for g in step_groups(model) if not isinstance(g.rho, nn.Parameter)}
+    legacy = {}  # model.parameters() as it was: each rho where its StepSizes sits in module order
+    for m in model.modules():
+        for p in list(m._parameters.values()) + ([m.rho] if isinstance(m, StepSizes) else []):
+            if p is not None:
+                legacy.setdefault(id(p), p)
+    fitted, dropped = [], set()
+    for old, now in zip(saved_groups, groups):
+        ids = {id(p) for p in now["params"]}
+        layout = [p for k, p in legacy.items() if k in ids or k in rhos]
+        if len(old["params"]) == len(now["params"]):
+            fitted.append(old)
+            continue
+        if len(layout) != len(old["params"]) or [p for p in layout if id(p) in ids] != list(now["params"]):
+            return saved  # not that layout: let the optimizer report the mismatch
+        dropped.update(i for i, p in zip(old["params"], layout) if id(p) in rhos)
+        fitted.append({**old, "params": [i for i, p in zip(old["params"], layout) if id(p) not in rhos]})
+    if not dropped:
+        return saved
+    return {**saved, "state": {k: v for k, v in saved["state"].items() if k not in dropped}, "param_groups": fitted}

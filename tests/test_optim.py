@@ -542,3 +542,24 @@ def test_rebind_keeps_unchanged_groups_and_resets_the_changed_ones():
         opt.step()
     assert inner.state[new_weight]["step"] == 3
     assert abs(float(step_sizes(model)[1].sum()) - 1) < 1e-5
+
+
+def test_optimizer_checkpoint_from_when_fixed_steps_were_frozen_parameters_still_loads():
+    """Before the steps became buffers, ``Adam(model.parameters())`` held each frozen rho: such a checkpoint
+    must resume exactly (the old layout rebuilt here by turning the buffer back into a frozen parameter)."""
+    task = small_task()
+    old = small_model()
+    old.steps.make_learnable_().requires_grad_(False)
+    opt_old = AdaptiveSteps(torch.optim.Adam(old.parameters(), lr=1e-2), old, every=2, weight_decay=1e-3)
+    assert len(opt_old.param_groups[0]["params"]) == len(list(old.parameters()))  # rho among them
+    train(old, opt_old, task, 5)
+    new = small_model(seed=9)
+    opt_new = AdaptiveSteps(torch.optim.Adam(new.parameters(), lr=1e-2), new, every=2, weight_decay=1e-3)
+    assert len(opt_new.param_groups[0]["params"]) == len(opt_old.param_groups[0]["params"]) - 1
+    ckpt = copy.deepcopy({"model": old.state_dict(), "opt": opt_old.state_dict()})  # as torch.save would
+    new.load_state_dict(ckpt["model"])
+    opt_new.load_state_dict(ckpt["opt"])
+    train(old, opt_old, task, 6)
+    train(new, opt_new, task, 6)
+    for (name, a), b in zip(old.state_dict().items(), new.state_dict().values()):
+        assert torch.equal(a, b), name
