@@ -181,7 +181,9 @@ class AdaptiveSteps(Optimizer):
         self.controller.load(state_dict["adaptive_steps"], checked)
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__)  # Optimizer keeps only its groups and state: a copy could not step
+        # everything (Optimizer keeps only groups and state: a copy could not step), less an LR scheduler's
+        # patch of ``step`` on the instance, which calls the original optimizer (torch drops it too)
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

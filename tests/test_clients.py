@@ -165,12 +165,15 @@ def _torch_copy(obj):
 def test_copy_of_model_and_optimizer_steps_in_lockstep(duplicate, rule):
     model = make_model()
     opt = make_opt(model, rule=rule)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)  # it patches opt.step: the copy must not share it
     train(model, opt, 3)
-    both = duplicate({"model": model, "opt": opt})
+    both = duplicate({"model": model, "opt": opt, "sched": sched})
     assert both["opt"].model is both["model"] and both["opt"].steps_done == 3
-    train(model, opt, 7)
     train(both["model"], both["opt"], 7)
+    assert opt.steps_done == 3  # the copy stepped itself, not the original
+    train(model, opt, 7)
     assert_same(model, both["model"])
+    assert both["opt"].steps_done == opt.steps_done == 10
     assert torch.equal(step_sizes(model)[0], step_sizes(both["model"])[0])
 
 
