@@ -191,7 +191,7 @@ def test_parameter_norm_cost_is_the_papers_formula():
     cost = ParameterNormCost(step_groups(model), 0.3)
     want = sum(0.3 / (2 * 2.0) * r * sum(float(p.detach().double().pow(2).sum()) for p in blk.block.parameters())
                for r, blk in zip([0.1, 0.3, 0.2, 0.25, 0.15], model.blocks))
-    assert float(cost()) == pytest.approx(want, rel=1e-6)
+    assert float(cost().detach()) == pytest.approx(want, rel=1e-6)
     assert cost.coefficients()[0] == pytest.approx([0.3 / 2.0 * r for r in [0.1, 0.3, 0.2, 0.25, 0.15]], rel=1e-6)
 
 
