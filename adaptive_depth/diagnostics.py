@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .steps import over_lt
+
 __all__ = ["singular_values", "effective_rank", "features", "cost_of_identity", "coi_lower_bound",
            "nuclear_ratio", "hamiltonian", "energies", "LayerRecord", "Diagnostics", "diagnose"]
 
@@ -397,7 +399,7 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, *, lam: Optional[float] = N
                          "gives the exact value at gamma=0")
     lt = float(stack.steps.effective_depth)
     if lam is None:
-        lam = 1e-3 / lt if lt > 0 else 1e-3
+        lam = over_lt(1e-3, lt)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (lam > 0 and math.isfinite(lam)):
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
     if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[0] != y.shape[0]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import rules
 from .ops import check_activation, check_backend, fused_update, leaky_linear
-from .steps import StepSizes, StepsInit
+from .steps import StepSizes, StepsInit, guard_checkpoints
 
 __all__ = ["LeakyResidual", "LeakyResNet", "LeakyMLP", "MLPBranch"]
 
@@ -366,6 +366,7 @@ class LeakyMLP(nn.Module):
         if device is not None:  # the steps follow device= too (meta: to_empty() then restores them)
             self.net.steps.to(device)
         self.reset_parameters()
+        guard_checkpoints(self)  # a bad checkpoint changes nothing (the input layer loads before the steps)
 
     @property
     def steps(self) -> StepSizes:

@@ -13,13 +13,14 @@ Every function returns a float64 vector that sums to ``total_time``; the guarded
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
 
 __all__ = ["uniform", "irregular", "paper", "equal_distance", "weight_norm", "project_steps",
-           "RULES", "MEASURES", "get_rule"]
+           "Rule", "RULES", "MEASURES", "get_rule"]
 
 
 def _f64(v) -> Tensor:
@@ -118,30 +119,70 @@ def _keep(measure, rho, total_time, min_step, max_step, **_):
     return _f64(rho)
 
 
-#: name -> rule(measure, rho, total_time, min_step, max_step, *, damping, floor) -> new steps
-RULES: Dict[str, Callable[..., Tensor]] = {
-    "uniform": _uniform_rule,
-    "paper": _paper_rule,
-    "equal_distance": equal_distance,
-    "weight_norm": weight_norm,
-    "learned": _keep,
-    "fixed": _keep,
-}
+@dataclass(frozen=True)
+class Rule:
+    """What the plugin needs to know about one rule, instead of branching on its name.
+
+    Attributes:
+        name: how ``AdaptiveSteps(rule=...)`` and checkpoints refer to it.
+        fn: ``fn(measure, rho, total_time, min_step, max_step, *, damping, floor) -> steps``.
+        measures: what ``fn`` reads: ``"speed"`` (recorded in the forward pass), ``"weights"`` (the
+            branches' parameter norms) or ``None``.
+        guarded: called with the ``step_range`` bounds, ``damping`` and ``floor``, its measurements smoothed,
+            and fast-started; unguarded rules (``paper``) get the group's own bounds and the raw measurement.
+        adapts: the plugin calls ``fn`` at all (``False``: the steps stay, or the optimizer trains them).
+        trains_steps: the inner optimizer trains the steps (they become parameters, projected after each step).
+
+    A ``Rule`` is callable like its function, so ``RULES[name](...)`` computes the steps.
+    """
+    name: str
+    fn: Callable[..., Tensor]
+    measures: Optional[str] = "speed"
+    guarded: bool = True
+    adapts: bool = True
+    trains_steps: bool = False
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def fast_starts(self) -> bool:
+        """Whether ``fast_start`` applies: a guarded rule that measures something."""
+        return self.adapts and self.guarded and self.measures is not None
+
+    @classmethod
+    def custom(cls, fn: Callable[..., Tensor]) -> "Rule":
+        """A user's callable: a guarded rule on the recorded speeds."""
+        return cls(getattr(fn, "__name__", "custom"), fn)
+
+
+#: name -> the rule's record (callable: ``RULES[name](measure, rho, total_time, min_step, max_step, ...)``)
+RULES: Dict[str, Rule] = {r.name: r for r in (
+    Rule("uniform", _uniform_rule, measures=None),
+    Rule("paper", _paper_rule, guarded=False),
+    Rule("equal_distance", equal_distance),
+    Rule("weight_norm", weight_norm, measures="weights"),
+    Rule("learned", _keep, measures=None, adapts=False, trains_steps=True),
+    Rule("fixed", _keep, measures=None, adapts=False),
+)}
 
 #: what each rule measures: "speed" (recorded in the forward pass), "weights", or nothing
-MEASURES: Dict[str, Optional[str]] = {
-    "uniform": None, "paper": "speed", "equal_distance": "speed", "weight_norm": "weights", "learned": None,
-    "fixed": None,
-}
+MEASURES: Dict[str, Optional[str]] = {name: r.measures for name, r in RULES.items()}
 
 
-def get_rule(name: str) -> Callable[..., Tensor]:
-    """The rule called ``name``; a ``ValueError`` lists the known ones."""
-    if name not in RULES:
-        raise ValueError(f"rule must be one of {sorted(RULES)} or a callable, got {name!r}")
-    return RULES[name]
+def get_rule(rule) -> Rule:
+    """The record of ``rule``: a name in ``RULES``, a ``Rule``, or a callable (a guarded rule on speeds);
+    a ``ValueError`` lists the known names."""
+    if isinstance(rule, Rule):
+        return rule
+    if callable(rule) and not isinstance(rule, str):
+        return Rule.custom(rule)
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {sorted(RULES)} or a callable, got {rule!r}")
+    return RULES[rule]
 
 
 def is_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite."""
     return bool(torch.isfinite(_f64(t)).all())
 

@@ -15,8 +15,9 @@ from typing import List, Sequence, Union
 
 from torch import nn
 
+from ._validate import check_int
 from .ops import check_effective_depth
-from .steps import StepSizes, default_bounds, step_groups
+from .steps import StepSizes, step_groups
 
 __all__ = ["EffectiveDepthScheduler", "SHAPES"]
 
@@ -50,20 +51,18 @@ class EffectiveDepthScheduler:
         groups = _groups(model)
         targets = _per_group(target, len(groups), "target")
         start = check_effective_depth(start, "start")
-        _check_int(total_steps, "total_steps", 1)
-        _check_int(delay, "delay", 0)
+        check_int(total_steps, "total_steps", 1)
+        check_int(delay, "delay", 0)
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
         for i, (g, lt) in enumerate(zip(groups, targets)):
-            _check_wall(g, lt, f"group {i}", "target")
-            _check_wall(g, start, f"group {i}", "start")
+            g.check_effective_depth(lt, "target", f"group {i}")
+            g.check_effective_depth(start, "start", f"group {i}")
         self.groups, self.targets, self.start = groups, targets, start
         self.total_steps, self.delay, self.shape = total_steps, delay, shape
         self.last_step = 0
-        for g, lt in zip(groups, targets):
-            if g.scheme == "euler" and lt > 0:
-                largest = float(g.rho.detach().max())
-                g.max_step = min(g.max_step, max(largest, default_bounds(g.depth, g.total_time, lt, g.scheme)[1]))
+        for i, (g, lt) in enumerate(zip(groups, targets)):
+            g.reserve_effective_depth(lt, "target", f"group {i}")
         self._apply()
 
     def value(self, step: int, index: int = 0) -> float:
@@ -99,14 +98,16 @@ class EffectiveDepthScheduler:
         targets = _per_group(state_dict["targets"], len(self.groups), "state_dict['targets']")
         start = check_effective_depth(state_dict["start"], "state_dict['start']")
         for i, (g, lt) in enumerate(zip(self.groups, targets)):
-            _check_wall(g, lt, f"group {i}", "state_dict['targets']")
+            g.check_effective_depth(lt, "state_dict['targets']", f"group {i}")
         for name, low in (("last_step", 0), ("total_steps", 1), ("delay", 0)):
-            _check_int(state_dict[name], f"state_dict[{name!r}]", low)
+            check_int(state_dict[name], f"state_dict[{name!r}]", low)
         if state_dict["shape"] not in SHAPES:
             raise ValueError(f"state_dict['shape'] must be one of {SHAPES}, got {state_dict['shape']!r}")
         self.targets, self.start = targets, start
         self.total_steps, self.delay, self.shape = state_dict["total_steps"], state_dict["delay"], state_dict["shape"]
         self.last_step = state_dict["last_step"]
+        for i, (g, lt) in enumerate(zip(self.groups, targets)):
+            g.reserve_effective_depth(lt, "state_dict['targets']", f"group {i}")
         self._apply()
 
     def __repr__(self) -> str:
@@ -136,20 +137,3 @@ def _per_group(value, n: int, name: str) -> List[float]:
             raise ValueError(f"{name} must be one number or {n} (one per group), got {len(value)}")
         return [check_effective_depth(v, f"{name}[{i}]") for i, v in enumerate(value)]
     return [check_effective_depth(value, name)] * n
-
-
-def _check_int(value, name: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_wall(g: StepSizes, lt: float, where: str, name: str) -> None:
-    """Under euler, Lt must keep the group's current largest step and its uniform step below 1/Lt."""
-    if g.scheme != "euler" or lt == 0:
-        return
-    largest = max(float(g.rho.detach().max()), g.total_time / g.depth)
-    if largest * lt >= 1.0:
-        raise ValueError(
-            f"{name}={lt:g} is past the euler wall of {where}: rho * Lt must stay < 1, and its largest step is "
-            f"{largest:g}, so Lt must be < {1.0 / largest:g}. Use a smaller {name}, a smaller total_time when "
-            f"wrapping, or scheme='exponential' (no wall)")

@@ -106,7 +106,7 @@ def test_lockstep_state_dict_round_trip_is_bit_exact(rule):
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
     assert opt_a.steps_done == opt_b.steps_done == 70
-    assert opt_b.param_groups is opt_b.optimizer.param_groups  # still live after load_state_dict
+    assert opt_b.param_groups is opt_b.base_optimizer.param_groups  # still live after load_state_dict
 
 
 def test_lr_scheduler_drives_the_inner_optimizer():
@@ -260,7 +260,7 @@ def test_optimizer_plumbing_zero_grad_hooks_repr():
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     assert "AdaptiveSteps(rule='equal_distance'" in repr(opt)
-    assert opt.state is opt.optimizer.state and len(opt.state) > 0
+    assert opt.state is opt.base_optimizer.state and len(opt.state) > 0
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
@@ -427,3 +427,139 @@ def test_learned_rule_with_step_lr_gives_the_steps_their_own_group():
     train(model, opt, small_task(), 3)
     change = float((step_sizes(model)[0] - before).abs().max())
     assert 0 < change <= 2 * 3 * 1e-4  # Adam: <= ~lr per coordinate and step, the projection at most doubles it
+
+
+# ------------------------------------------------------------------ checkpoints are validated first (issue 11.3)
+def _corrupt(state, **group):
+    state = copy.deepcopy(state)
+    state["adaptive_steps"]["groups"][0].update(group)
+    return state
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(rho=torch.tensor([0.3, 0.3, 0.3, 0.3, -0.2])), "finite and > 0"),
+    (dict(rho=torch.tensor([0.2, 0.2, 0.2, 0.2, float("nan")])), "finite and > 0"),
+    (dict(rho=torch.tensor([0.2, 0.2, 0.2, 0.2, float("inf")])), "finite and > 0"),
+    (dict(rho=torch.tensor([0.3, 0.3, 0.3, 0.3, 0.3])), "sum to total_time"),
+    (dict(effective_depth=float("nan")), "effective_depth must be finite"),
+    (dict(effective_depth=-1.0), "effective_depth must be >= 0"),
+    (dict(effective_depth=6.0), r"rho \* effective_depth must be < 1"),  # past the euler wall
+    (dict(stats=torch.zeros(3, 4, dtype=torch.float64)), r"stats must have shape \(3, 5\)"),
+    (dict(stats=torch.full((3, 5), float("nan"), dtype=torch.float64)), "stats must be finite"),
+    (dict(ema=torch.zeros(4, dtype=torch.float64)), "ema must be 5 finite numbers"),
+    (dict(ema_count=-1), "ema_count must be an integer >= 0"),
+])
+def test_bad_optimizer_checkpoint_raises_and_changes_nothing(change, words):
+    task = small_task()
+    model = small_model(effective_depth=1.0, scheme="euler")
+    opt = AdaptiveSteps(torch.optim.Adam(model.parameters(), lr=1e-2), model, every=2)
+    train(model, opt, task, 5)
+    saved = opt.state_dict()
+    train(model, opt, task, 3)  # move on: the checkpoint differs from the current state everywhere
+    loss_of(model, task).backward()  # some recorded statistics
+    before_model = copy.deepcopy(model.state_dict())
+    before_opt = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=words):  # steps.CheckpointError, a ValueError
+        opt.load_state_dict(_corrupt(saved, **change))
+    after = opt.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before_model[k]), k
+    assert after["adaptive_steps"]["steps_done"] == before_opt["adaptive_steps"]["steps_done"] == 8
+    for a, b in zip(after["adaptive_steps"]["groups"], before_opt["adaptive_steps"]["groups"]):
+        assert torch.equal(a["stats"], b["stats"]) and torch.equal(a["rho"], b["rho"])
+        assert torch.equal(a["ema"], b["ema"]) and a["ema_count"] == b["ema_count"]
+    for key, st in before_opt["optimizer"]["state"].items():
+        for name, value in st.items():
+            assert torch.equal(after["optimizer"]["state"][key][name], value), (key, name)
+    opt.load_state_dict(saved)  # the good one still loads
+    assert opt.steps_done == 5
+
+
+# ------------------------------------------------------------------ learned steps and one NaN (issue 11.5)
+def test_learned_steps_survive_a_nan_gradient_with_a_warning():
+    task = small_task()
+    model = small_model()
+    opt = AdaptiveSteps(torch.optim.Adam(model.parameters(), lr=1e-2), model, rule="learned", step_lr=1e-2)
+    train(model, opt, task, 3)
+    before = step_sizes(model)[0]
+    opt.zero_grad()
+    loss_of(model, task).backward()
+    model.steps.rho.grad.fill_(float("nan"))  # one bad batch reaches the steps
+    with pytest.warns(RuntimeWarning, match="previous feasible steps are kept"):
+        opt.step()
+    assert torch.equal(step_sizes(model)[0], before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, task, 5)  # and training goes on, the steps moving again
+    rho = step_sizes(model)[0]
+    assert torch.isfinite(rho).all() and not torch.equal(rho, before) and abs(float(rho.sum()) - 1) < 1e-5
+
+
+def test_learned_steps_after_a_nan_loss_stay_feasible_and_steps_do_not_raise():
+    task = small_task()
+    model = small_model()
+    opt = AdaptiveSteps(torch.optim.SGD(model.parameters(), lr=1e-2), model, rule="learned")
+    train(model, opt, task, 2)
+    before = step_sizes(model)[0]
+    for _ in range(2):
+        opt.zero_grad()
+        (loss_of(model, task) * float("nan")).backward()
+        with pytest.warns(RuntimeWarning, match="learned steps of group 0 became non-finite"):
+            opt.step()
+    assert torch.equal(step_sizes(model)[0], before)
+
+
+# ------------------------------------------------------------------ rebind after the depth changed
+def test_rebind_keeps_unchanged_groups_and_resets_the_changed_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential(LeakyResNet([nn.Linear(6, 6) for _ in range(3)], effective_depth=1.0),
+                          LeakyResNet([nn.Linear(6, 6) for _ in range(2)], effective_depth=1.0))
+    inner = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = AdaptiveSteps(inner, model, every=1, fast_start=0)
+    x = torch.randn(16, 6)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    kept_ema = opt.controller._ema[0].clone()
+    state_before = {id(p): copy.deepcopy(s) for p, s in inner.state.items()}
+    model(x)  # statistics recorded in both groups
+    # grow the second stack by one block (what a depth-growth helper does), then rebind
+    grown = LeakyResNet([b.block for b in model[1].blocks] + [nn.Linear(6, 6)], effective_depth=1.0)
+    model[1] = grown
+    opt.rebind()
+    assert opt.base_optimizer is inner and [g.depth for g in opt.model_groups] == [3, 3]
+    assert torch.equal(opt.controller._ema[0], kept_ema) and opt.controller._ema[1] is None
+    assert model[0].steps.count.sum() > 0  # the unchanged group kept its statistics
+    new_weight = grown.blocks[2].block.weight
+    assert any(p is new_weight for g in opt.param_groups for p in g["params"])  # the new block trains
+    for p, s in inner.state.items():
+        if id(p) in state_before:
+            assert all(torch.equal(v, state_before[id(p)][k]) for k, v in s.items())
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    assert inner.state[new_weight]["step"] == 3
+    assert abs(float(step_sizes(model)[1].sum()) - 1) < 1e-5
+
+
+def test_optimizer_checkpoint_from_when_fixed_steps_were_frozen_parameters_still_loads():
+    """Before the steps became buffers, ``Adam(model.parameters())`` held each frozen rho: such a checkpoint
+    must resume exactly (the old layout rebuilt here by turning the buffer back into a frozen parameter)."""
+    task = small_task()
+    old = small_model()
+    old.steps.make_learnable_().requires_grad_(False)
+    opt_old = AdaptiveSteps(torch.optim.Adam(old.parameters(), lr=1e-2), old, every=2, weight_decay=1e-3)
+    assert len(opt_old.param_groups[0]["params"]) == len(list(old.parameters()))  # rho among them
+    train(old, opt_old, task, 5)
+    new = small_model(seed=9)
+    opt_new = AdaptiveSteps(torch.optim.Adam(new.parameters(), lr=1e-2), new, every=2, weight_decay=1e-3)
+    assert len(opt_new.param_groups[0]["params"]) == len(opt_old.param_groups[0]["params"]) - 1
+    ckpt = copy.deepcopy({"model": old.state_dict(), "opt": opt_old.state_dict()})  # as torch.save would
+    new.load_state_dict(ckpt["model"])
+    opt_new.load_state_dict(ckpt["opt"])
+    train(old, opt_old, task, 6)
+    train(new, opt_new, task, 6)
+    for (name, a), b in zip(old.state_dict().items(), new.state_dict().values()):
+        assert torch.equal(a, b), name

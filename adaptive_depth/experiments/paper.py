@@ -45,6 +45,7 @@ import torch
 
 from .data import Task, get_task, teacher
 from ..diagnostics import _finite, diagnose
+from ..steps import over_lt
 from .train import RunConfig, _evaluate, build_model, format_table, run as train_run
 
 __all__ = ["add_arguments", "run", "paper_model", "converge", "fig1", "fig2"]
@@ -183,7 +184,7 @@ def _train(config: RunConfig, task: Task, io: str, label: str, progress: bool):
 def _config(args, s: Dict, **kw) -> RunConfig:
     total = s["steps"] + s["sgd_steps"]
     lt = kw["effective_depth"]
-    kw["weight_decay"] = s["lam"] / lt if lt > 0 else s["lam"]
+    kw["weight_decay"] = over_lt(s["lam"], lt)
     return RunConfig(width=s["width"], scheme=args.scheme, steps=s["steps"], sgd_steps=s["sgd_steps"], lr=args.lr,
                      sgd_lr=args.sgd_lr, n_train=s["n"], n_test=s["n"], data_seed=args.data_seed,
                      eval_every=max(1, total // 10), **kw)
@@ -203,29 +204,23 @@ def converge(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: floa
     field ``diagnose`` reports, read off the gradient ``g_l`` of block l), plus ``evaluate(model)`` if given;
     it stops when the largest stationarity is below ``tol`` (``tol = 0``: never), after ``max_iter``
     iterations, or when an L-BFGS call makes no progress. Returns a summary with the history."""
-    from ..steps import step_groups
+    from ..steps import ParameterNormCost, step_groups
     loss = loss or (lambda pred, target: (pred - target).pow(2).sum(1).mean())
     groups = step_groups(model)
     if not groups:
         raise ValueError("model has no step sizes (a LeakyMLP or LeakyResNet is needed)")
     model.to(dtype)
     x, y = x.to(dtype), (y.to(dtype) if y.is_floating_point() else y)
-    blocks, coefs = [], []
     for g in groups:
         g.recording = False
         g.rho.requires_grad_(False)
-        lt = float(g.effective_depth)
-        scale = lam / (2 * lt) if lt > 0 else lam / 2
-        rho = g.current().detach().to(dtype)
-        for l in range(g.depth):
-            params = [p for p in g.branch_parameters(l) if p.requires_grad]
-            if params:
-                blocks.append(params)
-                coefs.append((scale, rho[l]))
-    params = [p for ps in blocks for p in ps]
+    norm_cost = ParameterNormCost(groups, lam)  # its coefficients: (lambda / Lt) rho_l per block
+    blocks = [ps for layers in norm_cost.params for ps in layers if ps]
+    coefs = [c for layers, cs in zip(norm_cost.params, norm_cost.coefficients()) for ps, c in zip(layers, cs) if ps]
+    params = [p for ps in blocks for p in ps if p.requires_grad]
 
     def cost():
-        reg = sum(scale * r * sum(p.square().sum() for p in ps) for ps, (scale, r) in zip(blocks, coefs))
+        reg = norm_cost()
         data = loss(model(x), y)
         return data + reg, data
 
@@ -240,11 +235,11 @@ def converge(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: floa
         c, data = cost()
         c.backward()
         stat, grad_sq = [], 0.0
-        for ps, (scale, r) in zip(blocks, coefs):
-            g2 = sum(float(p.grad.double().square().sum()) for p in ps)
+        for ps, coef in zip(blocks, coefs):
+            g2 = sum(float(p.grad.double().square().sum()) for p in ps if p.grad is not None)
             w2 = sum(float(p.detach().double().square().sum()) for p in ps)
             grad_sq += g2
-            stat.append(math.sqrt(g2) / (2 * scale * float(r) * math.sqrt(w2)) if w2 > 0 else math.inf)
+            stat.append(math.sqrt(g2) / (coef * math.sqrt(w2)) if w2 > 0 else math.inf)
         stat.sort()
         rec = {"iteration": it, "evaluations": evals, "cost": float(c.detach()), "data_cost": float(data.detach()),
                "grad_norm": math.sqrt(grad_sq),

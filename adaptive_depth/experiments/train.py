@@ -20,6 +20,7 @@ from ..diagnostics import format_table  # noqa: F401 - re-exported for the exper
 from .data import Task, get_task
 from ..optim import AdaptiveSteps
 from ..residual import LeakyMLP
+from ..steps import over_lt
 
 __all__ = ["RunConfig", "RunResult", "FIXED_PROFILES", "build_model", "run", "compare", "format_table"]
 
@@ -56,7 +57,7 @@ class RunConfig:
     def decay(self) -> float:
         if self.weight_decay is not None:
             return self.weight_decay
-        return 1e-3 / self.effective_depth if self.effective_depth > 0 else 1e-3
+        return over_lt(1e-3, self.effective_depth)
 
 
 @dataclass
