@@ -135,17 +135,26 @@ class StepsOwner(nn.Module):
             restore_steps(steps, snapshot)
 
     def _apply(self, fn, recurse=True):
+        # to_empty() reallocates every tensor, meta or not, as uninitialised memory: steps whose values did not
+        # survive the call (they were meta, or their values changed) go back to their construction values
         owned = self._owned_steps()
-        was_meta = [steps.rho.is_meta for steps, _ in owned]
+        before = [None if steps.rho.is_meta else (steps.rho.detach().clone(), steps.effective_depth.detach().clone())
+                  for steps, _ in owned]
         for steps, _ in owned:  # per-rank statistics are plain tensors: meta ones have no data to move
             for name, value in list(vars(steps).items()):
                 if isinstance(value, Tensor) and value.is_meta:
                     setattr(steps, name, torch.zeros(value.shape, dtype=value.dtype))
         super()._apply(fn, recurse)
-        for (steps, snapshot), meta in zip(owned, was_meta):
-            if meta and not steps.rho.is_meta:
+        for (steps, snapshot), old in zip(owned, before):
+            if not steps.rho.is_meta and (old is None or not _kept(steps, old)):
                 restore_steps(steps, snapshot)
         return self
+
+
+def _kept(steps: StepSizes, old: Tuple[Tensor, Tensor]) -> bool:
+    """Whether ``steps`` still hold the values ``old`` (in their possibly new dtype and device)."""
+    return all(torch.equal(new.detach().cpu(), value.to(new.dtype).cpu())
+               for new, value in ((steps.rho, old[0]), (steps.effective_depth, old[1])))
 
 
 class LeakyResidual(StepsOwner):

@@ -381,33 +381,40 @@ class ParameterNormCost:
     """The paper's parameter-norm cost ``lambda/(2 Lt) sum_l rho_l ||W_l||^2`` (``lambda/2`` at Lt = 0) over the
     branch parameters of ``groups``, and its gradient ``(lambda/Lt) rho_l W_l`` (the rho-scaled decay).
 
-    The per-layer coefficients ``(lambda/Lt) rho_l`` are cached until the steps or Lt change.
+    Nothing is cached: the steps and Lt can be written in place (``.data``, ``copy_``) without bumping a
+    version counter, so the coefficients are read from the stored steps at every use.
     """
 
     def __init__(self, groups: Sequence[StepSizes], lam: float):
         self.groups, self.lam = list(groups), float(lam)
         self.params = [[list(g.branch_parameters(l)) for l in range(g.depth)] for g in self.groups]
-        self._cache: Tuple = ((), [])
+
+    def _scales(self) -> List[Tensor]:
+        """``(lambda / Lt) rho_l`` per group, as float64 tensors on the steps' device (no host sync)."""
+        out = []
+        for g in self.groups:
+            lt = g.effective_depth.detach().double()
+            positive = lt > 0
+            scale = torch.where(positive, self.lam / torch.where(positive, lt, torch.ones_like(lt)),
+                                torch.full_like(lt, self.lam))
+            out.append(scale * g.rho.detach().double())
+        return out
 
     def coefficients(self) -> List[List[float]]:
         """``(lambda / Lt) rho_l`` per group and layer, from the stored (feasible) steps."""
-        key = tuple((id(g.rho), g.rho._version, g.effective_depth._version) for g in self.groups)
-        if key != self._cache[0]:
-            coefs = [[over_lt(self.lam, float(g.effective_depth)) * r
-                      for r in g.rho.detach().double().cpu().tolist()] for g in self.groups]
-            self._cache = (key, coefs)
-        return self._cache[1]
+        return [c.cpu().tolist() for c in self._scales()]
 
     @torch.no_grad()
     def add_to_grads(self) -> None:
         """Add the cost's gradient to every branch parameter that has a gradient."""
         if self.lam == 0:
             return
-        for layers, coefs in zip(self.params, self.coefficients()):
-            for params, coef in zip(layers, coefs):
+        for layers, coefs in zip(self.params, self._scales()):
+            for params, coef in zip(layers, coefs.unbind()):
                 with_grad = [p for p in params if p.grad is not None]
                 if with_grad:
-                    torch._foreach_add_([p.grad for p in with_grad], with_grad, alpha=coef)
+                    scaled = torch._foreach_mul(with_grad, coef.to(with_grad[0].dtype))
+                    torch._foreach_add_([p.grad for p in with_grad], scaled)
 
     def __call__(self) -> Tensor:
         """The cost itself (differentiable in the weights, the steps detached)."""

@@ -263,7 +263,8 @@ def _empty(name, how):
 def test_meta_build_then_to_empty_reset_and_load_gives_the_same_model(name, how):
     reference = _build(name)
     model = _empty(name, how)
-    assert model.steps.rho.is_meta
+    # fixed steps are buffers: accelerate's init_empty_weights leaves buffers real unless include_buffers=True
+    assert model.steps.rho.is_meta == (how != "accelerate")
     x = torch.randn(3, 6 if name == "LeakyMLP" else 8)
     assert model(x.to("meta")).shape == reference(x).shape  # shape inference on meta
     model.to_empty(device="cpu")

@@ -293,8 +293,6 @@ def test_no_stale_coefficients_when_lt_is_written_behind_autograd():
         torch.testing.assert_close(model(x), _manual_forward(plain, groups, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="sibling in optim.py (helper H1's file): AdaptiveSteps caches the "
-                   "rho-scaled decay coefficients by version counters, which .data writes do not bump")
 def test_rho_scaled_decay_follows_steps_written_through_data():
     torch.manual_seed(0)
     model = wrap(tiny(layers=(2, 1, 1, 1)), effective_depth=0.5)
