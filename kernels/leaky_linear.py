@@ -241,10 +241,13 @@ class _LeakyLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, a, b, y if relu else None)
         ctx.relu = relu
         ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-)gradient
         return y, s
 
     @staticmethod
     def backward(ctx, g, _gs):
+        if g is None:
+            return (None,) * 8
         x, weight, bias, a, b, y = ctx.saved_tensors
         grads = _backward(g, x, weight, bias, a, b, y, ctx.relu, ctx.needs_input_grad[:5])
         grads = _common.guard_double_backward("leaky_linear", grads, (g, x, weight, bias, a, b))

@@ -151,10 +151,13 @@ class _LeakyUpdateFunction(torch.autograd.Function):
         ctx.save_for_backward(x, f, a, b)
         ctx.relu = relu
         ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-)gradient
         return y, s
 
     @staticmethod
     def backward(ctx, g, _gs):
+        if g is None:
+            return (None,) * 7
         x, f, a, b = ctx.saved_tensors
         grads = leaky_update_bwd(g, x, f, a, b, relu=ctx.relu, need=tuple(ctx.needs_input_grad[:4]))
         grads = _common.guard_double_backward("leaky_update", grads, (g, x, f, a, b))
