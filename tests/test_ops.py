@@ -394,3 +394,142 @@ def test_exponential_coefficients_second_derivative_and_vectors():
         fn = lambda r: step_coefficients(r, lt, "exponential")  # noqa: E731
         assert torch.autograd.gradcheck(fn, (rho,))
         assert torch.autograd.gradgradcheck(fn, (rho,))
+
+
+# --------------------------------------------------- device launches per block (issue 13 item 3)
+_NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+              "promote_types", "scalar_tensor"}  # allocations, metadata, and host-side scalars
+
+
+class _Launches(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records what would be a device launch on a GPU: every aten op that computes (views, allocations
+    and metadata ops launch nothing) and every Triton kernel launch; ``.item()`` is recorded as a sync."""
+
+    def __init__(self):
+        super().__init__()
+        self.names, self.paused = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and not func.is_view and name not in _NO_LAUNCH:
+            self.names.append("SYNC" if name == "_local_scalar_dense" else name)
+        return func(*args, **(kwargs or {}))
+
+    def take(self):
+        names, self.names = self.names, []
+        return names
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    mode = _Launches()
+    if torch.cuda.is_available():
+        return None  # the kernels' launches are counted under the interpreter
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return mode
+    real = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):  # one launch; the interpreter's own tensor copies are not counted
+        mode.names.append("triton:" + self.fn.__name__)
+        mode.paused = True
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            mode.paused = False
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return mode
+
+
+def _block_launches(mode, backend, scheme):
+    """Launches of one leaky block's update as the containers run it: the coefficients of all steps
+    (once per forward), then per block the update with statistics forward, and its backward with the
+    step-size gradient chained back to the step vector."""
+    from adaptive_depth.ops import fused_update
+    gen = torch.Generator().manual_seed(8)
+    x, f, g = (torch.randn(64, 32, generator=gen) for _ in range(3))
+    x.requires_grad_()
+    f.requires_grad_()
+    rho = torch.nn.Parameter(torch.full((4,), 0.1))
+    lt = torch.tensor(2.0)
+    with mode:
+        a, b = step_coefficients(rho, lt, scheme)
+    coefficients = mode.take()
+    with mode:
+        y, s = fused_update(x, f, a[1], b[1], lt, relu=True, stats=True, backend=backend)
+    forward = mode.take()
+    with mode:
+        torch.autograd.backward([y], [g])
+    backward = mode.take()
+    assert rho.grad is not None and x.grad is not None
+    return coefficients, forward, backward
+
+
+# measured (this commit): (coefficients, forward, backward) launches; the budget a change may not exceed
+LAUNCH_BUDGET = {("triton", "euler"): (2, 2, 10), ("triton", "exponential"): (8, 2, 10),
+                 ("torch", "euler"): (2, 9, 13), ("torch", "exponential"): (8, 9, 13)}
+
+
+@pytest.mark.parametrize("scheme", ["euler", "exponential"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_launches_per_block(backend, scheme, launches):
+    """Before: the exponential scheme's backward was 22 launches on the kernels (a 14-op autograd chain
+    through expm1 for d rho, and zeros materialised for the statistics' gradient); now 10, of which the
+    kernels are 2 (update, partial sums), 3 are the launcher's zeros and two coefficient-gradient copies,
+    2 scatter a[i], b[i] back to the step vector, and 3 the closed-form chain into d rho."""
+    if launches is None:
+        pytest.skip("counted on CPU (aten ops, and Triton launches under the interpreter)")
+    if backend == "triton":
+        _kernels_or_skip()
+    coefficients, forward, backward = _block_launches(launches, backend, scheme)
+    counts = (len(coefficients), len(forward), len(backward))
+    print(f"{backend} {scheme}: coefficients {coefficients}, forward {forward}, backward {backward}")
+    assert "SYNC" not in coefficients + forward + backward  # no host sync anywhere in a block
+    if backend == "triton":
+        assert forward == ["triton:_leaky_fwd_kernel", "triton:_sum_partials_kernel"]
+        assert backward.count("triton:_leaky_bwd_kernel") == 1
+    budget = LAUNCH_BUDGET[(backend, scheme)]
+    assert all(c <= b for c, b in zip(counts, budget)), (counts, budget)
+
+
+# ------------------------------------------------------- the kernels' import: no silent fallback (item 13)
+def _python(code, tmp_path, extra_path=None):
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (extra_path, repo, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+
+
+def test_a_bug_in_the_kernels_package_raises_instead_of_falling_back(tmp_path):
+    """A kernels package that fails to import for any reason but a missing Triton is a bug: it propagates
+    (it used to select the PyTorch path silently)."""
+    pytest.importorskip("triton")
+    package = tmp_path / "adaptive_depth_kernels"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise NameError('a bug inside the kernels package')\n")
+    code = ("import torch\nfrom adaptive_depth import ops\n"
+            "try:\n    ops.triton_available()\nexcept NameError as err:\n    print('raised:', err)\n"
+            "else:\n    print('fell back')\n")
+    done = _python(code, tmp_path, extra_path=str(tmp_path))
+    assert "raised: a bug inside the kernels package" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_a_missing_triton_falls_back_and_a_forced_triton_says_why(tmp_path):
+    code = ("import sys\nsys.modules['triton'] = None  # as if not installed\n"
+            "import torch\nfrom adaptive_depth import ops, leaky_update\n"
+            "x = torch.randn(3)\n"
+            "print('available:', ops.triton_available())\n"
+            "print('torch path:', bool(torch.allclose(leaky_update(x, x, 0.1, 1.0), 0.9 * x + 0.1 * x)))\n"
+            "try:\n    leaky_update(x, x, 0.1, 1.0, backend='triton')\n"
+            "except RuntimeError as err:\n    print('forced:', err, '| cause:', type(err.__cause__).__name__)\n")
+    done = _python(code, tmp_path)
+    out = done.stdout
+    assert "available: False" in out and "torch path: True" in out, out + done.stderr[-2000:]
+    assert "forced: backend='triton' was forced but the Triton kernels cannot be used here" in out
+    assert "import of triton" in out.split("forced:")[1]  # the cause, in the message and as __cause__
+    assert "cause: ModuleNotFoundError" in out
