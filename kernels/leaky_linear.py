@@ -4,7 +4,8 @@ Forward: a Triton GEMM whose prologue applies the ReLU to the loaded tiles of x 
 the bias, reads the matching tile of x for the residual and applies the leaky combine (and the optional
 output ReLU and statistics); ``relu(x) W^T + bias`` never touches memory. Backward: cuBLAS matmuls plus
 one fused elementwise kernel. Differentiable in x, weight, bias, a and b, through a
-``torch.autograd.Function`` in eager mode and a ``torch.library`` custom op under ``torch.compile``.
+``torch.autograd.Function`` in eager mode and the ``torch.library`` custom op ``adaptive_depth::leaky_linear``
+under ``torch.compile`` (once: a second backward raises a clear error).
 
 Backward, with ``G = g * [y > 0]`` (the output ReLU's mask, taken from the saved output as torch.relu
 does) and ``R = relu(x)``::

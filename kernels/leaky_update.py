@@ -4,6 +4,11 @@ Both kernels treat their tensors as flat buffers in one shared dense layout (con
 any other dense permutation: ``_common.flat_strides``); a tensor laid out otherwise is copied into that
 layout once. Reductions (the statistics forward, ``<g, x>`` and ``<g, f>`` backward) are fp32 partial sums,
 one pair per program, added up by ``_common.sum_partials`` in a fixed order: bit-identical across runs.
+
+Below the launchers: the op's autograd (``_LeakyUpdateFunction``, eager) and its ``torch.library`` custom
+ops ``adaptive_depth::leaky_update`` / ``adaptive_depth::leaky_update_backward`` (``torch.compile``), whose
+fake implementations promise exactly the layouts the launchers return; ``leaky_update`` picks between them.
+The kernels' gradients are not differentiable: a second backward raises (``_common.guard_double_backward``).
 """
 from __future__ import annotations
 
