@@ -1,18 +1,21 @@
-"""The leaky residual update, written once.
+"""The leaky residual update, written once: dispatch, the reference maths and the public wrappers.
 
     y = act(a * x + b * f)          (a, b) = step_coefficients(rho, Lt, scheme)
 
 ``euler`` (the paper):       a = 1 - rho Lt,     b = rho                       (needs rho Lt < 1)
 ``exponential`` (leak exact): a = exp(-rho Lt),  b = (1 - exp(-rho Lt)) / Lt   (-> rho at Lt = 0)
 
-The scheme lives only in ``step_coefficients`` (plain differentiable torch on scalars or an L-vector); the
-memory-bound part is one op on ``(x, f, a, b)`` whose backward is written out: it saves x and f (the ReLU
-mask is recomputed) and returns ``da = <g, x>``, ``db = <g, f>``; autograd chains those into ``d rho``.
+The scheme lives only in ``step_coefficients`` (differentiable in ``rho``, with closed-form derivatives);
+the memory-bound part is one op on ``(x, f, a, b)`` whose backward is written out: it saves x and f (or,
+for fixed steps, only y) and returns ``da = <g, x>``, ``db = <g, f>``; autograd chains those into ``d rho``.
 
-Paths: eager calls a ``torch.autograd.Function`` (cheapest dispatch on CPU); under ``torch.compile`` the
-same maths goes through a ``torch.library`` custom op with a fake and an autograd registration, so the
-graph has no break. On CUDA tensors the op calls the Triton kernels in ``kernels/`` when they import;
-``ADAPTIVE_DEPTH_BACKEND=torch|triton|auto`` (or ``backend=``) forces a path.
+Paths: the torch path is ``reference_forward`` / ``reference_backward`` (the CPU path, and the contract the
+kernels meet), in eager mode behind a small ``autograd.Function`` whose backward is itself differentiable
+(double backward works), under ``torch.compile`` as plain torch maths that Inductor fuses. The Triton path
+is ``adaptive_depth_kernels`` (the repository's ``kernels/``): each op there has its kernels, launchers,
+``autograd.Function`` and ``torch.library`` custom op (``adaptive_depth::leaky_update``,
+``adaptive_depth::leaky_linear``) in one file. CUDA tensors take the Triton path when Triton imports;
+``ADAPTIVE_DEPTH_BACKEND=torch|triton|auto`` (or ``backend=``) forces a path. Nothing here needs Triton.
 """
 from __future__ import annotations
 
@@ -92,24 +95,57 @@ def step_coefficients(rho: Tensor, effective_depth: Union[Tensor, Number],
                       scheme: str = "euler") -> Tuple[Tensor, Tensor]:
     """Per-step coefficients ``(a, b)`` of ``y = a x + b f``; elementwise in ``rho`` (a scalar or a vector).
 
-    Differentiable in ``rho`` by plain autograd. ``effective_depth`` is a hyper-parameter (no gradient).
+    Differentiable in ``rho`` (twice too), with the derivatives in closed form: euler ``(-Lt, 1)``,
+    exponential ``(-Lt a, exp(-rho Lt))``, exact for any ``rho Lt``. ``effective_depth`` is a
+    hyper-parameter (no gradient).
     """
     lt = torch.as_tensor(effective_depth, dtype=rho.dtype, device=rho.device)
     if scheme == "euler":
         return 1.0 - rho * lt, rho
     if scheme == "exponential":
-        z = rho * lt
-        a = torch.exp(-z)
-        positive = lt > 0
-        safe_lt = torch.where(positive, lt, torch.ones_like(lt))
-        b = torch.where(positive, -torch.expm1(-z) / safe_lt, rho)
-        return a, b
+        if rho.shape != lt.shape:
+            rho, lt = torch.broadcast_tensors(rho, lt)
+        if torch.is_grad_enabled() and (rho.requires_grad or lt.requires_grad):
+            return _ExponentialCoefficients.apply(rho, lt)
+        return _exponential(rho, lt)
     raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def _exponential(rho: Tensor, lt: Tensor) -> Tuple[Tensor, Tensor]:
+    """``a = exp(-z)``, ``b = -expm1(-z) / Lt`` (``rho`` at Lt = 0), ``z = rho Lt``: no cancellation.
+
+    Not differentiated itself (the gradient is ``_ExponentialCoefficients``'): the 0/0 the Lt = 0 entries
+    meet in ``b``'s first branch is discarded by the ``where``, in 8 small ops."""
+    neg_z = (rho * lt).neg()
+    b = torch.where(lt > 0, torch.expm1(neg_z) / lt.neg(), rho)
+    return torch.exp(neg_z), b
+
+
+class _ExponentialCoefficients(torch.autograd.Function):
+    """``d b / d rho = exp(-rho Lt) = a`` written out: autograd through ``expm1`` forms ``1 + expm1(-z)``,
+    which has no relative precision left for large ``z`` (exactly 0 in fp32 from ``z`` ~ 17)."""
+
+    @staticmethod
+    def forward(ctx, rho, lt):
+        a, b = _exponential(rho, lt)
+        ctx.save_for_backward(a, lt)
+        return a, b
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        a, lt = ctx.saved_tensors  # a is an output: a second derivative chains through this node again
+        return a * (grad_b - lt * grad_a), None
 
 
 # ------------------------------------------------------------------------------- the reference maths
 def _out_dtype(x: Tensor, f: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, f.dtype)
+    """The result's dtype: the operands' promoted dtype; integer operands give the default float dtype."""
+    out = torch.promote_types(x.dtype, f.dtype)
+    return out if out.is_floating_point else torch.get_default_dtype()
+
+
+def _math_dtype(out: torch.dtype) -> torch.dtype:
+    return torch.float32 if out in _LOW_PRECISION else out
 
 
 def _flat_pair(u: Tensor, v: Tensor):
@@ -137,30 +173,45 @@ def reference_forward(x: Tensor, f: Tensor, a: Tensor, b: Tensor, effective_dept
     """``y = act(a x + b f)`` in fp32 math (fp64 for fp64 inputs), and optionally the squared norms
     ``(||f - Lt x||^2, ||x||^2)`` in fp32. The CPU path, and the kernels' contract."""
     out = _out_dtype(x, f)
-    low = out in _LOW_PRECISION
-    xc, fc = (x.float(), f.float()) if low else (x.to(out), f.to(out))
-    y = torch.mul(xc, a.to(xc.dtype))
-    y.addcmul_(fc, b.to(xc.dtype))
+    math_dtype = _math_dtype(out)
+    xc, fc = x.to(math_dtype), f.to(math_dtype)
+    y = torch.mul(xc, a.to(math_dtype))
+    y.addcmul_(fc, b.to(math_dtype))
     if relu:
         y.relu_()
-    if low:
-        y = y.to(out)
-    if stats:
-        lt = effective_depth.to(xc.dtype)
-        velocity = torch.addcmul(fc, xc, -lt)
-        acc = torch.float64 if xc.dtype == torch.float64 else torch.float32
-        s = torch.stack([torch.linalg.vector_norm(velocity, dtype=acc),
-                         torch.linalg.vector_norm(xc, dtype=acc)]).square().float()
-    else:
-        s = x.new_empty((0,), dtype=torch.float32)
+    y = y.to(out)
+    s = _statistics(xc, fc, effective_depth) if stats else x.new_empty((0,), dtype=torch.float32)
     return y, s
+
+
+def _statistics(xc: Tensor, fc: Tensor, effective_depth: Tensor) -> Tensor:
+    """``(||f - Lt x||^2, ||x||^2)`` in fp32 of operands already in their math dtype (no gradient)."""
+    xc, fc = xc.detach(), fc.detach()
+    velocity = torch.addcmul(fc, xc, -effective_depth.detach().to(xc.dtype))
+    acc = torch.float64 if xc.dtype == torch.float64 else torch.float32
+    return torch.stack([torch.linalg.vector_norm(velocity, dtype=acc),
+                        torch.linalg.vector_norm(xc, dtype=acc)]).square().float()
+
+
+def reference_graph(x: Tensor, f: Tensor, a: Tensor, b: Tensor, effective_depth: Tensor, relu: bool,
+                    stats: bool) -> Tuple[Tensor, Tensor]:
+    """``reference_forward`` as plain differentiable torch (no in-place ops): what ``torch.compile`` traces
+    on the torch path, so that Inductor fuses the update and its backward with their neighbours."""
+    out = _out_dtype(x, f)
+    math_dtype = _math_dtype(out)
+    xc, fc = x.to(math_dtype), f.to(math_dtype)
+    y = xc * a.to(math_dtype) + fc * b.to(math_dtype)
+    if relu:
+        y = torch.relu(y)
+    s = _statistics(xc, fc, effective_depth) if stats else x.new_empty((0,), dtype=torch.float32)
+    return y.to(out), s
 
 
 def reference_backward(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, relu: bool,
                        need: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
-    """Gradients of ``y = act(a x + b f)``: ``(dx, df, da, db)``, each ``None`` unless needed."""
-    out = _out_dtype(x, f)
-    math_dtype = torch.float32 if out in _LOW_PRECISION else out
+    """Gradients of ``y = act(a x + b f)``: ``(dx, df, da, db)``, each ``None`` unless needed. Written in
+    differentiable torch ops, so that a second backward through it is exact."""
+    math_dtype = _math_dtype(_out_dtype(x, f))
     # each operand is brought to the math dtype once (a no-op in fp32/fp64) and reused
     need_x, need_f, need_a, need_b = need
     xm = x.to(math_dtype) if (relu or need_a) else None
@@ -169,7 +220,7 @@ def reference_backward(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, re
     am, bm = a.to(math_dtype), b.to(math_dtype)
     if relu:  # recompute the mask instead of saving y
         pre = torch.mul(xm, am).addcmul_(fm, bm)
-        gm = torch.where(pre > 0, gm, torch.zeros((), dtype=math_dtype, device=g.device))
+        gm = torch.where(pre > 0, gm, 0.0)
     dx = (gm * am).to(x.dtype) if need_x else None
     df = (gm * bm).to(f.dtype) if need_f else None
     da = _dot(gm, xm).to(a.dtype) if need_a else None
@@ -224,7 +275,7 @@ def triton_available() -> bool:
     return _kernels() is not None
 
 
-def _use_triton(x: Tensor, backend: str) -> bool:
+def _use_triton(x: Tensor, backend: str, *others: Tensor) -> bool:
     if backend == "torch":
         return False
     if backend == "triton":
@@ -233,27 +284,17 @@ def _use_triton(x: Tensor, backend: str) -> bool:
                                f"{_KERNELS}") from _KERNELS
         return True
     # auto: only dtypes the kernels take (they raise TypeError for the rest, e.g. float64)
-    return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_available()
+    return x.is_cuda and all(t.dtype in _KERNEL_DTYPES for t in (x, *others)) and triton_available()
 
 
-def _forward_impl(x, f, a, b, lt, relu, stats, backend):
-    if _use_triton(x, backend):
-        return _kernels().leaky_update_fwd(x, f, a, b, lt, relu=relu, stats=stats)
-    return reference_forward(x, f, a, b, lt, relu, stats)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _backward_impl(g, x, f, a, b, relu, need, backend):
-    if _use_triton(x, backend):
-        return _kernels().leaky_update_bwd(g, x, f, a, b, relu=relu, need=need)
-    return reference_backward(g, x, f, a, b, relu, need)
-
-
-# ------------------------------------------------------------------------------------ eager autograd
+# ------------------------------------------------------------------------- the torch path's autograd
 def _fixed_step_backward(g: Tensor, y: Optional[Tensor], a: Tensor, b: Tensor, need, dtypes):
     """``(dx, df)`` of ``y = act(a x + b f)`` when a and b need no gradient: the ReLU mask is read from the
     output (``y > 0`` iff ``a x + b f > 0``), so neither x nor f has to be kept."""
-    out = torch.promote_types(*dtypes)
-    math_dtype = torch.float32 if out in _LOW_PRECISION else out
+    math_dtype = _math_dtype(torch.promote_types(*dtypes))
     if y is not None:
         g = torch.ops.aten.threshold_backward(g, y, 0)
     gm = g.to(math_dtype)
@@ -262,14 +303,17 @@ def _fixed_step_backward(g: Tensor, y: Optional[Tensor], a: Tensor, b: Tensor, n
     return dx, df
 
 
-class _LeakyUpdate(torch.autograd.Function):
+class _ReferenceUpdate(torch.autograd.Function):
+    """The torch path in eager mode: ``reference_forward`` with the written-out ``reference_backward``
+    (in differentiable ops: a second backward is exact). Fixed steps keep only y (for the ReLU mask) or
+    nothing; otherwise x and f."""
+
     @staticmethod
-    def forward(ctx, x, f, a, b, lt, relu: bool, stats: bool, backend: str):
-        y, s = _forward_impl(x, f, a, b, lt, relu, stats, backend)
-        ctx.relu, ctx.backend, ctx.dtypes = relu, backend, (x.dtype, f.dtype)
-        # fixed steps on the torch path: keep only y (for the ReLU mask) or nothing; x and f are needed
-        # only for the coefficient gradients and by the Triton backward, which recomputes the mask
-        ctx.from_output = not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3] or _use_triton(x, backend))
+    def forward(ctx, x, f, a, b, lt, relu: bool, stats: bool):
+        y, s = reference_forward(x, f, a, b, lt, relu, stats)
+        ctx.relu, ctx.dtypes = relu, (x.dtype, f.dtype)
+        ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-)gradient
+        ctx.from_output = not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         if ctx.from_output:
             ctx.save_for_backward(a, b, y if relu else None)
         else:
@@ -279,61 +323,15 @@ class _LeakyUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _gs):
+        if g is None:
+            return (None,) * 7
         if ctx.from_output:
             a, b, y = ctx.saved_tensors
             dx, df = _fixed_step_backward(g, y, a, b, tuple(ctx.needs_input_grad[:2]), ctx.dtypes)
-            return dx, df, None, None, None, None, None, None
+            return dx, df, None, None, None, None, None
         x, f, a, b = ctx.saved_tensors
-        need = tuple(ctx.needs_input_grad[:4])
-        dx, df, da, db = _backward_impl(g.contiguous() if not _same_layout(g, x) else g,
-                                        x, f, a, b, ctx.relu, need, ctx.backend)
-        return dx, df, da, db, None, None, None, None
-
-
-def _same_layout(u: Tensor, v: Tensor) -> bool:
-    return u.stride() == v.stride()
-
-
-# ----------------------------------------------------------------------------- torch.library op
-@torch.library.custom_op("adaptive_depth::leaky_update", mutates_args=())
-def _leaky_update_op(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, relu: bool, stats: bool,
-                     backend: str) -> Tuple[Tensor, Tensor]:
-    y, s = _forward_impl(x, f, a, b, lt, relu, stats, backend)
-    return y, s
-
-
-@_leaky_update_op.register_fake
-def _(x, f, a, b, lt, relu, stats, backend):
-    y = torch.empty_like(x, dtype=_out_dtype(x, f))
-    return y, x.new_empty((2,) if stats else (0,), dtype=torch.float32)
-
-
-@torch.library.custom_op("adaptive_depth::leaky_update_backward", mutates_args=())
-def _leaky_update_backward_op(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, relu: bool,
-                              backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, df, da, db = _backward_impl(g.contiguous() if not _same_layout(g, x) else g,
-                                    x, f, a, b, relu, (True, True, True, True), backend)
-    return dx, df, da, db
-
-
-@_leaky_update_backward_op.register_fake
-def _(g, x, f, a, b, relu, backend):
-    return torch.empty_like(x), torch.empty_like(f), torch.empty_like(a), torch.empty_like(b)
-
-
-def _op_setup(ctx, inputs, output):
-    x, f, a, b, _lt, relu, _stats, backend = inputs
-    ctx.save_for_backward(x, f, a, b)
-    ctx.relu, ctx.backend = relu, backend
-
-
-def _op_backward(ctx, g, _gs):
-    x, f, a, b = ctx.saved_tensors
-    dx, df, da, db = _leaky_update_backward_op(g, x, f, a, b, ctx.relu, ctx.backend)
-    return dx, df, da, db, None, None, None, None
-
-
-_leaky_update_op.register_autograd(_op_backward, setup_context=_op_setup)
+        grads = reference_backward(g, x, f, a, b, ctx.relu, tuple(ctx.needs_input_grad[:4]))
+        return (*grads, None, None, None)
 
 
 # ------------------------------------------------------------------------------------- entry points
@@ -343,9 +341,44 @@ def fused_update(x: Tensor, f: Tensor, a: Tensor, b: Tensor, effective_depth: Te
 
     ``stats`` is ``(||f - Lt x||^2, ||x||^2)`` in fp32 when asked for, else an empty tensor.
     """
+    if _use_triton(x, backend, f):
+        return _kernels().leaky_update(x, f, a, b, effective_depth, relu=relu, stats=stats)
     if torch.compiler.is_compiling():
-        return _leaky_update_op(x, f, a, b, effective_depth, relu, stats, backend)
-    return _LeakyUpdate.apply(x, f, a, b, effective_depth, relu, stats, backend)
+        return reference_graph(x, f, a, b, effective_depth, relu, stats)
+    return _ReferenceUpdate.apply(x, f, a, b, effective_depth, relu, stats)
+
+
+def _check_operands(x, f) -> Tuple[Tensor, Tensor]:
+    """x and f as real tensors of one shape; integer ones are brought to the floating dtype they compute in."""
+    if not isinstance(x, Tensor) or not isinstance(f, Tensor):
+        raise TypeError(f"x and f must be tensors, got {type(x).__name__} and {type(f).__name__}")
+    if x.shape != f.shape:
+        raise ValueError(f"x and f must have the same shape, got x {tuple(x.shape)} and f {tuple(f.shape)}")
+    for name, t in (("x", x), ("f", f)):
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{name} must be a floating-point (or integer) tensor, got {t.dtype}; convert it "
+                            f"with {name}.float()")
+    out = _out_dtype(x, f)
+    return x.to(out), f.to(out)
+
+
+def _host_number(value, name: str) -> Optional[float]:
+    """``value`` as a validated float when reading it costs no device sync (a Python number, a CPU tensor
+    outside ``torch.compile``), else None: device and meta tensors are never read for a check."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+    return _as_float(value, name)
+
+
+def _scalar(value, dtype: torch.dtype, device) -> Tensor:
+    """A 0-dim tensor on ``device``: a tensor is moved, a Python number is filled in there (no copy from
+    the host, no sync)."""
+    if isinstance(value, Tensor):
+        return value.reshape(()).to(device=device, dtype=dtype)
+    return torch.full((), float(value), dtype=dtype, device=device)
 
 
 def leaky_update(x: Tensor, f: Tensor, rho: Union[Tensor, Number], effective_depth: Union[Tensor, Number],
@@ -370,32 +403,25 @@ def leaky_update(x: Tensor, f: Tensor, rho: Union[Tensor, Number], effective_dep
         >>> x, f = torch.randn(8, 16), torch.randn(8, 16)
         >>> y = leaky_update(x, f, 0.1, 2.0)            # x + 0.1 * (f - 2 x)
     """
-    if not isinstance(x, Tensor) or not isinstance(f, Tensor):
-        raise TypeError(f"x and f must be tensors, got {type(x).__name__} and {type(f).__name__}")
-    if x.shape != f.shape:
-        raise ValueError(f"x and f must have the same shape, got x {tuple(x.shape)} and f {tuple(f.shape)}")
+    x, f = _check_operands(x, f)
     check_scheme(scheme)
     relu = check_activation(activation) == "relu"
     backend = check_backend(backend)
-    checkable = not torch.compiler.is_compiling()
     if isinstance(rho, Tensor):
         if rho.numel() != 1:
             raise ValueError(f"rho must be a float or a 0-dim tensor, got shape {tuple(rho.shape)}")
         if not rho.is_floating_point():
             raise TypeError(f"rho must be a floating-point tensor, got {rho.dtype}")
-        rho_t = rho.reshape(()).to(x.device)
-    else:
-        rho_t = torch.tensor(_as_float(rho, "rho"), dtype=torch.float64, device=x.device)
-    if isinstance(effective_depth, Tensor) and effective_depth.numel() != 1:
-        raise ValueError(f"effective_depth must be a scalar, got shape {tuple(effective_depth.shape)}")
-    if checkable and not (isinstance(rho, Tensor) and rho.is_cuda):  # never sync a device for a check
-        check_step(rho_t.detach(), check_effective_depth(effective_depth), scheme)
-    elif checkable and not isinstance(effective_depth, Tensor):
-        check_effective_depth(effective_depth)
+    # validate on the host, before anything moves to x's device (device tensors are not read: no sync)
+    rho_value, lt_value = _host_number(rho, "rho"), _host_number(effective_depth, "effective_depth")
+    if lt_value is not None:
+        check_effective_depth(lt_value)
+    if rho_value is not None:
+        check_step(rho_value, lt_value if lt_value is not None else 0.0, scheme)
     wide = torch.float64 in (x.dtype, f.dtype) or (isinstance(rho, Tensor) and rho.dtype == torch.float64)
     coef_dtype = torch.float64 if wide else torch.float32  # fp32 math unless an operand is fp64
-    rho_t = rho_t.to(coef_dtype)
-    lt = torch.as_tensor(effective_depth, dtype=coef_dtype, device=x.device).reshape(())
+    rho_t = _scalar(rho, coef_dtype, x.device)
+    lt = _scalar(effective_depth, coef_dtype, x.device)
     a, b = step_coefficients(rho_t, lt, scheme)
     y, s = fused_update(x, f, a, b, lt, relu=relu, stats=return_stats, backend=backend)
     return (y, s) if return_stats else y
@@ -412,8 +438,7 @@ def leaky_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b
     # kernels.leaky_linear is an autograd.Function in eager mode and a custom op under torch.compile, so
     # compiled graphs keep the fused GEMM too. Under autocast the torch path runs: the kernel would not
     # cast its operands as F.linear does.
-    if _use_triton(x, backend) and not torch.is_autocast_enabled(x.device.type) \
-            and hasattr(_kernels(), "leaky_linear"):
+    if _use_triton(x, backend, weight) and not torch.is_autocast_enabled(x.device.type):
         return _kernels().leaky_linear(x, weight, bias, a, b, effective_depth, relu=relu, stats=stats)
     f = torch.nn.functional.linear(torch.relu(x), weight, bias)
     return fused_update(x, f, a, b, effective_depth, relu=relu, stats=stats, backend=backend)

@@ -163,3 +163,36 @@ def sum_partials(partial: Tensor) -> Tensor:
     out = empty((2,), (1,), torch.float32, partial.device)
     _sum_partials_kernel[(1,)](partial, out, rows, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return out
+
+
+# ------------------------------------------------------------------------- autograd: double backward
+DOUBLE_BACKWARD = ("double backward (a gradient of a gradient, e.g. a gradient penalty or create_graph=True "
+                   "followed by a second backward) through {op} is not supported by the Triton kernels: run "
+                   "that part with backend='torch' (or ADAPTIVE_DEPTH_BACKEND=torch), whose backward is "
+                   "differentiable")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a kernel-made gradient that ties it to the tensors it came from; differentiating
+    through it raises (a kernel's gradient is not differentiable, and a constant would be wrong)."""
+
+    @staticmethod
+    def forward(ctx, message: str, grad: Tensor, *sources: Tensor) -> Tensor:
+        ctx.message = message
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
+
+
+def guard_double_backward(op: str, grads, sources):
+    """``grads`` unchanged, except under ``create_graph=True`` (grad mode on inside a backward) with a
+    source that requires grad: then each gradient carries a node that raises a clear error if a second
+    backward reaches it, instead of the silently wrong constant it would otherwise be."""
+    sources = [t for t in sources if isinstance(t, Tensor)]
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in sources):
+        return tuple(grads)
+    message = DOUBLE_BACKWARD.format(op=op)
+    return tuple(t if t is None or t.numel() == 0 else _NoDoubleBackward.apply(message, t, *sources)
+                 for t in grads)

@@ -4,7 +4,8 @@ Forward: a Triton GEMM whose prologue applies the ReLU to the loaded tiles of x 
 the bias, reads the matching tile of x for the residual and applies the leaky combine (and the optional
 output ReLU and statistics); ``relu(x) W^T + bias`` never touches memory. Backward: cuBLAS matmuls plus
 one fused elementwise kernel. Differentiable in x, weight, bias, a and b, through a
-``torch.autograd.Function`` in eager mode and a ``torch.library`` custom op under ``torch.compile``.
+``torch.autograd.Function`` in eager mode and the ``torch.library`` custom op ``adaptive_depth::leaky_linear``
+under ``torch.compile`` (once: a second backward raises a clear error).
 
 Backward, with ``G = g * [y > 0]`` (the output ReLU's mask, taken from the saved output as torch.relu
 does) and ``R = relu(x)``::
@@ -32,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from .leaky_update import BLOCK, NUM_WARPS, TAIL, dot, leaky_update_fwd
+from .leaky_update import BLOCK, NUM_WARPS, TAIL, leaky_update_fwd
 
 # H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, with statistics): BLOCK_K 64 for 16-bit
 # inputs, 32 for fp32 as TF32 (whose larger tiles would not fit in shared memory); _prune keeps those of
@@ -313,13 +314,18 @@ def _backward(g, x, weight, bias, a, b, y, relu: bool, need) -> Tuple[Optional[T
     colsum = gm.sum(0, dtype=torch.float32) if (need_bias or need_b) and bias is not None else None
     db = None
     if need_b:  # <G, f> without f: <G^T relu(x), W> + <sum_rows G, bias>
-        db = dot(u, weight) + (dot(colsum, bias.float()) if bias is not None else 0.0)
+        db = _dot(u, weight) + (_dot(colsum, bias) if bias is not None else 0.0)
         db = db.to(b.dtype).reshape(b.shape)
     return (dx.view(x.shape) if need_x else None,
             (u * b).to(weight.dtype) if need_w else None,
             (colsum * b).to(bias.dtype) if need_bias else None,
             sums[0].to(a.dtype, copy=True).reshape(a.shape) if need_a else None,
             db)
+
+
+def _dot(u: Tensor, v: Tensor) -> Tensor:
+    """``<u, v>`` of two same-shaped tensors as a 0-dim fp32 tensor (one BLAS dot in fp32)."""
+    return torch.dot(u.reshape(-1).float(), v.reshape(-1).float())
 
 
 class _LeakyLinear(torch.autograd.Function):
@@ -329,17 +335,21 @@ class _LeakyLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, a, b, y if relu else None)
         ctx.relu = relu
         ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-)gradient
         return y, s
 
     @staticmethod
     def backward(ctx, g, _gs):
+        if g is None:
+            return (None,) * 8
         x, weight, bias, a, b, y = ctx.saved_tensors
         grads = _backward(g, x, weight, bias, a, b, y, ctx.relu, ctx.needs_input_grad[:5])
+        grads = _common.guard_double_backward("leaky_linear", grads, (g, x, weight, bias, a, b))
         return (*grads, None, None, None)
 
 
 # ------------------------------------------------------------------------- torch.compile: custom ops
-@torch.library.custom_op("adaptive_depth_kernels::leaky_linear", mutates_args=())
+@torch.library.custom_op("adaptive_depth::leaky_linear", mutates_args=())
 def _leaky_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, lt: Tensor,
                      relu: bool, stats: bool) -> Tuple[Tensor, Tensor]:
     _check(x, weight, bias, a, b, lt, stats)
@@ -351,7 +361,7 @@ def _(x, weight, bias, a, b, lt, relu, stats):
     return x.new_empty(x.shape), x.new_empty((2 if stats else 0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("adaptive_depth_kernels::leaky_linear_backward", mutates_args=())
+@torch.library.custom_op("adaptive_depth::leaky_linear_backward", mutates_args=())
 def _leaky_linear_backward_op(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor,
                               b: Tensor, y: Optional[Tensor], relu: bool,
                               need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -380,7 +390,12 @@ def _op_backward(ctx, g, _gs):
     return (*(t if wanted else None for t, wanted in zip(grads, need)), None, None, None)
 
 
+def _no_double_backward(ctx, *_):
+    raise RuntimeError(_common.DOUBLE_BACKWARD.format(op="adaptive_depth::leaky_linear"))
+
+
 _leaky_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
+_leaky_linear_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def leaky_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, lt: Tensor, *,

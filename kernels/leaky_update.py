@@ -8,10 +8,15 @@ whatever the element count, and only the one partial block at the end is masked.
 statistics forward, ``<g, x>`` and ``<g, f>`` backward) accumulate in registers across a program's blocks,
 one fp32 partial pair per program, added up by ``_common.sum_partials`` in one parallel step in a fixed
 order: bit-identical across runs on a device.
+
+Below the launchers: the op's autograd (``_LeakyUpdateFunction``, eager) and its ``torch.library`` custom
+ops ``adaptive_depth::leaky_update`` / ``adaptive_depth::leaky_update_backward`` (``torch.compile``), whose
+fake implementations promise exactly the layouts the launchers return; ``leaky_update`` picks between them.
+The kernels' gradients are not differentiable: a second backward raises (``_common.guard_double_backward``).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -211,7 +216,88 @@ def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, r
     return dx, df, da, db
 
 
-def dot(u: Tensor, v: Tensor) -> Tensor:
-    """``<u, v>`` as a 0-dim fp32 tensor, by the backward kernel's deterministic partial sums."""
-    one = torch.ones((), dtype=torch.float32, device=u.device)
-    return leaky_update_bwd(u, v, v, one, one, relu=False, need=(False, False, True, False))[2]
+# ------------------------------------------------------------------- autograd and torch.library registration
+class _LeakyUpdateFunction(torch.autograd.Function):
+    """The eager path: the kernels with autograd, cheapest to dispatch. The backward recomputes the ReLU
+    mask from x and f instead of saving y."""
+
+    @staticmethod
+    def forward(ctx, x, f, a, b, lt, relu: bool, stats: bool):
+        y, s = leaky_update_fwd(x, f, a, b, lt, relu=relu, stats=stats)
+        ctx.save_for_backward(x, f, a, b)
+        ctx.relu = relu
+        ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-)gradient
+        return y, s
+
+    @staticmethod
+    def backward(ctx, g, _gs):
+        if g is None:
+            return (None,) * 7
+        x, f, a, b = ctx.saved_tensors
+        grads = leaky_update_bwd(g, x, f, a, b, relu=ctx.relu, need=tuple(ctx.needs_input_grad[:4]))
+        grads = _common.guard_double_backward("leaky_update", grads, (g, x, f, a, b))
+        return (*grads, None, None, None)
+
+
+@torch.library.custom_op("adaptive_depth::leaky_update", mutates_args=())
+def _leaky_update_op(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, relu: bool,
+                     stats: bool) -> Tuple[Tensor, Tensor]:
+    return leaky_update_fwd(x, f, a, b, lt, relu=relu, stats=stats)
+
+
+@_leaky_update_op.register_fake
+def _(x, f, a, b, lt, relu, stats):
+    y = torch.empty_strided(x.shape, _common.flat_strides(x), dtype=torch.promote_types(x.dtype, f.dtype),
+                            device=x.device)
+    return y, x.new_empty((2 if stats else 0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("adaptive_depth::leaky_update_backward", mutates_args=())
+def _leaky_update_backward_op(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, relu: bool,
+                              need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = leaky_update_bwd(g, x, f, a, b, relu=relu, need=tuple(need))
+    # a custom op returns tensors only: an empty one stands for a gradient nobody asked for
+    return tuple(t if t is not None else x.new_empty((0,)) for t in grads)
+
+
+@_leaky_update_backward_op.register_fake
+def _(g, x, f, a, b, relu, need):
+    # what leaky_update_bwd returns: dx in x's dense layout, df in f's, da and db in a's and b's shape
+    def like(t, dense):
+        strides = _common.flat_strides(t) if dense else torch.empty(t.shape, device="meta").stride()
+        return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+    return tuple(like(t, dense) if wanted else x.new_empty((0,))
+                 for t, dense, wanted in zip((x, f, a, b), (True, True, False, False), need))
+
+
+def _op_setup(ctx, inputs, output):
+    x, f, a, b, _lt, relu, _stats = inputs
+    ctx.save_for_backward(x, f, a, b)
+    ctx.relu = relu
+
+
+def _op_backward(ctx, g, _gs):
+    x, f, a, b = ctx.saved_tensors
+    need = [bool(v) for v in ctx.needs_input_grad[:4]]
+    grads = _leaky_update_backward_op(g, x, f, a, b, ctx.relu, need)
+    return (*(t if wanted else None for t, wanted in zip(grads, need)), None, None, None)
+
+
+def _no_double_backward(ctx, *_):
+    raise RuntimeError(_common.DOUBLE_BACKWARD.format(op="adaptive_depth::leaky_update"))
+
+
+_leaky_update_op.register_autograd(_op_backward, setup_context=_op_setup)
+_leaky_update_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def leaky_update(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, *, relu: bool,
+                 stats: bool) -> Tuple[Tensor, Tensor]:
+    """``(act(a x + b f), stats)`` on the kernels, differentiable in x, f, a and b (once: a second
+    backward raises). Arguments and outputs as in ``leaky_update_fwd``. Eager calls run an
+    ``autograd.Function``; under ``torch.compile`` the custom op ``adaptive_depth::leaky_update``, with a
+    fake (meta) implementation that promises exactly the real op's layouts."""
+    if torch.compiler.is_compiling():
+        return _leaky_update_op(x, f, a, b, lt, relu, stats)
+    return _LeakyUpdateFunction.apply(x, f, a, b, lt, relu, stats)
