@@ -111,22 +111,29 @@ def _splittable(block: nn.Module) -> bool:
 
 
 def _branch_modules(block: nn.Module) -> List[nn.Module]:
-    """The branch's submodules in registration order (a wrapped block without its shortcut)."""
-    skip = {id(m) for s in _shortcut_modules(block) for m in s.modules()}
-    root = getattr(block, "block", None) if "_leaky_adapter" not in block.__dict__ else None
-    root = root if isinstance(root, nn.Module) else block
-    return [m for m in root.modules() if id(m) not in skip]
+    """The branch's submodules in registration order (a wrapped block without its shortcut and post-add
+    activation)."""
+    adapter = block.__dict__.get("_leaky_adapter")
+    if adapter is None:
+        root = getattr(block, "block", block)
+        return list(root.modules())
+    act = getattr(block, adapter.activation, None) if adapter.activation else None
+    skip = {id(m) for s in _shortcut_modules(block) + ([act] if isinstance(act, nn.Module) else [])
+            for m in s.modules()}
+    return [m for m in block.modules() if id(m) not in skip]
 
 
 def _last_affine(block: nn.Module) -> nn.Module:
-    """The last module of the branch that owns parameters; it must be output-linear in them."""
-    owners = [m for m in _branch_modules(block) if any(True for _ in m.parameters(recurse=False))]
-    if not owners or not isinstance(owners[-1], _AFFINE) or getattr(owners[-1], "weight", None) is None:
-        found = type(owners[-1]).__name__ if owners else "no parameters"
-        raise ValueError(f"init='zero' needs a branch that ends in a Linear, Conv or affine norm layer (its "
-                         f"output is then scaled by scaling its weight and bias); this branch ends in {found}. "
+    """The branch's last registered leaf module (identities aside); it must be output-linear in its
+    parameters (a Linear, Conv or affine norm layer), so that scaling them scales the branch."""
+    leaves = [m for m in _branch_modules(block) if not m._modules and not isinstance(m, nn.Identity)]
+    last = leaves[-1] if leaves else None
+    if not isinstance(last, _AFFINE) or getattr(last, "weight", None) is None:
+        found = type(last).__name__ if last is not None else "nothing"
+        raise ValueError(f"init='zero' needs a branch whose last layer is a Linear, Conv or affine norm layer "
+                         f"(scaling its weight and bias then scales the branch); this branch ends in {found}. "
                          f"Use init='copy'")
-    return owners[-1]
+    return last
 
 
 def _copy_block(block: nn.Module, group: StepSizes) -> nn.Module:
@@ -428,9 +435,8 @@ def refine_plan(model: nn.Module, *, how: str = "uniform", factor: int = 2, inpu
     """The refinement ``refine`` would apply: ``{"op": "refine", "pieces": [[n_l per block] per group]}``."""
     groups = _groups(model)
     allowed = [[_splittable(b) for b in grp.blocks] for grp in groups]
-    for gi, ok in enumerate(allowed):
-        if not any(ok):
-            raise ValueError(f"group {gi} has no block that can be split (all have projection shortcuts)")
+    if not any(any(ok) for ok in allowed):
+        raise ValueError("no block of the model can be split (all have projection shortcuts)")
     if how == "uniform":
         pieces = [[factor if a else 1 for a in ok] for ok in allowed]
     else:
