@@ -15,12 +15,14 @@ scikit-learn digits (a small 2-D conv Leaky ResNet, same blocks), the paper's te
 ``AdaptiveSteps``: with the equal-distance rule every block has the same distance and an adaptive
 refinement is a uniform one), AdamW with cosine decay.
 
-Per run: a test curve (every ``--eval-every`` steps; evaluation time is not counted) with the wall time, the
-optimizer steps and the block-steps (sum over steps of the number of blocks: a load-independent cost)
-spent so far. Per (task, arm) over seeds: the final metric; the wall time, steps and block-steps to reach the
-target (per task: the full arm's median final metric minus ``--slack`` (accuracy points), or times
-``1 + slack`` for a loss); the full arm's metric at the wall time each growth arm needed for its whole
-budget (equal wall time). Tuning seeds 0-1 (``--tune``) choose the growth times and the optimizer state of
+Per run: a test curve (every ``--eval-every`` steps; evaluation time is not counted) with the process CPU
+time and the wall time of training (growth included), the optimizer steps and the block-steps (sum over steps
+of the number of blocks) spent so far. With one thread the CPU time is the compute spent, far less disturbed
+by other jobs on a shared machine than the wall time (both are recorded). Per (task, arm) over seeds: the
+final metric; the CPU/wall time, steps and block-steps to reach the target (per task: the full arm's median
+final metric minus ``--slack`` (accuracy, as a fraction), or times ``1 + slack`` for a loss); the paired
+speed-up to the target (full / arm, same seed); the full arm's metric at the CPU time each growth arm needed
+for its whole budget (equal time). Tuning seeds 0-1 (``--tune``) choose the growth times and the optimizer state of
 new blocks; held-out seeds 100+ report.
 
     adaptive-depth grow --tune --json benchmarks/results/growth_tune.json
@@ -134,7 +136,7 @@ def _metric(model: nn.Module, task: Task) -> float:
 
 def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str = "fresh",
               eval_every: int = 50, settings: Optional[Dict] = None) -> Dict:
-    """One run; returns its curve ``[(step, wall_s, block_steps, metric), ...]`` and the final metric."""
+    """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric."""
     s = dict(SETTINGS[task.name] if settings is None else settings)
     torch.manual_seed(seed)
     depth = FINAL_DEPTH if arm == "full" else START_DEPTH
@@ -145,7 +147,7 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     gen = torch.Generator().manual_seed(seed + 12345)
     n = task.x_train.shape[0]
     perm, pos = torch.randperm(n, generator=gen), 0
-    wall, block_steps, curve = 0.0, 0, [(0, 0.0, 0, _metric(model, task))]
+    wall, cpu, block_steps, curve = 0.0, 0.0, 0, [(0, 0.0, 0, _metric(model, task), 0.0)]
     blocks = depth
     for step in range(1, s["steps"] + 1):
         if pos + s["batch"] > n:
@@ -153,7 +155,7 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
         idx = perm[pos:pos + s["batch"]]
         pos += s["batch"]
         x, y = task.x_train[idx], task.y_train[idx]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = task.loss_fn(model(x), y)
         loss.backward()
         opt.step()
@@ -164,12 +166,13 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
                    inputs=x if arm == "adaptive" else None)
             blocks = sum(g.depth for g in _groups(model))
         wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         block_steps += blocks
         if step % eval_every == 0 or step == s["steps"]:
-            curve.append((step, wall, block_steps, _metric(model, task)))
+            curve.append((step, wall, block_steps, _metric(model, task), cpu))
     profile = [g.rho.detach().double().tolist() for g in _groups(model)]
     return {"task": task.name, "arm": arm, "seed": seed, "at": list(at), "state": state, "settings": s,
-            "curve": curve, "final": curve[-1][3], "wall_s": wall, "block_steps": block_steps,
+            "curve": curve, "final": curve[-1][3], "wall_s": wall, "cpu_s": cpu, "block_steps": block_steps,
             "steps_profile": profile}
 
 
@@ -184,17 +187,17 @@ def _higher_better(task: str) -> bool:
 
 
 def _reach(run: Dict, target: float, higher: bool) -> Optional[tuple]:
-    for step, wall, bs, m in run["curve"]:
+    for step, wall, bs, m, cpu in run["curve"]:
         if (m >= target) if higher else (m <= target):
-            return step, wall, bs
+            return step, cpu, bs, wall
     return None
 
 
-def _at_wall(run: Dict, wall: float) -> float:
-    """The run's metric at wall time ``wall`` (the last evaluation not after it)."""
+def _at_time(run: Dict, cpu: float) -> float:
+    """The run's metric at CPU time ``cpu`` (the last evaluation not after it)."""
     best = run["curve"][0][3]
-    for _, w, _, m in run["curve"]:
-        if w <= wall:
+    for _, _, _, m, c in run["curve"]:
+        if c <= cpu:
             best = m
     return best
 
@@ -208,7 +211,7 @@ def _spread(values: Sequence[Optional[float]]) -> Dict:
 
 
 def summarize(runs: List[Dict], slack: float) -> List[Dict]:
-    """Per (task, arm): final metric, cost to target, metric of the full arm at equal wall time."""
+    """Per (task, arm): final metric, cost to target, metric of the full arm at equal (CPU) time."""
     out = []
     for task in sorted({r["task"] for r in runs}):
         higher = _higher_better(task)
@@ -230,12 +233,14 @@ def summarize(runs: List[Dict], slack: float) -> List[Dict]:
             out.append({
                 "task": task, "arm": arm, "target": target, "seeds": [r["seed"] for r in mine],
                 "final": _spread([r["final"] for r in mine]),
+                "cpu_s": _spread([r["cpu_s"] for r in mine]),
                 "wall_s": _spread([r["wall_s"] for r in mine]),
-                "wall_to_target": _spread([w[1] if w else None for w in reach]),
+                "cpu_to_target": _spread([w[1] if w else None for w in reach]),
+                "wall_to_target": _spread([w[3] if w else None for w in reach]),
                 "steps_to_target": _spread([w[0] if w else None for w in reach]),
                 "block_steps_to_target": _spread([w[2] if w else None for w in reach]),
                 "speedup_to_target": _spread(speedup),
-                "full_at_equal_wall": _spread([_at_wall(full[r["seed"]], r["wall_s"]) if r["seed"] in full
+                "full_at_equal_time": _spread([_at_time(full[r["seed"]], r["cpu_s"]) if r["seed"] in full
                                                else None for r in mine]),
             })
     return out
@@ -249,16 +254,17 @@ def _f(s: Dict, scale: float = 1.0, fmt: str = ".3g") -> str:
 
 
 def table(summary: List[Dict]) -> str:
-    lines = ["| task | arm | final metric | wall s (whole budget) | target | wall s to target | "
-             "speed-up to target (paired, full / arm) | steps to target | block-steps to target | "
-             "full arm's metric at this arm's wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | arm | final metric | CPU s (whole budget) | wall s (whole budget) | target | "
+             "CPU s to target | wall s to target | speed-up to target (CPU, paired: full / arm) | steps to target | "
+             "block-steps to target | full arm's metric at this arm's CPU time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         pct = 100.0 if _higher_better(s["task"]) else 1.0
-        lines.append(f"| {s['task']} | {s['arm']} | {_f(s['final'], pct)} | {_f(s['wall_s'])} | "
-                     f"{s['target'] * pct:.4g} | {_f(s['wall_to_target'])} | {_f(s['speedup_to_target'])} | "
+        lines.append(f"| {s['task']} | {s['arm']} | {_f(s['final'], pct)} | {_f(s['cpu_s'])} | {_f(s['wall_s'])} | "
+                     f"{s['target'] * pct:.4g} | {_f(s['cpu_to_target'])} | {_f(s['wall_to_target'])} | "
+                     f"{_f(s['speedup_to_target'])} | "
                      f"{_f(s['steps_to_target'], 1, '.0f')} | {_f(s['block_steps_to_target'], 1, '.0f')} | "
-                     f"{_f(s['full_at_equal_wall'], pct)} |")
+                     f"{_f(s['full_at_equal_time'], pct)} |")
     return "\n".join(lines)
 
 
@@ -281,6 +287,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override every task's budget (smoke tests)")
     p.add_argument("--json", dest="json_out", default=os.path.join("out", "growth.json"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="no training: summarise the runs stored in these JSON files (e.g. one per task)")
 
 
 def _tuned_choice(path: str, task: str) -> Optional[Dict]:
@@ -311,7 +319,14 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     runs: List[Dict] = []
     t_start = time.time()
-    if args.tune:
+    if args.from_json:
+        for path in args.from_json:
+            with open(path) as fh:
+                runs += json.load(fh)["runs"]
+        summary = summarize(runs, args.slack)
+        result = {"runs": runs, "summary": summary, "table_markdown": table(summary)}
+        print(result["table_markdown"])
+    elif args.tune:
         seeds = list(TUNING_SEEDS)
         for task_name in args.tasks:
             for seed in seeds:
@@ -340,6 +355,7 @@ def run(args) -> int:
                     runs.append(train_one(task, arm, seed, at=at, state=state, eval_every=args.eval_every,
                                           settings=settings))
                     _log(runs[-1])
+                    _dump(args.json_out, {"runs": runs, "partial": True})
         summary = summarize(runs, args.slack)
         result = {"runs": runs, "summary": summary, "table_markdown": table(summary)}
         print(result["table_markdown"])
@@ -357,6 +373,12 @@ def run(args) -> int:
     return 0
 
 
+def _dump(path: str, result: Dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
 def _argv(args) -> List[str]:
     out = []
     for k, v in vars(args).items():
@@ -372,4 +394,5 @@ def _argv(args) -> List[str]:
 
 def _log(r: Dict) -> None:
     print(f"{r['task']:8s} {r['arm']:9s} seed {r['seed']:4d} at {[round(a, 3) for a in r['at']]} "
-          f"{r['state']:5s}: final {r['final']:.4f}  wall {r['wall_s']:.1f}s", flush=True)
+          f"{r['state']:5s}: final {r['final']:.4f}  cpu {r.get('cpu_s', float('nan')):.1f}s  "
+          f"wall {r['wall_s']:.1f}s", flush=True)
