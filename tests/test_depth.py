@@ -443,10 +443,7 @@ def test_resume_across_refinement_is_exact(how):
 
 
 # ------------------------------------------------------------------------------------------ Lightning
-def test_lightning_callback_grows_during_fit(tmp_path):
-    pl = pytest.importorskip("pytorch_lightning")
-    from adaptive_depth.depth import DepthCallback
-
+def _lightning_module(pl):
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
@@ -464,21 +461,52 @@ def test_lightning_callback_grows_during_fit(tmp_path):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
             return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)]
 
+    return Module
+
+
+def _lightning_fit(pl, module, callback, max_steps, tmp_path, ckpt_path=None):
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(32, 8, 6), torch.randint(0, 2, (32,)))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
-    module = Module()
-    callback = DepthCallback(at=[2, 5], how="adaptive")
-    trainer = pl.Trainer(max_steps=7, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=[callback])
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_lightning_callback_grows_during_fit_and_resumes(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    from adaptive_depth.depth import DepthCallback
+    Module = _lightning_module(pl)
+    torch.manual_seed(0)
+    module = Module()
+    callback = DepthCallback(at=[2, 5], how="adaptive")
+    trainer = _lightning_fit(pl, module, callback, 7, tmp_path)
     assert module.net.depth == 8
     opt = trainer.optimizers[0]
     assert sorted(map(id, opt.param_groups[0]["params"])) == sorted(map(id, module.parameters()))
     new = module.net.blocks[-1]
     assert any(opt.state.get(p) for p in new.parameters())  # the last-added block was trained
     assert callback.state_dict()["steps_done"] == 7 and len(callback.state_dict()["history"]) == 2
+    path = tmp_path / "grown.ckpt"
+    trainer.save_checkpoint(path)
+
+    # resume: grow the fresh module first (Lightning loads the weights before it restores callbacks)
+    torch.manual_seed(1)
+    fresh = DepthCallback.replay(Module(), path)
+    assert fresh.net.depth == 8
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    callback2 = DepthCallback(at=[2, 5, 9], how="adaptive")
+    trainer2 = _lightning_fit(pl, fresh, callback2, 10, tmp_path, ckpt_path=path)
+    assert callback2.state_dict()["steps_done"] == 10
+    assert fresh.net.depth == 16 and len(callback2.state_dict()["history"]) == 3  # grew again at step 9
+    opt2 = trainer2.optimizers[0]
+    assert sorted(map(id, opt2.param_groups[0]["params"])) == sorted(map(id, fresh.parameters()))
+    # the optimizer state came back from the checkpoint: AdamW counted 7 + 3 steps for the first parameters
+    assert max(int(st["step"]) for st in opt2.state.values()) == 10
+    head = saved["head.weight"]
+    assert head.shape == fresh.head.weight.shape and not torch.equal(head, fresh.head.weight)  # trained on
 
 
 # ------------------------------------------------------------------------------------------ DDP
