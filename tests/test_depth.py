@@ -509,6 +509,24 @@ def test_lightning_callback_grows_during_fit_and_resumes(tmp_path):
     assert head.shape == fresh.head.weight.shape and not torch.equal(head, fresh.head.weight)  # trained on
 
 
+# ------------------------------------------------------------------------------------------ benchmark
+def test_growth_benchmark_accounting():
+    from adaptive_depth.experiments.growth import SETTINGS, get_task, summarize, table, train_one
+    task = get_task("teacher", 0)
+    settings = dict(SETTINGS["teacher"], steps=10, width=8)
+    runs = [train_one(task, arm, 0, at=(0.2, 0.4), eval_every=5, settings=settings)
+            for arm in ("full", "uniform", "adaptive")]
+    full, uniform, adaptive = runs
+    assert full["block_steps"] == 8 * 10
+    assert uniform["block_steps"] == 2 * 2 + 4 * 2 + 8 * 6  # grown after steps 2 and 4
+    assert [c[0] for c in uniform["curve"]] == [0, 5, 10]
+    assert len(uniform["steps_profile"][0]) == 8 and len(adaptive["steps_profile"][0]) == 8
+    assert math.isclose(sum(uniform["steps_profile"][0]), 1.0, rel_tol=1e-6)
+    summary = summarize(runs, slack=0.5)
+    assert {s["arm"] for s in summary} == {"full", "uniform", "adaptive"}
+    assert "block-steps to target" in table(summary)
+
+
 # ------------------------------------------------------------------------------------------ DDP
 def _ddp_worker(out_path: str) -> None:
     import torch.distributed as dist

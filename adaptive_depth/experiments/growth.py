@@ -161,13 +161,13 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+        block_steps += blocks  # the blocks this step trained (before any growth after it)
         if step in grow_at:
             refine(model, opt, how="uniform" if arm == "uniform" else "adaptive", state=state,
                    inputs=x if arm == "adaptive" else None)
             blocks = sum(g.depth for g in _groups(model))
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
-        block_steps += blocks
         if step % eval_every == 0 or step == s["steps"]:
             curve.append((step, wall, block_steps, _metric(model, task), cpu))
     profile = [g.rho.detach().double().tolist() for g in _groups(model)]
