@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from .ops import step_coefficients
 from .steps import StepSizes, step_groups
 
-__all__ = ["refine", "coarsen", "measure_distances", "DepthScheduler", "DepthCallback", "HOWS", "INITS",
-           "STATES"]
+__all__ = ["refine", "coarsen", "refine_plan", "coarsen_plan", "measure_distances", "depths", "DepthScheduler",
+           "HOWS", "INITS", "STATES"]  # and DepthCallback (made on first use: it needs Lightning)
 
 HOWS = ("uniform", "adaptive")
 INITS = ("copy", "interpolate", "zero")
@@ -663,23 +663,38 @@ class DepthScheduler:
 def _lightning_callback_base():
     try:
         import pytorch_lightning as pl
-        return pl.Callback
     except ImportError:
         try:
             import lightning.pytorch as pl
-            return pl.Callback
         except ImportError:
-            return object
+            raise ImportError("DepthCallback needs PyTorch Lightning: pip install pytorch-lightning") from None
+    return pl.Callback
 
 
-class DepthCallback(_lightning_callback_base()):
+_CALLBACK_CLASS = None
+
+
+def __getattr__(name: str):
+    # DepthCallback subclasses Lightning's Callback: it is made on first use, so that importing this module
+    # (and the package) imports torch only, never Lightning
+    global _CALLBACK_CLASS
+    if name == "DepthCallback":
+        if _CALLBACK_CLASS is None:
+            _CALLBACK_CLASS = type("DepthCallback", (_DepthCallbackMixin, _lightning_callback_base()),
+                                   {"__module__": __name__, "__doc__": _DepthCallbackMixin.__doc__})
+        return _CALLBACK_CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _DepthCallbackMixin:
     """A PyTorch Lightning callback that grows the LightningModule (or its attribute ``attr``) on a schedule.
 
-    ``at`` counts optimizer steps (``every="step"``) or epochs (``every="epoch"``); the rest is passed to
-    ``DepthScheduler``. The optimizer is ``trainer.optimizers[0]``. For ``how="adaptive"`` the speeds are
-    measured on ``inputs(batch)`` (default: ``batch[0]``). Resume: call ``DepthCallback.replay(module,
+    ``at`` counts training batches (``every="step"``: ``on_train_batch_end``; with gradient accumulation,
+    micro-batches) or epochs (``every="epoch"``); the other keyword arguments go to ``DepthScheduler``. The
+    optimizer is ``trainer.optimizers[0]``. For ``how="adaptive"`` the distances are measured by the module's
+    forward on ``inputs(batch)`` (default: ``batch[0]``). Resume: call ``DepthCallback.replay(module,
     checkpoint_path)`` on the fresh module before ``trainer.fit(..., ckpt_path=...)``: Lightning loads the
-    weights before it restores callbacks, so the depth must be in place first.
+    weights before it restores callbacks, so the depth must be in place first. Importing it needs Lightning.
     """
 
     def __init__(self, at: Sequence[int] = (), *, every: str = "step", attr: Optional[str] = None,
