@@ -149,6 +149,34 @@ def test_uniform_refine_steps_and_blocks():
     net(torch.randn(2, 8, 5)).sum().backward()  # trains
 
 
+def test_interpolate_init_and_copied_state():
+    net = _conv_net(depth=2)
+    _randomize_affine(net)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    _train(net, opt, torch.randn(3, 8, 5))
+    b0, b1 = [dict(b.named_parameters()) for b in net.blocks]
+    s0 = {k: {n: v.clone() for n, v in opt.state[p].items()} for k, p in b0.items()}
+    s1 = {k: {n: v.clone() for n, v in opt.state[p].items()} for k, p in b1.items()}
+    want = {k: (b0[k].detach().double() + b1[k].detach().double()) / 2 for k in b0}
+    last = {k: b1[k].detach().clone() for k in b1}
+    refine(net, opt, init="interpolate", state="copy")
+    mid, end = dict(net.blocks[1].named_parameters()), dict(net.blocks[3].named_parameters())
+    for k in want:  # the piece between blocks 0 and 1 sits halfway; the last block has no next: a copy
+        torch.testing.assert_close(mid[k].double(), want[k], rtol=0, atol=1e-6)
+        assert torch.equal(end[k], last[k])
+        torch.testing.assert_close(opt.state[mid[k]]["exp_avg"].double(),
+                                   (s0[k]["exp_avg"].double() + s1[k]["exp_avg"].double()) / 2, rtol=0, atol=1e-7)
+
+
+def test_coarsen_drop_keeps_the_larger_step():
+    net = _conv_net(depth=2)
+    net.steps.set_steps([0.3, 0.7])
+    kept = [p.detach().clone() for p in net.blocks[1].parameters()]
+    coarsen(net, to=1, how="drop", inputs=torch.randn(2, 8, 5))
+    assert net.depth == 1 and all(torch.equal(p, q) for p, q in zip(net.blocks[0].parameters(), kept))
+    assert math.isclose(float(net.steps.rho), 1.0, rel_tol=1e-6)
+
+
 def test_allocate_equidistributes():
     assert _allocate(torch.tensor([1.0, 1.0, 1.0]), [True] * 3, 6) == [2, 2, 2]
     assert _allocate(torch.tensor([5.0, 1.0]), [True, True], 4) == [3, 1]
