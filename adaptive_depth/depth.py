@@ -433,6 +433,9 @@ def refine(model: nn.Module, optimizer=None, *, how: str = "uniform", factor: in
 
 def refine_plan(model: nn.Module, *, how: str = "uniform", factor: int = 2, inputs=None) -> dict:
     """The refinement ``refine`` would apply: ``{"op": "refine", "pieces": [[n_l per block] per group]}``."""
+    _check_choice(how, "how", HOWS)
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+        raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
     groups = _groups(model)
     allowed = [[_splittable(b) for b in grp.blocks] for grp in groups]
     if not any(any(ok) for ok in allowed):
@@ -468,6 +471,8 @@ def coarsen(model: nn.Module, optimizer=None, *, to: Optional[int] = None, how: 
 
 def coarsen_plan(model: nn.Module, *, to: Optional[int] = None, inputs=None) -> dict:
     """The merge ``coarsen`` would apply: ``{"op": "coarsen", "runs": [[[block indices] per new block]]}``."""
+    if to is not None and (isinstance(to, bool) or not isinstance(to, int) or to < 1):
+        raise ValueError(f"to must be None or an integer >= 1 (blocks per group), got {to!r}")
     groups = _groups(model)
     dist = _distances(model, inputs, "coarsen()")
     runs_all = []

@@ -17,7 +17,6 @@ from adaptive_depth import AdaptiveSteps, LeakyMLP, LeakyResNet
 from adaptive_depth.depth import (DepthScheduler, _allocate, coarsen, depths, measure_distances, refine,
                                   refine_plan)
 from adaptive_depth.residual import MLPBranch
-from adaptive_depth.steps import step_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
