@@ -14,6 +14,7 @@ COMMANDS = {
     "wrap-demo": ("adaptive_depth.experiments.wrap_demo",
                   "wrap a torchvision resnet18 and train it, uniform vs adaptive"),
     "paper": ("adaptive_depth.experiments.paper", "reproduce the paper's figures (fig1, fig2)"),
+    "grow": ("adaptive_depth.experiments.growth", "training time: grow the depth during training vs full depth"),
     "bench": ("adaptive_depth.experiments.bench", "uniform vs adaptive steps over Lt, rules and seeds (JSON out)"),
 }
 

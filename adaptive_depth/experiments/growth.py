@@ -1,0 +1,397 @@
+"""``adaptive-depth grow``: does growing the network during training save time?
+
+Three arms train the same final architecture (8 leaky blocks) with the same optimizer, data order and step
+budget, on one CPU thread:
+
+- ``full``: 8 blocks from the start;
+- ``uniform``: 2 blocks, every block doubled (a copy, half the step) at two fractions of the budget
+  (2 -> 4 -> 8, Chang et al.'s multi-level training);
+- ``adaptive``: 2 blocks, grown to 4 then 8 at the same times, the pieces going to the blocks with the
+  largest measured step-distance (``refine(how="adaptive")``, measured on the current batch).
+
+Tasks: MNIST-1D (1-D conv Leaky ResNet, blocks relu -> conv -> GroupNorm, RESEARCH.md section 3),
+scikit-learn digits (a small 2-D conv Leaky ResNet, same blocks), the paper's teacher 30 -> 3 -> 30 (a
+``LeakyMLP``, Lt = 2, exponential scheme; test MSE instead of accuracy). Steps are fixed (no
+``AdaptiveSteps``: with the equal-distance rule every block has the same distance and an adaptive
+refinement is a uniform one), AdamW with cosine decay.
+
+Per run: a test curve (every ``--eval-every`` steps; evaluation time is not counted) with the process CPU
+time and the wall time of training (growth included), the optimizer steps and the block-steps (sum over steps
+of the number of blocks) spent so far. With one thread the CPU time is the compute spent, far less disturbed
+by other jobs on a shared machine than the wall time (both are recorded). Per (task, arm) over seeds: the
+final metric; the CPU/wall time, steps and block-steps to reach the target (per task: the full arm's median
+final metric minus ``--slack`` (accuracy, as a fraction), or times ``1 + slack`` for a loss); the paired
+speed-up to the target (full / arm, same seed); the full arm's metric at the CPU time each growth arm needed
+for its whole budget (equal time). Tuning seeds 0-1 (``--tune``) choose the growth times and the optimizer state of
+new blocks; held-out seeds 100+ report.
+
+    adaptive-depth grow --tune --json benchmarks/results/growth_tune.json
+    adaptive-depth grow --seeds 100 101 102 103 104 --json benchmarks/results/growth.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..depth import refine
+from ..residual import LeakyMLP, LeakyResNet
+from .data import Task, teacher
+
+__all__ = ["add_arguments", "run", "train_one", "summarize", "TASKS", "ARMS"]
+
+TASKS = ("mnist1d", "digits", "teacher")
+ARMS = ("full", "uniform", "adaptive")
+TUNING_SEEDS = (0, 1)
+HELD_OUT_SEEDS = (100, 101, 102, 103, 104)
+#: the grid tuned on seeds 0-1: growth times (fractions of the budget) and the new blocks' optimizer state
+TUNE_GRID = [{"at": at, "state": st} for at in ((0.2, 0.4), (1 / 3, 2 / 3)) for st in ("fresh", "copy")]
+FINAL_DEPTH, START_DEPTH = 8, 2
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def digits(seed: int) -> Task:
+    """scikit-learn's 8x8 digits, a seeded 1297/500 split, pixels scaled to [0, 1] then standardised."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    mean, std = x[:1297].mean(), x[:1297].std()
+    x = (x - mean) / std
+    return Task("digits", x[:1297], y[:1297], x[1297:], y[1297:], "ce")
+
+
+def get_task(name: str, seed: int) -> Task:
+    if name == "mnist1d":
+        from .data import mnist1d
+        t = mnist1d(n_train=4000, n_test=1000, seed=seed)
+        return Task(t.name, t.x_train.unsqueeze(1), t.y_train, t.x_test.unsqueeze(1), t.y_test, "ce")
+    if name == "digits":
+        return digits(seed)
+    if name == "teacher":
+        t = teacher((30, 3, 30), n_train=1000, n_test=1000, seed=seed)
+        t.name = "teacher"
+        return t
+    raise ValueError(f"task must be one of {TASKS}, got {name!r}")
+
+
+def _conv_block(conv: type, width: int) -> nn.Module:
+    return nn.Sequential(nn.ReLU(), conv(width, width, 3, padding=1), nn.GroupNorm(4, width))
+
+
+class ConvNet(nn.Module):
+    """stem conv -> a Leaky ResNet of ``relu -> conv -> GroupNorm`` blocks (Lt = 0) -> pool -> linear."""
+
+    def __init__(self, dims: int, in_ch: int, width: int, depth: int, classes: int):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        self.stem = conv(in_ch, width, 3, padding=1)
+        self.body = LeakyResNet([_conv_block(conv, width) for _ in range(depth)], total_time=1.0)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.body(self.stem(x)))
+        return self.head(h.flatten(2).mean(2))
+
+
+def make_model(task: Task, depth: int, width: int) -> nn.Module:
+    if task.name == "mnist1d":
+        return ConvNet(1, 1, width, depth, 10)
+    if task.name == "digits":
+        return ConvNet(2, 1, width, depth, 10)
+    return LeakyMLP(task.in_dim, task.out_dim, width=width, depth=depth, effective_depth=2.0,
+                    scheme="exponential")
+
+
+#: per task: width, budget (optimizer steps), batch size, learning rate. Small on purpose: the machine these
+#: were measured on has 2 cores shared by ~7 jobs (load average 12-14), where one step of the 8-block
+#: MNIST-1D net takes ~0.1 s
+SETTINGS = {"mnist1d": dict(width=16, steps=400, batch=64, lr=5e-3),
+            "digits": dict(width=12, steps=300, batch=32, lr=5e-3),
+            "teacher": dict(width=64, steps=600, batch=128, lr=3e-3)}
+
+
+# ------------------------------------------------------------------------------------------- runs
+def _metric(model: nn.Module, task: Task) -> float:
+    """Test accuracy (classification) or test MSE (teacher)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = model(task.x_test)
+    model.train(was)
+    if task.loss == "ce":
+        return float((pred.argmax(1) == task.y_test).float().mean())
+    return float(task.loss_fn(pred, task.y_test))
+
+
+def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str = "fresh",
+              eval_every: int = 50, settings: Optional[Dict] = None) -> Dict:
+    """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric."""
+    s = dict(SETTINGS[task.name] if settings is None else settings)
+    torch.manual_seed(seed)
+    depth = FINAL_DEPTH if arm == "full" else START_DEPTH
+    model = make_model(task, depth, s["width"])
+    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["steps"])
+    grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm != "full" else []
+    gen = torch.Generator().manual_seed(seed + 12345)
+    n = task.x_train.shape[0]
+    perm, pos = torch.randperm(n, generator=gen), 0
+    wall, cpu, block_steps, curve = 0.0, 0.0, 0, [(0, 0.0, 0, _metric(model, task), 0.0)]
+    blocks = depth
+    for step in range(1, s["steps"] + 1):
+        if pos + s["batch"] > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + s["batch"]]
+        pos += s["batch"]
+        x, y = task.x_train[idx], task.y_train[idx]
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = task.loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        block_steps += blocks  # the blocks this step trained (before any growth after it)
+        if step in grow_at:
+            refine(model, opt, how="uniform" if arm == "uniform" else "adaptive", state=state,
+                   inputs=x if arm == "adaptive" else None)
+            blocks = sum(g.depth for g in _groups(model))
+        wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+        if step % eval_every == 0 or step == s["steps"]:
+            curve.append((step, wall, block_steps, _metric(model, task), cpu))
+    profile = [g.rho.detach().double().tolist() for g in _groups(model)]
+    return {"task": task.name, "arm": arm, "seed": seed, "at": list(at), "state": state, "settings": s,
+            "curve": curve, "final": curve[-1][3], "wall_s": wall, "cpu_s": cpu, "block_steps": block_steps,
+            "steps_profile": profile}
+
+
+def _groups(model):
+    from ..steps import step_groups
+    return step_groups(model)
+
+
+# ---------------------------------------------------------------------------------------- summary
+def _higher_better(task: str) -> bool:
+    return task != "teacher"
+
+
+def _reach(run: Dict, target: float, higher: bool) -> Optional[tuple]:
+    for step, wall, bs, m, cpu in run["curve"]:
+        if (m >= target) if higher else (m <= target):
+            return step, cpu, bs, wall
+    return None
+
+
+def _at_time(run: Dict, cpu: float) -> float:
+    """The run's metric at CPU time ``cpu`` (the last evaluation not after it)."""
+    best = run["curve"][0][3]
+    for _, _, _, m, c in run["curve"]:
+        if c <= cpu:
+            best = m
+    return best
+
+
+def _spread(values: Sequence[Optional[float]]) -> Dict:
+    got = [v for v in values if v is not None]
+    if not got:
+        return {"median": None, "min": None, "max": None, "n": 0, "missed": len(values)}
+    return {"median": statistics.median(got), "min": min(got), "max": max(got), "n": len(got),
+            "missed": len(values) - len(got)}
+
+
+def summarize(runs: List[Dict], slack: float) -> List[Dict]:
+    """Per (task, arm): final metric, cost to target, metric of the full arm at equal (CPU) time."""
+    out = []
+    for task in sorted({r["task"] for r in runs}):
+        higher = _higher_better(task)
+        full = {r["seed"]: r for r in runs if r["task"] == task and r["arm"] == "full"}
+        if not full:
+            continue
+        ref = statistics.median(r["final"] for r in full.values())
+        target = ref - slack if higher else ref * (1 + slack)
+        for arm in ARMS:
+            mine = [r for r in runs if r["task"] == task and r["arm"] == arm]
+            if not mine:
+                continue
+            reach = [_reach(r, target, higher) for r in mine]
+            speedup = []
+            for r, w in zip(mine, reach):
+                f = full.get(r["seed"])
+                fr = _reach(f, target, higher) if f else None
+                speedup.append(fr[1] / w[1] if (w and fr and w[1] > 0) else None)
+            out.append({
+                "task": task, "arm": arm, "target": target, "seeds": [r["seed"] for r in mine],
+                "final": _spread([r["final"] for r in mine]),
+                "cpu_s": _spread([r["cpu_s"] for r in mine]),
+                "wall_s": _spread([r["wall_s"] for r in mine]),
+                "cpu_to_target": _spread([w[1] if w else None for w in reach]),
+                "wall_to_target": _spread([w[3] if w else None for w in reach]),
+                "steps_to_target": _spread([w[0] if w else None for w in reach]),
+                "block_steps_to_target": _spread([w[2] if w else None for w in reach]),
+                "speedup_to_target": _spread(speedup),
+                "full_at_equal_time": _spread([_at_time(full[r["seed"]], r["cpu_s"]) if r["seed"] in full
+                                               else None for r in mine]),
+            })
+    return out
+
+
+def _f(s: Dict, scale: float = 1.0, fmt: str = ".3g") -> str:
+    if s["median"] is None:
+        return f"miss ({s['missed']})"
+    txt = f"{s['median'] * scale:{fmt}} [{s['min'] * scale:{fmt}}, {s['max'] * scale:{fmt}}]"
+    return txt + (f" ({s['missed']} miss)" if s["missed"] else "")
+
+
+def table(summary: List[Dict]) -> str:
+    lines = ["| task | arm | final metric | CPU s (whole budget) | wall s (whole budget) | target | "
+             "CPU s to target | wall s to target | speed-up to target (CPU, paired: full / arm) | steps to target | "
+             "block-steps to target | full arm's metric at this arm's CPU time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        pct = 100.0 if _higher_better(s["task"]) else 1.0
+        lines.append(f"| {s['task']} | {s['arm']} | {_f(s['final'], pct)} | {_f(s['cpu_s'])} | {_f(s['wall_s'])} | "
+                     f"{s['target'] * pct:.4g} | {_f(s['cpu_to_target'])} | {_f(s['wall_to_target'])} | "
+                     f"{_f(s['speedup_to_target'])} | "
+                     f"{_f(s['steps_to_target'], 1, '.0f')} | {_f(s['block_steps_to_target'], 1, '.0f')} | "
+                     f"{_f(s['full_at_equal_time'], pct)} |")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(HELD_OUT_SEEDS),
+                   help="held-out seeds (100+) to report on")
+    p.add_argument("--tune", action="store_true",
+                   help="run the tuning grid (growth times x optimizer state) on seeds 0-1 instead")
+    p.add_argument("--at", nargs="+", type=float, default=None,
+                   help="growth times as fractions of the budget (default: the tuned choice in --tuned)")
+    p.add_argument("--state", choices=["fresh", "copy"], default=None)
+    p.add_argument("--tuned", default=os.path.join("benchmarks", "results", "growth_tune.json"),
+                   help="the tuning JSON the defaults of --at/--state are read from")
+    p.add_argument("--slack", type=float, default=0.01,
+                   help="target: full arm's median final accuracy minus this (or its test MSE times 1 + this)")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None, help="override every task's budget (smoke tests)")
+    p.add_argument("--json", dest="json_out", default=os.path.join("out", "growth.json"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="no training: summarise the runs stored in these JSON files (e.g. one per task)")
+
+
+def _tuned_choice(path: str, task: str) -> Optional[Dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh).get("choice", {}).get(task)
+
+
+def _choose(runs: List[Dict]) -> Dict:
+    """Per task: the grid point with the best median final metric over the growth arms on the tuning seeds
+    (ties: the earlier growth, the cheaper run)."""
+    choice = {}
+    for task in sorted({r["task"] for r in runs}):
+        higher = _higher_better(task)
+        scores = {}
+        for r in runs:
+            if r["task"] == task and r["arm"] != "full":
+                scores.setdefault((tuple(r["at"]), r["state"]), []).append(r["final"])
+        key = max(scores, key=lambda k: (statistics.median(scores[k]) * (1 if higher else -1), -k[0][0]))
+        choice[task] = {"at": list(key[0]), "state": key[1],
+                        "scores": {f"{list(k[0])}/{k[1]}": statistics.median(v) for k, v in scores.items()}}
+    return choice
+
+
+def run(args) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    runs: List[Dict] = []
+    t_start = time.time()
+    if args.from_json:
+        for path in args.from_json:
+            with open(path) as fh:
+                runs += json.load(fh)["runs"]
+        summary = summarize(runs, args.slack)
+        result = {"runs": runs, "summary": summary, "table_markdown": table(summary)}
+        print(result["table_markdown"])
+    elif args.tune:
+        seeds = list(TUNING_SEEDS)
+        for task_name in args.tasks:
+            for seed in seeds:
+                task = get_task(task_name, seed)
+                settings = dict(SETTINGS[task_name], **({"steps": args.steps} if args.steps else {}))
+                if "full" in args.arms:
+                    runs.append(train_one(task, "full", seed, eval_every=args.eval_every, settings=settings))
+                    _log(runs[-1])
+                for point in TUNE_GRID:
+                    for arm in [a for a in args.arms if a != "full"]:
+                        runs.append(train_one(task, arm, seed, at=point["at"], state=point["state"],
+                                              eval_every=args.eval_every, settings=settings))
+                        _log(runs[-1])
+        result = {"runs": runs, "choice": _choose(runs)}
+    else:
+        if any(s in TUNING_SEEDS for s in args.seeds):
+            print(f"note: seeds {TUNING_SEEDS} are the tuning seeds; report on held-out seeds (100+)")
+        for task_name in args.tasks:
+            tuned = _tuned_choice(args.tuned, task_name) or {}
+            at = tuple(args.at) if args.at else tuple(tuned.get("at", (1 / 3, 2 / 3)))
+            state = args.state or tuned.get("state", "fresh")
+            for seed in args.seeds:
+                task = get_task(task_name, seed)
+                settings = dict(SETTINGS[task_name], **({"steps": args.steps} if args.steps else {}))
+                for arm in args.arms:  # interleaved per seed: the arms see the same machine load
+                    runs.append(train_one(task, arm, seed, at=at, state=state, eval_every=args.eval_every,
+                                          settings=settings))
+                    _log(runs[-1])
+                    _dump(args.json_out, {"runs": runs, "partial": True})
+        summary = summarize(runs, args.slack)
+        result = {"runs": runs, "summary": summary, "table_markdown": table(summary)}
+        print(result["table_markdown"])
+    result["meta"] = {"command": "adaptive-depth grow " + " ".join(_argv(args)), "torch": torch.__version__,
+                      "threads": args.threads, "platform": platform.platform(),
+                      "elapsed_s": time.time() - t_start}
+    os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
+    with open(args.json_out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    if "table_markdown" in result:
+        with open(os.path.splitext(args.json_out)[0] + ".md", "w") as fh:
+            fh.write(f"Command: `{result['meta']['command']}`\n\n{result['table_markdown']}\n")
+    if args.tune:
+        print(json.dumps(result["choice"], indent=1))
+    return 0
+
+
+def _dump(path: str, result: Dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
+def _argv(args) -> List[str]:
+    out = []
+    for k, v in vars(args).items():
+        if k.startswith("_") or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-") if k != "json_out" else "--json"
+        if v is True:
+            out.append(flag)
+        else:
+            out += [flag] + ([str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)])
+    return out
+
+
+def _log(r: Dict) -> None:
+    print(f"{r['task']:8s} {r['arm']:9s} seed {r['seed']:4d} at {[round(a, 3) for a in r['at']]} "
+          f"{r['state']:5s}: final {r['final']:.4f}  cpu {r.get('cpu_s', float('nan')):.1f}s  "
+          f"wall {r['wall_s']:.1f}s", flush=True)
