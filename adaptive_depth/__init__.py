@@ -5,12 +5,14 @@
 The public surface: ``leaky_update`` (the update), ``LeakyResidual`` / ``LeakyResNet`` / ``LeakyMLP``
 (containers), ``AdaptiveSteps`` (the optimizer plugin), ``step_sizes(model)`` (the steps of every group in a
 model), ``wrap`` / ``unwrap`` (torchvision and timm ResNets, exact at Lt = 0), ``EffectiveDepthScheduler``
-(raise Lt over training), ``diagnose`` (the paper's per-layer diagnostics) and ``rules`` (the step-size rules).
+(raise Lt over training), ``refine`` / ``coarsen`` / ``DepthScheduler`` (grow or shrink the depth during training),
+``diagnose`` (the paper's per-layer diagnostics) and ``rules`` (the step-size rules).
 Everything else lives in its module (``adaptive_depth.steps.StepSizes``, ``adaptive_depth.wrap.register_adapter``,
 ...); the names that used to be exported here still resolve, lazily. The experiments (demo, benchmarks, the
 paper's figures) are in ``adaptive_depth.experiments``, which the library never imports.
 """
 from . import _moved, rules
+from .depth import DepthScheduler, coarsen, refine
 from .diagnostics import diagnose
 from .ops import leaky_update
 from .optim import AdaptiveSteps
@@ -23,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "leaky_update", "LeakyResidual", "LeakyResNet", "LeakyMLP", "AdaptiveSteps", "step_sizes", "wrap",
-    "unwrap", "EffectiveDepthScheduler", "diagnose", "rules", "__version__",
+    "unwrap", "EffectiveDepthScheduler", "diagnose", "rules", "refine", "coarsen", "DepthScheduler", "__version__",
 ]
 
 # names exported here before, now reached through their modules (kept working: users import them)

@@ -251,42 +251,15 @@ def _remap_step_state(optimizer, rho: nn.Parameter, index: Sequence[Sequence[int
 
 
 def _rebind(optimizer) -> None:
-    """Tell an ``AdaptiveSteps`` that its groups changed depth."""
-    if optimizer is None:
-        return
-    if hasattr(optimizer, "rebind"):
+    """Tell an ``AdaptiveSteps`` that its groups changed depth (a plain optimizer needs nothing more)."""
+    if optimizer is not None and hasattr(optimizer, "rebind"):
         optimizer.rebind()
-        return
-    _rebind_fallback(optimizer)
-
-
-def _rebind_fallback(optimizer) -> None:
-    # FALLBACK until AdaptiveSteps.rebind() (branch h1) is merged; the lead deletes this function at merge.
-    # It resets what AdaptiveSteps keeps per block of each group (the smoothed speeds, the decay targets).
-    from .optim import AdaptiveSteps
-    if not isinstance(optimizer, AdaptiveSteps):
-        return
-    for i, g in enumerate(optimizer.model_groups):
-        ema = optimizer._ema[i]
-        if ema is not None and ema.numel() != g.depth:
-            optimizer._ema[i], optimizer._ema_count[i] = None, 0
-    optimizer._decay_params = [[list(g.branch_parameters(l)) for l in range(g.depth)]
-                               for g in optimizer.model_groups]
-    optimizer._decay_cache = ((), [])
-    optimizer._set_recording()
 
 
 # ------------------------------------------------------------------------------------------ plans
 def _resize_steps(g: StepSizes, rho: Tensor, blocks: List[nn.Module]) -> None:
-    """Give a group a new depth: steps, bounds, statistics, the blocks it steers."""
-    lo = min(g.min_step, float(rho.min()))
-    hi = max(g.max_step, float(rho.max()))
-    with torch.no_grad():
-        g.rho.data = rho.to(device=g.rho.device, dtype=g.rho.dtype)
-    g.depth, g.min_step, g.max_step = len(blocks), lo, hi
-    for name in ("velocity_sq", "input_sq", "count"):
-        setattr(g, name, torch.zeros(len(blocks), dtype=torch.float64, device=g.velocity_sq.device))
-    g.__dict__.pop("_wrap_coefficients", None)
+    """Give a group a new depth: steps, bounds, statistics (``StepSizes.resize_``), the blocks it steers."""
+    g.resize_(rho)
     for i, b in enumerate(blocks):
         _set_index(b, i)
     g.bind(blocks)

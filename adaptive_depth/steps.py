@@ -255,6 +255,19 @@ class StepSizes(nn.Module):
 
     # ---------------------------------------------------------------------------------- statistics
     @torch.no_grad()
+    @torch.no_grad()
+    def resize_(self, values: Tensor) -> None:
+        """Give the group a new depth ``len(values)`` (depth growth, ``adaptive_depth.depth``): the steps become
+        ``values`` (their sum is still ``total_time``; a learned ``rho`` stays the same ``Parameter``), the bounds
+        widen to hold them, and the statistics restart. ``bind`` the group's new blocks afterwards."""
+        values = torch.as_tensor(values).detach().reshape(-1)
+        self.rho.data = values.to(device=self.rho.device, dtype=self.rho.dtype)
+        self.depth = int(values.numel())
+        self.min_step = min(self.min_step, float(values.min()))
+        self.max_step = max(self.max_step, float(values.max()))
+        for name in _STATS:
+            setattr(self, name, torch.zeros(self.depth, dtype=torch.float64, device=self.velocity_sq.device))
+
     def record(self, index: int, stats: Tensor) -> None:
         """Add one layer's ``(||f - Lt x||^2, ||x||^2)`` to the running sums."""
         self.velocity_sq[index] += stats[0].to(self.velocity_sq.dtype)

@@ -249,7 +249,8 @@ def test_failed_refine_leaves_model_and_optimizer_as_they_were():
     with pytest.raises(ValueError, match="init='zero'"):
         refine(net, opt, init="zero")
     assert _same_state(before, _state(net)) and net.depth == 2
-    assert [list(g["params"]) for g in opt.param_groups] == groups and len(opt.state) == len(groups[0]) - 1
+    # fixed steps are a buffer, not a parameter: every parameter stepped has its state
+    assert [list(g["params"]) for g in opt.param_groups] == groups and len(opt.state) == len(groups[0])
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -305,7 +306,8 @@ def test_adaptive_steps_across_refinement():
     x = torch.randn(32, 5)
     _train(net, opt, x, steps=4)
     refine(net, opt)
-    assert len(opt._decay_params[0]) == 4 and opt._ema[0] is None or opt._ema[0].numel() == 4
+    ema = opt.controller._ema[0]
+    assert len(opt.decay.params[0]) == 4 and (ema is None or ema.numel() == 4)
     _train(net, opt, x, steps=6)
     rho = net.steps.rho.double()
     assert rho.numel() == 4 and math.isclose(float(rho.sum()), 1.0, rel_tol=1e-5)

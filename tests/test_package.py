@@ -46,7 +46,7 @@ def test_kernels_package_never_imports_the_library():
 def test_top_level_surface_is_the_design_cards():
     assert set(adaptive_depth.__all__) == {
         "leaky_update", "LeakyResidual", "LeakyResNet", "LeakyMLP", "AdaptiveSteps", "step_sizes", "wrap",
-        "unwrap", "EffectiveDepthScheduler", "diagnose", "rules", "__version__"}
+        "unwrap", "EffectiveDepthScheduler", "diagnose", "rules", "refine", "coarsen", "DepthScheduler", "__version__"}
     for name in adaptive_depth.__all__:
         assert getattr(adaptive_depth, name) is not None
 
