@@ -29,7 +29,7 @@ from torch import Tensor
 from .data import Task
 
 __all__ = ["TUNING_SEEDS", "HELDOUT_SEEDS", "SPLITS", "NONLINEARITIES", "FamilySpec", "FamilyTask",
-           "spec_for", "make_task", "draw", "split_seeds", "check_split"]
+           "spec_for", "teacher_function", "make_task", "draw", "split_seeds", "check_split"]
 
 TUNING_SEEDS = range(0, 100)
 HELDOUT_SEEDS = range(1000, 2000)
@@ -121,8 +121,9 @@ def spec_for(seed: int, split: str) -> FamilySpec:
                       batch_size=c["batch_size"])
 
 
-def make_task(spec: FamilySpec) -> FamilyTask:
-    """The tensors of ``spec``'s teacher (float32; generated in float64 from the spec's seed)."""
+def teacher_function(spec: FamilySpec):
+    """``(f, q, gen)``: the teacher ``f(x) = M phi(U q^T x + c)`` in float64 before standardisation and noise,
+    its k* input directions ``q`` (orthonormal columns), and the generator, positioned to draw the data."""
     check_split(spec.seed, spec.split)
     gen = torch.Generator().manual_seed(104729 * spec.seed + 3)
     f64 = dict(generator=gen, dtype=torch.float64)
@@ -130,13 +131,20 @@ def make_task(spec: FamilySpec) -> FamilyTask:
     u = spec.gain * torch.randn(spec.hidden, spec.rank, **f64)
     c = 0.5 * torch.randn(spec.hidden, **f64)
     m = torch.randn(spec.out_dim, spec.hidden, **f64) / math.sqrt(spec.hidden)
+    phi = NONLINEARITIES[spec.nonlinearity]
+    return (lambda x: phi((x @ q) @ u.T + c) @ m.T), q, gen
+
+
+def make_task(spec: FamilySpec) -> FamilyTask:
+    """The tensors of ``spec``'s teacher (float32; generated in float64 from the spec's seed)."""
+    f, _, gen = teacher_function(spec)
     n = spec.n_train + spec.n_val + spec.n_test
-    x = torch.randn(n, spec.in_dim, **f64)
-    y = NONLINEARITIES[spec.nonlinearity]((x @ q) @ u.T + c) @ m.T
+    x = torch.randn(n, spec.in_dim, generator=gen, dtype=torch.float64)
+    y = f(x)
     train = slice(0, spec.n_train)
     y = (y - y[train].mean(0)) / y[train].std(0).clamp(min=1e-12)
     if spec.noise > 0:
-        y = y + spec.noise * torch.randn(y.shape, **f64)
+        y = y + spec.noise * torch.randn(y.shape, generator=gen, dtype=torch.float64)
     x, y = x.float(), y.float()
     val, test = slice(spec.n_train, spec.n_train + spec.n_val), slice(spec.n_train + spec.n_val, n)
     return FamilyTask(spec.name, x[train], y[train], x[test], y[test], "mse", x_val=x[val], y_val=y[val],

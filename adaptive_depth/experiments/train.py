@@ -62,6 +62,8 @@ class RunConfig:
     #: (``"lt"``: times max(Lt, 1), Adam's equivalent of the reparametrisation W = Lt V)
     io_decay: Optional[float] = None
     branch_lr_scale: object = 1.0
+    #: learning-rate schedule of the first phase: "constant" (default) or "cosine" (to 0 at its last step)
+    schedule: str = "constant"
 
     def decay(self) -> float:
         if self.weight_decay is not None:
@@ -145,6 +147,14 @@ def _evaluate(model, task: Task):
     return train_loss, float(task.loss_fn(pred, task.y_test)), task.error(pred, task.y_test)
 
 
+def _schedule(opt, name: str, count: int):
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(count, 1))
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {name!r}")
+
+
 @torch.no_grad()
 def _loss(model, task: Task, x, y) -> float:
     """The task's loss on ``(x, y)`` in eval mode."""
@@ -187,8 +197,9 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
         return tr
 
     record()
-    for inner, count in phases:
+    for phase, (inner, count) in enumerate(phases):
         opt = _plugin(config, inner, model)
+        sched = _schedule(opt, config.schedule if phase == 0 else "constant", count)
         for _ in range(count):
             start = time.perf_counter()
             if config.batch_size and config.batch_size < n:
@@ -200,6 +211,8 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             train_seconds += time.perf_counter() - start
             step += 1
             if not math.isfinite(float(loss.detach())):
