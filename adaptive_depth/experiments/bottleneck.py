@@ -86,10 +86,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"seed {seed} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank {r['middle_rank']} "
                           f"(1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "
                           f"test {r['test_loss']:.4g} ({time.time() - start:.0f} s) ranks {r['ranks']}", flush=True)
+                    _save(args, rows)  # after every run: a stopped sweep keeps what it measured
+    return 0
+
+
+def _save(args, rows: List[Dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"args": vars(args), "rows": rows}, fh, indent=1)
-    return 0
 
 
 if __name__ == "__main__":
