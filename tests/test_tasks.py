@@ -138,3 +138,12 @@ def test_recipe_groups_work_inside_the_plugin():
         opt.step()
     assert abs(float(model.step_sizes().sum()) - 1.0) < 1e-5
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 6e-3, 1e-3])
+
+
+def test_bottleneck_recipes_map_to_the_documented_settings():
+    from adaptive_depth.experiments.bottleneck import recipe_config
+    c = recipe_config("c0.1+io+lt", 12.0, width=8)
+    assert c.decay() == pytest.approx(0.1 / 12) and c.io_decay == 0.1 and c.branch_lr_scale == "lt"
+    assert recipe_config("c0.1+io+lt", 0.0).decay() == pytest.approx(0.1)
+    d = recipe_config("default", 12.0)
+    assert d.decay() == pytest.approx(1e-3 / 12) and d.io_decay is None and d.branch_lr_scale == 1.0
