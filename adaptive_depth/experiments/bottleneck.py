@@ -44,16 +44,19 @@ def recipe_config(name: str, lt: float, **kw) -> RunConfig:
 
 
 def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth: int, steps: int, lr: float,
-            rule: str = "uniform", schedule: str = "cosine", optimizer: str = "adam") -> Dict:
+            rule: str = "uniform", schedule: str = "cosine", optimizer: str = "adam",
+            plugin: Optional[Dict] = None) -> Dict:
     """Train one network and return its losses, its rank profile and k*."""
     spec, task = draw(seed, split)
     config = recipe_config(recipe, lt, data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
                            scheme="exponential", seed=seed, data_seed=seed, n_train=spec.n_train,
-                           n_test=spec.n_test, eval_every=steps, schedule=schedule, optimizer=optimizer)
+                           n_test=spec.n_test, eval_every=steps, schedule=schedule, optimizer=optimizer,
+                           plugin=dict(plugin or {}))
     result = train_run(config, task, keep_model=True)
     ranks = representation_ranks(result.model, task.x_test)
     ranks1 = representation_ranks(result.model, task.x_test, threshold=0.01)
     return {"seed": seed, "k": spec.rank, "lt": lt, "recipe": recipe, "rule": rule, "optimizer": optimizer,
+            "plugin": dict(plugin or {}),
             "train_loss": result.train_loss, "test_loss": result.test_loss, "val_loss": result.history["val_loss"][-1],
             "middle_rank": ranks[len(ranks) // 2], "min_rank": min(ranks[1:-1]), "ranks": ranks,
             "middle_rank_1pct": ranks1[len(ranks1) // 2], "final_steps": result.final_steps}
@@ -71,6 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--plugin", default="{}", help="extra AdaptiveSteps keyword arguments as JSON")
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -81,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for rule in args.rules:
                     start = time.time()
                     r = measure(seed, args.split, lt, recipe, width=args.width, depth=args.depth, steps=args.steps,
-                                lr=args.lr, rule=rule, optimizer=args.optimizer)
+                                lr=args.lr, rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin))
                     rows.append(r)
                     print(f"seed {seed} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank {r['middle_rank']} "
                           f"(1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "
