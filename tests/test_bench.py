@@ -85,3 +85,60 @@ def test_merge_replaces_only_the_same_runs():
     assert sorted((r["rule"], r["seed"], r["test_loss"]) for r in runs) == \
         [("ad", 0, 3.0), ("uniform", 0, 1.0), ("uniform", 1, 5.0), ("uniform", 2, 6.0)]
     assert [m["args"]["seeds"] for m in metas] == [[0, 1]]  # the second command's only run was redone
+
+
+# ----------------------------------------------------------------- the task family's suite (--suite)
+from adaptive_depth.experiments import suite  # noqa: E402
+
+
+def _unit(seed, lr, val, test, rule="uniform", opt="adam"):
+    return {"seed": seed, "optimizer": opt, "lt": 12.0, "rule": rule, "lr": lr, "val_loss": val,
+            "test_loss": test, "train_loss": val, "test_error": test, "seconds_per_step": 0.01,
+            "curve": {"step": [0, 4], "train_loss": [2.0, val], "test_loss": [2.0, test], "seconds": [0, 1]}}
+
+
+def test_suite_selects_the_lr_by_validation_never_by_test():
+    picked = suite.select([_unit(1000, 1e-3, 0.5, 0.1), _unit(1000, 1e-2, 0.4, 0.9),
+                           _unit(1001, 1e-3, float("inf"), float("nan")), _unit(1001, 1e-2, 0.3, 0.3)])
+    by_seed = {r["seed"]: r for r in picked}
+    assert by_seed[1000]["lr"] == 1e-2 and by_seed[1000]["test_loss"] == 0.9  # the worse test loss: val decides
+    assert by_seed[1001]["lr"] == 1e-2
+    assert [s["lr"] for s in by_seed[1000]["lr_search"]] == [1e-3, 1e-2]
+    assert all(r["data"] == "adam" and r["data_seed"] == r["seed"] for r in picked)
+    # every lr of a cell diverged: no record for it
+    assert suite.select([{**_unit(1002, 1e-3, float("inf"), 0.0), "diverged": "x"}]) == []
+
+
+def test_suite_guard_refuses_heldout_tasks_for_tuning():
+    with pytest.raises(ValueError, match="not a tuning seed"):
+        suite.run_suite(suite.SuiteConfig(split="tuning", seeds=[1000], optimizers=["adam"], lts=[1.0]))
+    with pytest.raises(ValueError, match="optimizers must be among"):
+        suite.run_suite(suite.SuiteConfig(split="tuning", seeds=[0], optimizers=["adagrad"]))
+
+
+def test_suite_end_to_end_and_merge(tmp_path):
+    out = tmp_path / "suite.json"
+    common = ["bench", "--suite", "tuning", "--tasks", "1", "--first-task", "6", "--lt", "4", "--budget", "4",
+              "--eval-every", "2", "--json", str(out)]
+    assert main(common + ["--optimizers", "adam"]) == 0
+    assert main(common + ["--optimizers", "sgd"]) == 0
+    doc = json.loads(out.read_text())["suite"]
+    runs = doc["runs"]
+    assert {(r["data"], r["rule"]) for r in runs} == {(o, a) for o in ("adam", "sgd")
+                                                      for a in ("uniform", "equal_distance")}
+    for r in runs:
+        assert r["seed"] == 6 and r["spec"]["split"] == "tuning" and r["lt"] == 4.0
+        assert len(r["lr_search"]) == len(suite.LR_GRIDS[r["data"]])
+        assert r["val_loss"] == min(s["val_loss"] for s in r["lr_search"])
+        assert r["curve"]["step"] == [0, 2, 4]
+    assert len(doc["meta"]) == 2 and "### adam" in doc["table_markdown"] and "### sgd" in doc["table_markdown"]
+    assert (tmp_path / "suite.md").read_text().count("adaptive-depth bench --suite tuning") == 2
+
+    # --combine: no training, the same runs from two files (one of them a subset) give the same table
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"suite": {**doc, "runs": [r for r in runs if r["data"] == "sgd"]}}))
+    both = tmp_path / "both.json"
+    assert main(["bench", "--suite", "tuning", "--combine", str(part), str(out), "--json", str(both)]) == 0
+    again = json.loads(both.read_text())["suite"]
+    assert sorted(map(json.dumps, again["runs"])) == sorted(map(json.dumps, runs))
+    assert again["table_markdown"] == doc["table_markdown"]

@@ -26,6 +26,7 @@ earlier if its test loss went up at the end; "miss": never within the budget).
     adaptive-depth bench --quick                       # seconds: a smoke test of the whole pipeline
     adaptive-depth bench --data teacher --lt 0 1 3 10 30 --seeds 1 2 3 4 5 --json bench.json
     adaptive-depth bench --from-json --json bench.json  # table and plot again from the stored runs
+    adaptive-depth bench --suite heldout --tasks 5 --jobs 2   # the task family's held-out matrix (suite.py)
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from .data import TASKS, get_task
+from .suite import add_suite_arguments, run_from_args as run_suite_from_args
 from .train import RunConfig, format_table, run as train_run
 
 __all__ = ["add_arguments", "run", "bench", "summarize", "tables", "plot"]
@@ -48,6 +50,7 @@ __all__ = ["add_arguments", "run", "bench", "summarize", "tables", "plot"]
 DEFAULT_RULES = ("uniform", "equal_distance", "paper")
 DEFAULT_LTS = (0.0, 1.0, 3.0, 10.0, 30.0)
 DEFAULT_DATA = ("teacher", "mnist1d")
+DEFAULT_JSON = os.path.join("out", "bench", "bench.json")
 #: per-task settings used where --n-train / --batch-size are not given: the paper's 1000 points full batch
 #: for the teachers; MNIST-1D overfits to a test cross-entropy of ~8 within 400 full-batch steps on 1000
 #: examples, so it gets 4000 in mini-batches of 500
@@ -86,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin", default="{}",
                    help="extra AdaptiveSteps keyword arguments as JSON, for the plugin rules")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
-    p.add_argument("--json", dest="json_out", default=os.path.join("out", "bench", "bench.json"),
+    p.add_argument("--json", dest="json_out", default=DEFAULT_JSON,
                    help="JSON output; an existing file keeps its other keys (pytest-benchmark's)")
     p.add_argument("--plot", default=None, help="PNG output (default: the JSON path with .png)")
     p.add_argument("--table", default=None, help="markdown output (default: the JSON path with .md)")
@@ -94,6 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train nothing: recompute targets, summary, table and plot from the runs in --json")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test: teacher only, Lt 0 and 10, 2 seeds, width 16, depth 4, 40 steps at lr 1e-2")
+    add_suite_arguments(p)
 
 
 def _quick(args) -> None:
@@ -103,6 +107,8 @@ def _quick(args) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "suite", None):
+        return run_suite_from_args(args)
     if args.quick:
         _quick(args)
     data_seeds = args.data_seeds if args.data_seeds is not None else args.seeds

@@ -19,10 +19,12 @@ import torch
 from ..diagnostics import format_table  # noqa: F401 - re-exported for the experiments
 from .data import Task, get_task
 from ..optim import AdaptiveSteps
+from ..recipes import bottleneck_param_groups
 from ..residual import LeakyMLP
 from ..steps import over_lt
 
-__all__ = ["RunConfig", "RunResult", "FIXED_PROFILES", "build_model", "run", "compare", "format_table"]
+__all__ = ["RunConfig", "RunResult", "FIXED_PROFILES", "OPTIMIZERS", "build_model", "make_optimizer", "run",
+           "compare", "format_table"]
 
 FIXED_PROFILES = ("uniform", "irregular")
 
@@ -53,6 +55,16 @@ class RunConfig:
     n_test: int = 1000
     eval_every: int = 50
     target_loss: Optional[float] = None
+    #: inner optimizer of the first phase: "adam" (default), "adamw", "sgd" (momentum 0.9), "lamb", "radam"
+    #: (the last two from torch_optimizer)
+    optimizer: str = "adam"
+    #: the bottleneck recipe (``adaptive_depth.recipes.bottleneck_param_groups``): L2 on the input/output
+    #: layers (None: not penalised, as before) and the branch weights' learning rate in units of ``lr``
+    #: (``"lt"``: times max(Lt, 1), Adam's equivalent of the reparametrisation W = Lt V)
+    io_decay: Optional[float] = None
+    branch_lr_scale: object = 1.0
+    #: learning-rate schedule of the first phase: "constant" (default) or "cosine" (to 0 at its last step)
+    schedule: str = "constant"
 
     def decay(self) -> float:
         if self.weight_decay is not None:
@@ -96,6 +108,29 @@ def build_model(config: RunConfig, task: Task) -> LeakyMLP:
                     scheme=config.scheme)
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "radam")
+
+
+def make_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The first phase's inner optimizer (``config.optimizer`` at ``config.lr``); with ``io_decay`` or a
+    ``branch_lr_scale`` other than 1, over the bottleneck recipe's parameter groups."""
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    if config.io_decay is None and config.branch_lr_scale == 1.0:
+        params = model.parameters()
+    else:
+        params = bottleneck_param_groups(model, lr=config.lr, io_decay=config.io_decay or 0.0,
+                                         branch_lr_scale=config.branch_lr_scale)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+    import torch_optimizer
+    return (torch_optimizer.Lamb if config.optimizer == "lamb" else torch_optimizer.RAdam)(params, lr=config.lr)
+
+
 def _plugin(config: RunConfig, optimizer, model) -> AdaptiveSteps:
     rule = "fixed" if config.rule in FIXED_PROFILES else config.rule
     return AdaptiveSteps(optimizer, model, rule=rule, every=config.every, weight_decay=config.decay(),
@@ -113,6 +148,23 @@ def _evaluate(model, task: Task):
     return train_loss, float(task.loss_fn(pred, task.y_test)), task.error(pred, task.y_test)
 
 
+def _schedule(opt, name: str, count: int):
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(count, 1))
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {name!r}")
+
+
+@torch.no_grad()
+def _loss(model, task: Task, x, y) -> float:
+    """The task's loss on ``(x, y)`` in eval mode."""
+    model.eval()
+    value = float(task.loss_fn(model(x.to(next(model.parameters()).dtype)), y))
+    model.train()
+    return value
+
+
 def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = False,
         keep_model: bool = False, model: Optional[torch.nn.Module] = None) -> RunResult:
     """Train one model with ``config``; evaluates every ``eval_every`` steps and at the end.
@@ -124,7 +176,10 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
     model = build_model(config, task) if model is None else model
     history: Dict[str, List[float]] = {"step": [], "train_loss": [], "test_loss": [], "test_error": [],
                                        "seconds": []}
-    phases = [(torch.optim.Adam(model.parameters(), lr=config.lr), config.steps)]
+    x_val = getattr(task, "x_val", None)
+    if x_val is not None:
+        history["val_loss"] = []
+    phases = [(make_optimizer(config, model), config.steps)]
     if config.sgd_steps:
         phases.append((torch.optim.SGD(model.parameters(), lr=config.sgd_lr), config.sgd_steps))
     total = sum(n for _, n in phases)
@@ -138,11 +193,14 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
         for key, value in zip(("step", "train_loss", "test_loss", "test_error", "seconds"),
                               (step, tr, te, err, train_seconds)):
             history[key].append(value)
+        if x_val is not None:
+            history["val_loss"].append(_loss(model, task, x_val, task.y_val))
         return tr
 
     record()
-    for inner, count in phases:
+    for phase, (inner, count) in enumerate(phases):
         opt = _plugin(config, inner, model)
+        sched = _schedule(opt, config.schedule if phase == 0 else "constant", count)
         for _ in range(count):
             start = time.perf_counter()
             if config.batch_size and config.batch_size < n:
@@ -154,6 +212,8 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             train_seconds += time.perf_counter() - start
             step += 1
             if not math.isfinite(float(loss.detach())):

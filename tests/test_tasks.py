@@ -1,0 +1,149 @@
+"""The task family: reproducible draws, the tuning/held-out guard, the bottleneck the teacher claims, and
+the recipe's parameter groups."""
+import math
+
+import pytest
+import torch
+
+from adaptive_depth import AdaptiveSteps
+from adaptive_depth.experiments import tasks
+from adaptive_depth.experiments.train import RunConfig, make_optimizer, run
+from adaptive_depth.recipes import bottleneck_param_groups, middle_rank, representation_ranks
+from adaptive_depth.residual import LeakyMLP
+
+
+def test_split_guard_refuses_the_other_split():
+    tasks.draw(0, "tuning"), tasks.draw(1000, "heldout")
+    for seed, split in ((1000, "tuning"), (99, "heldout"), (100, "tuning"), (-1, "tuning"), (2000, "heldout")):
+        with pytest.raises(ValueError, match=f"not a {split} seed"):
+            tasks.draw(seed, split)
+    with pytest.raises(ValueError, match="split must be one of"):
+        tasks.draw(0, "test")
+    with pytest.raises(ValueError, match="not a tuning seed"):
+        tasks.make_task(tasks.FamilySpec(**{**tasks.spec_for(1000, "heldout").to_dict(), "split": "tuning"}))
+    assert tasks.split_seeds("heldout", 3) == [1000, 1001, 1002]
+    assert tasks.split_seeds("tuning", 2, start=5) == [5, 6]
+    assert not set(tasks.TUNING_SEEDS) & set(tasks.HELDOUT_SEEDS)
+
+
+def test_draws_are_reproducible_and_varied():
+    a, b = tasks.draw(7, "tuning"), tasks.draw(7, "tuning")
+    assert a[0] == b[0]
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        assert torch.equal(getattr(a[1], name), getattr(b[1], name))
+    specs = [tasks.spec_for(s, "tuning") for s in range(40)]
+    for field in ("in_dim", "out_dim", "rank", "nonlinearity", "noise", "n_train", "width", "depth", "batch_size"):
+        assert len({getattr(s, field) for s in specs}) >= 2, field
+    assert {s.rank for s in specs} <= set(range(1, 7))
+
+
+@pytest.mark.parametrize("seed,split", [(0, "tuning"), (3, "tuning"), (11, "tuning"), (1001, "heldout")])
+def test_teacher_has_the_bottleneck_it_claims(seed, split):
+    """The teacher's Jacobian has rank exactly k* everywhere (float64 autograd at random points, singular
+    values against a relative 1e-9), and the data are that teacher, standardised, plus the stated noise."""
+    spec, task = tasks.draw(seed, split)
+    assert task.x_train.shape == (spec.n_train, spec.in_dim) and task.y_val.shape == (spec.n_val, spec.out_dim)
+    assert task.rank == spec.rank and task.loss == "mse"
+    f, q, _ = tasks.teacher_function(spec)
+    gen = torch.Generator().manual_seed(1)
+    for x in torch.randn(4, spec.in_dim, generator=gen, dtype=torch.float64):
+        s = torch.linalg.svdvals(torch.autograd.functional.jacobian(f, x))
+        assert int((s > 1e-9 * s[0]).sum()) == spec.rank
+        step = torch.randn(spec.in_dim, generator=gen, dtype=torch.float64)
+        step -= q @ (q.T @ step)  # orthogonal to the k* directions: the output does not move
+        torch.testing.assert_close(f(x + 3 * step), f(x))
+    y = f(task.x_train.double())
+    y = (y - y.mean(0)) / y.std(0)
+    resid = task.y_train.double() - y
+    assert float(resid.std()) == pytest.approx(spec.noise, abs=0.01 + 0.1 * spec.noise)
+
+
+def test_bottleneck_param_groups_split_io_branches_and_steps():
+    torch.manual_seed(0)
+    model = LeakyMLP(5, 3, 8, 4, effective_depth=6.0, scheme="exponential")
+    groups = bottleneck_param_groups(model, lr=1e-3, io_decay=0.1, branch_lr_scale="lt")
+    io, branches, steps = groups
+    assert {id(p) for p in io["params"]} == {id(p) for m in (model.input, model.output) for p in m.parameters()}
+    assert io["weight_decay"] == 0.1 and branches["weight_decay"] == 0.0
+    assert branches["lr"] == pytest.approx(6e-3) and len(branches["params"]) == 8
+    assert steps["params"] == [model.steps.rho]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert bottleneck_param_groups(model, lr=1e-3, branch_lr_scale=2.5)[1]["lr"] == pytest.approx(2.5e-3)
+    for kw, match in (({"lr": 0}, "lr must be"), ({"lr": 1e-3, "io_decay": -1}, "io_decay must be"),
+                      ({"lr": 1e-3, "branch_lr_scale": "deep"}, "branch_lr_scale must be")):
+        with pytest.raises(ValueError, match=match):
+            bottleneck_param_groups(model, **kw)
+    with pytest.raises(ValueError, match="no step sizes"):
+        bottleneck_param_groups(torch.nn.Linear(2, 2), lr=1e-3)
+
+
+def test_io_decay_is_the_l2_penalty_under_adam():
+    """One Adam step on the groups equals one Adam step on loss + io_decay/2 ||W_io||^2 (written out)."""
+    torch.manual_seed(0)
+    a = LeakyMLP(4, 2, 6, 3, effective_depth=2.0, scheme="exponential")
+    b = LeakyMLP(4, 2, 6, 3, effective_depth=2.0, scheme="exponential")
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    opt_a = torch.optim.Adam(bottleneck_param_groups(a, lr=1e-2, io_decay=0.3), lr=1e-2)
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2)
+    ((a(x) - y) ** 2).mean().backward()
+    penalty = 0.15 * sum((p ** 2).sum() for m in (b.input, b.output) for p in m.parameters())
+    (((b(x) - y) ** 2).mean() + penalty).backward()
+    opt_a.step(), opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_representation_ranks_against_a_plain_svd():
+    torch.manual_seed(1)
+    model = LeakyMLP(6, 2, 10, 4, effective_depth=3.0, scheme="exponential")
+    x = torch.randn(64, 6)
+    ranks = representation_ranks(model, x, threshold=0.1)
+    assert len(ranks) == 5
+    h = model.input(x).double()
+    s = torch.linalg.svdvals(h - h.mean(0))
+    assert ranks[0] == int((s > 0.1 * s[0]).sum())
+    # a rank-2 input layer gives a rank-2 first representation
+    with torch.no_grad():
+        model.input.weight.copy_(torch.randn(10, 2) @ torch.randn(2, 6))
+    assert representation_ranks(model, x)[0] == 2 and middle_rank(model, x) >= 1
+    with pytest.raises(ValueError, match="threshold"):
+        representation_ranks(model, x, threshold=1.5)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "lamb", "radam"])
+def test_every_optimizer_of_the_matrix_trains(name):
+    spec, task = tasks.draw(1, "tuning")
+    config = RunConfig(width=16, depth=3, effective_depth=4.0, scheme="exponential", steps=30, lr=3e-3,
+                       optimizer=name, eval_every=10, rule="equal_distance", schedule="cosine",
+                       io_decay=0.01, branch_lr_scale="lt")
+    result = run(config, task)
+    assert len(result.history["val_loss"]) == len(result.history["step"]) == 4
+    assert result.train_loss < result.history["train_loss"][0] and math.isfinite(result.test_loss)
+    assert type(make_optimizer(config, LeakyMLP(2, 2, 4, 2))).__name__.lower() == name
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_optimizer(RunConfig(optimizer="adagrad"), LeakyMLP(2, 2, 4, 2))
+
+
+def test_recipe_groups_work_inside_the_plugin():
+    torch.manual_seed(0)
+    model = LeakyMLP(4, 2, 8, 3, effective_depth=6.0, scheme="exponential")
+    inner = torch.optim.Adam(bottleneck_param_groups(model, lr=1e-3, io_decay=0.01, branch_lr_scale="lt"), lr=1e-3)
+    opt = AdaptiveSteps(inner, model, weight_decay=0.01 / 6)
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    for _ in range(12):
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert abs(float(model.step_sizes().sum()) - 1.0) < 1e-5
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 6e-3, 1e-3])
+
+
+def test_bottleneck_recipes_map_to_the_documented_settings():
+    from adaptive_depth.experiments.bottleneck import recipe_config
+    c = recipe_config("c0.1+io+lt", 12.0, width=8)
+    assert c.decay() == pytest.approx(0.1 / 12) and c.io_decay == 0.1 and c.branch_lr_scale == "lt"
+    assert recipe_config("c0.1+io+lt", 0.0).decay() == pytest.approx(0.1)
+    d = recipe_config("default", 12.0)
+    assert d.decay() == pytest.approx(1e-3 / 12) and d.io_decay is None and d.branch_lr_scale == 1.0
