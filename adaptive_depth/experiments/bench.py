@@ -107,6 +107,11 @@ def _quick(args) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "suite", None) == "growth":  # depth growth's training-speed benchmark (experiments/growth.py)
+        from . import growth
+        parser = argparse.ArgumentParser(prog="adaptive-depth grow")
+        growth.add_arguments(parser)
+        return growth.run(parser.parse_args([]))
     if getattr(args, "suite", None):
         return run_suite_from_args(args)
     if args.quick:

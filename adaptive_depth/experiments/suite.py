@@ -147,8 +147,10 @@ def _merge_existing(path: str, records: List[Dict]):
 
 
 def add_suite_arguments(p) -> None:
-    p.add_argument("--suite", choices=sorted(SPLITS), default=None,
-                   help="run the task family's matrix on its tuning or held-out split instead of --data")
+    p.add_argument("--suite", choices=sorted(SPLITS) + ["growth"], default=None,
+                   help="run the task family's matrix on its tuning or held-out split instead of --data; "
+                        "'growth': the depth-growth training-speed benchmark with its defaults "
+                        "(adaptive-depth grow takes its options)")
     p.add_argument("--tasks", type=int, default=5, help="--suite: number of tasks (seeds) of the split")
     p.add_argument("--first-task", type=int, default=0, help="--suite: index of the first task in the split")
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=["adam", "adamw", "sgd", "lamb"],
