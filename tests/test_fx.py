@@ -167,12 +167,12 @@ def test_export_save_load_round_trip(name):
         model = wrap(resnet18(), effective_depth=0.4, steps="irregular").eval()
         x, key = torch.randn(2, 3, 32, 32), "leaky_steps.layer2.rho"
     loaded = _round_trip(model, x)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.module()(x), model(x), rtol=0, atol=0)
+    with torch.no_grad():  # the exported graph decomposes the coefficients' maths: equal to an ulp, not bitwise
+        torch.testing.assert_close(loaded.module()(x), model(x), rtol=1e-6, atol=1e-6)
     # the steps are state of the program (inputs), not constants folded into it
     assert torch.equal(loaded.state_dict[key], model.state_dict()[key])
     module = loaded.module()
-    rho = module.get_parameter(key)
+    rho = dict(module.named_buffers(), **dict(module.named_parameters()))[key]  # fixed steps: a buffer
     with torch.no_grad():
         rho.copy_(rho.flip(0))
         assert (module(x) - model(x)).abs().max() > 1e-5
