@@ -15,6 +15,7 @@ COMMANDS = {
                   "wrap a torchvision resnet18 and train it, uniform vs adaptive"),
     "paper": ("adaptive_depth.experiments.paper", "reproduce the paper's figures (fig1, fig2)"),
     "bench": ("adaptive_depth.experiments.bench", "uniform vs adaptive steps over Lt, rules and seeds (JSON out)"),
+    "realdata": ("adaptive_depth.experiments.realdata", "MNIST-1D and digits: plain vs uniform vs adaptive, 5 seeds"),
 }
 
 
