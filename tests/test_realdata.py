@@ -134,3 +134,18 @@ def test_cli_runs_the_protocol_and_writes_json_and_markdown(tmp_path, capsys):
     assert (tmp_path / "r.md").read_text().startswith("# digits-conv")
     with pytest.raises(ValueError, match="must not overlap"):
         main(["realdata", "--task", "digits-conv", "--steps", "2", "--tune-seeds", "0", "--report-seeds", "0"])
+
+
+def test_a_log_resumes_and_tabulates_without_retraining(tmp_path):
+    log = str(tmp_path / "runs.jsonl")
+    kwargs = dict(lrs=[3e-3], tune_seeds=[0], report_seeds=[100, 101], steps=3, log=log)
+    first = rd.run_protocol("digits-conv", ["plain"], **kwargs)
+    lines = open(log).read().splitlines()
+    assert len(lines) == 3
+    again = rd.run_protocol("digits-conv", ["plain"], **kwargs)  # everything is in the log: nothing retrains
+    assert open(log).read().splitlines() == lines
+    assert again["report"] == json.loads(json.dumps(first["report"]))
+    open(log, "w").write("\n".join(lines[:2]) + "\n")  # the last report run is missing
+    partial = rd.run_protocol("digits-conv", ["plain"], logged_only=True, **kwargs)
+    assert [r["config"]["seed"] for r in partial["report"]] == [100] and len(open(log).readlines()) == 2
+    assert rd.summarise(partial)[0]["seeds"] == 1

@@ -213,23 +213,27 @@ def _result(config, model, split, curve, reached, seconds, diverged=None) -> dic
 # ---------------------------------------------------------------------------------------- protocol
 def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] = None, *, tune_seeds=TUNE_SEEDS,
                  report_seeds=REPORT_SEEDS, steps: Optional[int] = None, workers: int = 1,
-                 log: Optional[str] = None) -> dict:
-    """Pick each arm's lr on validation (tuning seeds), then train the report seeds on train, score on test."""
+                 log: Optional[str] = None, logged_only: bool = False) -> dict:
+    """Pick each arm's lr on validation (tuning seeds), then train the report seeds on train, score on test.
+
+    ``log``: a JSON-lines file; each finished run is appended, and runs already in it are reused (resume).
+    ``logged_only``: train nothing, tabulate what the log holds (missing runs are left out)."""
     base = RealConfig(task=_check_task(task), steps=steps)
     lrs = list(lrs or TASKS[task]["lrs"])
     tune = [replace(base, arm=a, lr=lr, seed=s, validation=True) for a in arms for lr in lrs for s in tune_seeds]
-    tuned = _map(tune, workers, log)
+    tuned = _map(tune, workers, log, logged_only)
     chosen = {a: _best_lr(tuned, a, lrs) for a in arms}
-    report = [replace(base, arm=a, lr=chosen[a], seed=s) for a in arms for s in report_seeds]
+    # seed-major order: a run cut short still leaves every arm with the same seeds
+    report = [replace(base, arm=a, lr=chosen[a], seed=s) for s in report_seeds for a in arms]
     return dict(task=task, spec=TASKS[task], lrs=lrs, steps=steps, tune_seeds=list(tune_seeds),
                 report_seeds=list(report_seeds), chosen_lr=chosen, tuning=tuned,
-                report=_map(report, workers, log))
+                report=_map(report, workers, log, logged_only))
 
 
 def _best_lr(runs: List[dict], arm: str, lrs: Sequence[float]) -> float:
     def score(lr):
         accs = [r["eval_acc"] for r in runs if r["config"]["arm"] == arm and r["config"]["lr"] == lr]
-        return statistics.fmean(a if math.isfinite(a) else 0.0 for a in accs)
+        return statistics.fmean(a if math.isfinite(a) else 0.0 for a in accs) if accs else -1.0
     return max(lrs, key=score)
 
 
@@ -238,17 +242,35 @@ def _worker(config: RealConfig) -> dict:
     return train_one(config)
 
 
-def _map(configs: List[RealConfig], workers: int, log: Optional[str]) -> List[dict]:
-    out = []
-    if workers > 1:
+def _key(config: RealConfig) -> str:
+    return json.dumps(asdict(config), sort_keys=True)
+
+
+def _read_log(log: Optional[str]) -> Dict[str, dict]:
+    done = {}
+    if log:
+        try:
+            with open(log) as fh:
+                for line in fh:
+                    r = json.loads(line)
+                    done[json.dumps(r["config"], sort_keys=True)] = r
+        except FileNotFoundError:
+            pass
+    return done
+
+
+def _map(configs: List[RealConfig], workers: int, log: Optional[str], logged_only: bool = False) -> List[dict]:
+    done = _read_log(log)
+    todo = [] if logged_only else [c for c in configs if _key(c) not in done]
+    if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(workers) as pool:
-            for r in pool.imap(_worker, configs):
-                out.append(_logged(r, log))
+            for c, r in zip(todo, pool.imap(_worker, todo)):
+                done[_key(c)] = _logged(r, log)
     else:
-        for c in configs:
-            out.append(_logged(_worker(c), log))
-    return out
+        for c in todo:
+            done[_key(c)] = _logged(_worker(c), log)
+    return [done[_key(c)] for c in configs if _key(c) in done]
 
 
 def _logged(result: dict, log: Optional[str]) -> dict:
@@ -325,7 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-seeds", nargs="+", type=int, default=list(REPORT_SEEDS))
     parser.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
     parser.add_argument("--out", default=None, help="write the JSON here and the table next to it (.md)")
-    parser.add_argument("--log", default=None, help="append each finished run to this JSON-lines file")
+    parser.add_argument("--log", default=None, help="append each finished run to this JSON-lines file; runs "
+                        "already in it are reused (resume)")
+    parser.add_argument("--logged-only", action="store_true", help="train nothing: tabulate the runs in --log")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -333,10 +357,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--tune-seeds and --report-seeds must not overlap (tune on some, report on others)")
     torch.set_num_threads(1)
     result = run_protocol(args.task, args.arms, args.lrs, tune_seeds=args.tune_seeds,
-                          report_seeds=args.report_seeds, steps=args.steps, workers=args.workers, log=args.log)
+                          report_seeds=args.report_seeds, steps=args.steps, workers=args.workers, log=args.log,
+                          logged_only=args.logged_only)
     command = "adaptive-depth realdata " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "log") and v is not None)
+        for k, v in vars(args).items()
+        if not k.startswith("_") and k not in ("command", "log", "logged_only") and v is not None)
     md = to_markdown(result, command)
     print(md)
     if args.out:
