@@ -7,7 +7,8 @@ A stack keeps its steps in one ``StepSizes`` module (``.steps``); its blocks ref
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Tuple
+import warnings
+from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +16,12 @@ from torch import Tensor, nn
 
 from . import rules
 from .ops import check_activation, check_backend, fused_update, leaky_linear
-from .steps import StepSizes, StepsInit, guard_checkpoints
+from .steps import StepSizes, StepsInit, default_bounds, guard_checkpoints
 
-__all__ = ["LeakyResidual", "LeakyResNet", "LeakyMLP", "MLPBranch"]
+__all__ = ["LeakyResidual", "LeakyResNet", "LeakyMLP", "MLPBranch", "StepsOwner", "balanced_gain", "balance_branches_",
+           "euler_headroom"]
+
+BranchGain = Union[None, str, float]
 
 
 # ----------------------------------------------------------------------------------- tracing helpers
@@ -172,30 +176,49 @@ class LeakyResidual(StepsOwner):
     """
 
     def __init__(self, block: nn.Module, *, effective_depth: float = 0.0, step: float = 1.0,
-                 scheme: str = "euler", activation: Optional[str] = None, backend: Optional[str] = None):
+                 scheme: str = "euler", activation: Optional[str] = None, backend: Optional[str] = None,
+                 branch_norm: bool = False, branch_gain: BranchGain = None):
         super().__init__()
         _check_block(block, "block")
+        norm, gain = _check_branch_options(branch_norm, branch_gain, effective_depth)
         self.block = block
         self.activation = check_activation(activation)
         self.backend = check_backend(backend)
         self.steps, self._steps_init = build_steps(1, total_time=step, effective_depth=effective_depth,
                                                    scheme=scheme, min_step=step, max_step=step)
+        self._set_branch_scaling(norm, gain)
         self._link(self.steps, 0)
         self.steps.bind([self])
 
     @classmethod
     def _linked(cls, block: nn.Module, steps: StepSizes, index: int, activation: Optional[str],
-                backend: str) -> "LeakyResidual":
+                backend: str, branch_norm: bool = False, gain: Optional[float] = None) -> "LeakyResidual":
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.block, self.activation, self.backend = block, activation, backend
+        self._set_branch_scaling(branch_norm, gain)
         self._link(steps, index)
         return self
+
+    def _set_branch_scaling(self, branch_norm: bool, gain: Optional[float]) -> None:
+        self.branch_norm = branch_norm
+        dtype = next((p.dtype for p in self.block.parameters() if p.is_floating_point()), torch.float32)
+        device = next((p.device for p in self.block.parameters()), None)
+        self.gain = None if gain is None else nn.Parameter(torch.tensor(gain, dtype=dtype, device=device))
 
     def _link(self, steps: StepSizes, index: int) -> None:
         self.__dict__["_group"] = steps  # not registered: the owner of the group registers it once
         self.index = index
-        self._fused = getattr(self.block, "leaky_step", None) is not None
+        plain = not self.branch_norm and self.gain is None
+        self._fused = plain and getattr(self.block, "leaky_step", None) is not None
+
+    def branch(self, x: Tensor) -> Tensor:
+        """The branch as the update sees it: ``f(x)``, RMS-normalised per example if ``branch_norm``, times
+        ``gain`` if there is one."""
+        f = self.block(x)
+        if self.branch_norm:
+            f = rms_normalise(f)
+        return f if self.gain is None else f * self.gain
 
     def branch_parameters(self):
         return self.block.parameters()
@@ -220,14 +243,15 @@ class LeakyResidual(StepsOwner):
         lt = self._group.effective_depth
         if self._fused:
             return _fused_step(self.block, x, a, b, lt, relu, record, self.backend)
-        return _update(x, self.block(x), a, b, lt, relu, record, self.backend, self.index,
+        return _update(x, self.branch(x), a, b, lt, relu, record, self.backend, self.index,
                        type(self.block).__name__)
 
     def __prepare_scriptable__(self):
         raise torchscript_error(type(self).__name__)
 
     def extra_repr(self) -> str:
-        return f"index={self.index}, activation={self.activation!r}"
+        extra = ", branch_norm=True" if self.branch_norm else ""
+        return f"index={self.index}, activation={self.activation!r}{extra}"
 
 
 class LeakyResNet(StepsOwner):
@@ -241,8 +265,16 @@ class LeakyResNet(StepsOwner):
         steps: ``"uniform"``, ``"irregular"``, ``"learned"`` or the L steps.
         scheme: ``"euler"`` (the paper; needs ``rho * Lt < 1``) or ``"exponential"`` (any step).
         activation: ``None`` or ``"relu"`` after each update.
-        min_step, max_step: bounds every step keeps (defaults: ``steps.default_bounds``).
+        min_step, max_step: bounds every step keeps (defaults: ``steps.default_bounds``). Under euler with
+            ``Lt T / L`` near 1 the wall ``rho < 1/Lt`` leaves a rule almost no room above the uniform step;
+            a ``UserWarning`` then says so (see ``euler_headroom``) and points to ``scheme="exponential"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (default: ``ADAPTIVE_DEPTH_BACKEND`` or auto).
+        branch_norm: divide each branch output by its root mean square over each example (all dims but the
+            first), so a branch keeps unit scale whatever Lt does to the signal (docs/large_lt.md).
+        branch_gain: ``None`` (default: no gain), ``"balanced"`` or a number: a learned scalar gain per
+            block multiplying the branch, initialised at ``balanced_gain(Lt) = max(1, Lt)`` (or the number).
+            With ``branch_norm`` this is the large-Lt recipe: at Lt >= 1 the update starts as the balanced
+            ``a x + (1 - a) f(x) / |f(x)|`` instead of a leak that shrinks the signal by ~exp(-rho Lt) per block.
 
     Example:
         >>> blocks = [nn.Sequential(nn.ReLU(), nn.Linear(64, 64)) for _ in range(12)]
@@ -253,7 +285,7 @@ class LeakyResNet(StepsOwner):
     def __init__(self, blocks: Iterable[nn.Module], *, effective_depth: float = 0.0, total_time: float = 1.0,
                  steps: StepsInit = "uniform", scheme: str = "euler", activation: Optional[str] = None,
                  min_step: Optional[float] = None, max_step: Optional[float] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, branch_norm: bool = False, branch_gain: BranchGain = None):
         super().__init__()
         if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
             raise TypeError("blocks must be an iterable of modules (e.g. a list), got a single "
@@ -265,12 +297,14 @@ class LeakyResNet(StepsOwner):
             _check_block(blk, f"blocks[{i}]")
         activation = check_activation(activation)
         backend = check_backend(backend)
+        norm, gain = _check_branch_options(branch_norm, branch_gain, effective_depth)
         self.steps, self._steps_init = build_steps(len(blocks), total_time=total_time,
                                                    effective_depth=effective_depth, scheme=scheme, init=steps,
                                                    min_step=min_step, max_step=max_step)
-        self.blocks = nn.ModuleList(LeakyResidual._linked(b, self.steps, i, activation, backend)
+        self.blocks = nn.ModuleList(LeakyResidual._linked(b, self.steps, i, activation, backend, norm, gain)
                                     for i, b in enumerate(blocks))
         self.steps.bind(list(self.blocks))
+        _warn_euler_headroom(self.steps, effective_depth)
 
     @property
     def depth(self) -> int:
@@ -443,3 +477,118 @@ def _check_block(block, name: str) -> None:
     if isinstance(block, LeakyResidual):
         raise TypeError(f"{name} is already a LeakyResidual; pass its branch (.block) instead")
 
+
+
+# ------------------------------------------------------------------------------- large Lt helpers
+def rms_normalise(f: Tensor, eps: float = 1e-6) -> Tensor:
+    """``f / sqrt(mean(f^2) + eps)`` with the mean over every dim but the first (one scale per example)."""
+    if f.dim() < 2:
+        raise ValueError(f"branch_norm needs a batch dimension first: the branch gave shape {tuple(f.shape)}")
+    dims = tuple(range(1, f.dim()))
+    return f * torch.rsqrt(f.pow(2).mean(dim=dims, keepdim=True) + eps)
+
+
+def balanced_gain(effective_depth: float) -> float:
+    """The branch gain that balances the leak at initialisation: ``max(1, Lt)``.
+
+    For Lt > 0 both schemes give ``b = (1 - a) / Lt``, so a gain of Lt makes the update the convex combination
+    ``a x + (1 - a) f(x)``: with a unit-scale branch (``branch_norm``) the signal keeps its scale through any
+    number of blocks instead of shrinking by ``a`` per block. Below Lt = 1 the gain stays 1 (a plain ResNet's
+    branch weight at Lt = 0)."""
+    lt = float(effective_depth)
+    if not (math.isfinite(lt) and lt >= 0):
+        raise ValueError(f"effective_depth must be a finite number >= 0, got {effective_depth!r}")
+    return max(1.0, lt)
+
+
+def _check_branch_options(branch_norm, branch_gain: BranchGain, effective_depth) -> tuple:
+    if not isinstance(branch_norm, bool):
+        raise TypeError(f"branch_norm must be True or False, got {branch_norm!r}")
+    if branch_gain is None:
+        return branch_norm, None
+    if isinstance(branch_gain, str):
+        if branch_gain != "balanced":
+            raise ValueError(f"branch_gain must be None, 'balanced' or a positive number, got {branch_gain!r}")
+        return branch_norm, balanced_gain(float(effective_depth))
+    if isinstance(branch_gain, bool) or not isinstance(branch_gain, (int, float)) \
+            or not (math.isfinite(branch_gain) and branch_gain > 0):
+        raise ValueError(f"branch_gain must be None, 'balanced' or a positive finite number, got {branch_gain!r}")
+    return branch_norm, float(branch_gain)
+
+
+def euler_headroom(depth: int, total_time: float, effective_depth: float,
+                   max_step: Optional[float] = None) -> float:
+    """How far (in units of the uniform step ``T/L``) a rule may raise a step under euler: ``max_step / (T/L)``
+    with ``max_step`` the default bound when not given. ``inf`` at Lt = 0. Near 1 a rule has no room (e.g.
+    L = 12, Lt = 10: 1.1); the exponential scheme has no wall and leaves ``T / (T/L) = L``."""
+    if effective_depth <= 0 and max_step is None:
+        return math.inf
+    hi = default_bounds(depth, total_time, effective_depth, "euler")[1] if max_step is None else max_step
+    return hi / (total_time / depth)
+
+
+_MIN_HEADROOM = 1.5
+
+
+def _warn_euler_headroom(steps: StepSizes, effective_depth: float) -> None:
+    lt = float(effective_depth)  # the constructor's value: the buffer may be on the meta device
+    if steps.scheme != "euler" or lt <= 0:
+        return
+    room = steps.max_step / (steps.total_time / steps.depth)
+    if room < _MIN_HEADROOM:
+        warnings.warn(
+            f"scheme='euler' with effective_depth={lt:g}, depth={steps.depth}, total_time={steps.total_time:g}: "
+            f"the euler wall rho < 1/Lt caps every step at max_step={steps.max_step:.4g}, {room:.2f}x the uniform "
+            f"step, so an adaptive rule (AdaptiveSteps) has almost no room to act. Use scheme='exponential' "
+            f"(no wall), more blocks, or a smaller effective_depth.", UserWarning, stacklevel=3)
+
+
+def _branch_norm_layer(block: nn.Module, shortcut: Iterable[str]) -> Optional[nn.Module]:
+    skip = {id(m) for name in shortcut if isinstance(getattr(block, name, None), nn.Module)
+            for m in getattr(block, name).modules()}
+    norms = [m for m in block.modules() if id(m) not in skip and m is not block
+             and isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+             and getattr(m, "weight", None) is not None]
+    return norms[-1] if norms else None
+
+
+@torch.no_grad()
+def balance_branches_(model: nn.Module, gain: BranchGain = "balanced") -> list:
+    """Initialise every residual branch in ``model`` at the balanced gain for its group's Lt (in place).
+
+    - a ``LeakyResidual`` built with ``branch_gain``: its gain is reset to ``balanced_gain(Lt)`` (or ``gain``);
+    - a block made leaky by ``adaptive_depth.wrap`` (a torchvision / timm ResNet): the last affine norm
+      layer of its branch (``bn2`` of a BasicBlock, ``bn3`` of a Bottleneck) is multiplied by the gain, so
+      the branch, already normalised, starts balanced against the leak.
+
+    Call it once, right after building or wrapping (a wrapped block's norm is scaled, not overwritten, so
+    pretrained weights keep their shape; a second call scales again). Returns the names of the blocks
+    changed. Raises ``ValueError`` (changing nothing) when a block has neither a gain nor a normalised branch.
+    """
+    if gain is None:
+        raise ValueError("gain must be 'balanced' or a positive finite number, got None")
+    _check_branch_options(False, gain, 0.0)
+    plan = []
+    for name, module in model.named_modules():
+        if isinstance(module, LeakyResidual) and module.gain is not None:
+            lt = float(module._group.effective_depth)
+            plan.append((name, module.gain, None, lt))
+        elif isinstance(module, LeakyResidual):
+            raise ValueError(f"block {name!r} has no gain: build the LeakyResNet with branch_gain='balanced'")
+        elif "_leaky_group" in module.__dict__:
+            norm = _branch_norm_layer(module, module.__dict__["_leaky_adapter"].shortcut)
+            if norm is None:
+                raise ValueError(f"wrapped block {name!r} has no affine norm layer in its branch to carry a gain; "
+                                 f"add one or wrap a model whose blocks end in a norm")
+            plan.append((name, norm.weight, norm.bias, float(module.__dict__["_leaky_group"].effective_depth)))
+    if not plan:
+        raise ValueError("model has no leaky blocks: build it with LeakyResNet(..., branch_gain='balanced') "
+                         "or adaptive_depth.wrap()")
+    for name, weight, bias, lt in plan:
+        g = _check_branch_options(False, gain, lt)[1]
+        if bias is None:  # a LeakyResidual's own gain: set it
+            weight.fill_(g)
+        else:  # a norm layer's affine map: scale it
+            weight.mul_(g)
+            bias.mul_(g)
+    return [name for name, *_ in plan]

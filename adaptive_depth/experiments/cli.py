@@ -16,6 +16,7 @@ COMMANDS = {
     "paper": ("adaptive_depth.experiments.paper", "reproduce the paper's figures (fig1, fig2)"),
     "grow": ("adaptive_depth.experiments.growth", "training time: grow the depth during training vs full depth"),
     "bench": ("adaptive_depth.experiments.bench", "uniform vs adaptive steps over Lt, rules and seeds (JSON out)"),
+    "realdata": ("adaptive_depth.experiments.realdata", "MNIST-1D and digits: plain vs uniform vs adaptive, 5 seeds"),
 }
 
 

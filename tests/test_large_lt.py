@@ -1,0 +1,219 @@
+"""Large Lt that trains: the normalised branch and the balanced gain (issue 9 item 2), the euler headroom
+warning, and the balanced init of a wrapped torchvision ResNet."""
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torchvision.models as tv
+from torch import nn
+
+from adaptive_depth import LeakyResNet, MLPBranch, wrap
+from adaptive_depth.residual import (LeakyResidual, balance_branches_, balanced_gain, euler_headroom,
+                                     rms_normalise)
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def conv_blocks(n, channels=16, seed=0):
+    torch.manual_seed(seed)
+    return [nn.Sequential(nn.ReLU(), nn.Conv1d(channels, channels, 3, padding=1)) for _ in range(n)]
+
+
+def reference(blocks, x, steps, lt, scheme, gain=None, norm=False):
+    """The update written out in float64: x <- a x + b g f(x)/rms(f(x))."""
+    h = x.double()
+    for blk, rho in zip(copy.deepcopy(blocks), steps):
+        f = blk.double()(h)
+        if norm:
+            f = f / torch.sqrt((f ** 2).flatten(1).mean(1) + 1e-6).view(-1, *[1] * (f.dim() - 1))
+        if gain is not None:
+            f = gain * f
+        if scheme == "euler":
+            h = h + rho * (f - lt * h)
+        else:
+            h = math.exp(-rho * lt) * h + (1 - math.exp(-rho * lt)) / lt * f
+    return h
+
+
+@pytest.mark.parametrize("scheme", ["euler", "exponential"])
+def test_defaults_leave_the_update_and_the_state_dict_unchanged(scheme):
+    blocks = conv_blocks(4, channels=4)
+    net = LeakyResNet(copy.deepcopy(blocks), effective_depth=2.0, steps=[0.1, 0.3, 0.2, 0.4], scheme=scheme)
+    x = torch.randn(3, 4, 9)
+    assert torch.allclose(net(x).double(), reference(blocks, x, [0.1, 0.3, 0.2, 0.4], 2.0, scheme), atol=1e-5)
+    assert not any("gain" in k for k in net.state_dict())
+    assert all(blk.gain is None and not blk.branch_norm for blk in net.blocks)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "exponential"])
+@pytest.mark.parametrize("make, shape", [(conv_blocks, (3, 16, 11)),
+                                         (lambda n: [MLPBranch(8) for _ in range(n)], (5, 8))])
+def test_normalised_balanced_branch_matches_float64(scheme, make, shape):
+    torch.manual_seed(1)
+    blocks = make(4)
+    steps = [0.05, 0.1, 0.05, 0.1] if scheme == "euler" else [0.3, 0.2, 0.3, 0.2]
+    lt = 3.0
+    net = LeakyResNet(copy.deepcopy(blocks), effective_depth=lt, steps=steps, total_time=sum(steps),
+                      scheme=scheme, branch_norm=True, branch_gain="balanced")
+    x = torch.randn(shape)
+    want = reference(blocks, x, steps, lt, scheme, gain=3.0, norm=True)
+    assert torch.allclose(net(x).double(), want, atol=1e-4)
+
+
+def test_balanced_gain_makes_the_update_a_convex_combination():
+    assert balanced_gain(0.0) == 1.0 and balanced_gain(0.5) == 1.0 and balanced_gain(8.0) == 8.0
+    for scheme in ("euler", "exponential"):
+        net = LeakyResNet(conv_blocks(4), effective_depth=2.0, scheme=scheme, branch_gain="balanced")
+        a, b = net.steps.coefficients()
+        gains = torch.stack([blk.gain for blk in net.blocks])
+        assert torch.allclose(b * gains, 1 - a, atol=1e-6)  # y = a x + (1 - a) f(x)
+
+
+def test_the_recipe_keeps_the_signal_where_the_leak_kills_it():
+    # RESEARCH.md section 2: 8 conv blocks at Lt = 8 shrink the signal to ~0.7% at init
+    x = torch.randn(64, 16, 40)
+    ratio = {}
+    for name, opts in (("raw", {}), ("recipe", dict(branch_norm=True, branch_gain="balanced"))):
+        net = LeakyResNet(conv_blocks(8), effective_depth=8.0, scheme="exponential", **opts)
+        with torch.no_grad():
+            ratio[name] = float(net(x).norm() / x.norm())
+    assert ratio["raw"] < 0.02
+    assert ratio["recipe"] > 0.4
+
+
+def test_gain_is_a_learned_parameter_that_round_trips():
+    net = LeakyResNet(conv_blocks(3), effective_depth=4.0, scheme="exponential", branch_norm=True,
+                      branch_gain=2.5)
+    assert all(float(blk.gain.detach()) == 2.5 for blk in net.blocks)
+    names = {n for n, _ in net.named_parameters()}
+    assert {"blocks.0.gain", "blocks.2.gain"} <= names
+    net(torch.randn(2, 16, 7)).sum().backward()
+    assert all(blk.gain.grad is not None and blk.gain.grad.abs() > 0 for blk in net.blocks)
+    with torch.no_grad():
+        net.blocks[1].gain.fill_(7.0)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    buf.seek(0)
+    fresh = LeakyResNet(conv_blocks(3, seed=5), effective_depth=4.0, scheme="exponential", branch_norm=True,
+                        branch_gain=2.5)
+    fresh.load_state_dict(torch.load(buf))
+    x = torch.randn(2, 16, 7)
+    assert float(fresh.blocks[1].gain.detach()) == 7.0 and torch.equal(fresh(x), net(x))
+
+
+def test_standalone_block_takes_the_options_and_mlp_branch_leaves_the_fused_path():
+    lin = MLPBranch(6)
+    blk = LeakyResidual(lin, effective_depth=3.0, step=0.2, scheme="exponential", branch_norm=True,
+                        branch_gain="balanced")
+    assert not blk._fused and float(blk.gain.detach()) == 3.0
+    x = torch.randn(4, 6)
+    want = reference([lin], x, [0.2], 3.0, "exponential", gain=3.0, norm=True)
+    assert torch.allclose(blk(x).double(), want, atol=1e-5)
+    assert "branch_norm=True" in repr(blk)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(branch_gain="big"), "branch_gain"), (dict(branch_gain=-1.0), "branch_gain"),
+    (dict(branch_gain=float("nan")), "branch_gain"), (dict(branch_gain=True), "branch_gain"),
+    (dict(branch_gain=0), "branch_gain")])
+def test_bad_gain_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LeakyResNet(conv_blocks(2), effective_depth=2.0, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        LeakyResidual(nn.Linear(3, 3), effective_depth=2.0, step=0.1, **kwargs)
+
+
+def test_bad_branch_norm_and_unbatched_branch_are_clear_errors():
+    with pytest.raises(TypeError, match="branch_norm"):
+        LeakyResNet(conv_blocks(2), branch_norm="yes")
+    with pytest.raises(ValueError, match="batch dimension"):
+        rms_normalise(torch.randn(5))
+
+
+def test_euler_headroom_warns_and_points_to_the_exponential_scheme():
+    assert euler_headroom(12, 1.0, 10.0) == pytest.approx(1.1)
+    assert euler_headroom(12, 1.0, 0.0) == math.inf
+    with pytest.warns(UserWarning, match="scheme='exponential'"):
+        LeakyResNet(conv_blocks(12, channels=2), effective_depth=10.0, scheme="euler")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LeakyResNet(conv_blocks(12, channels=2), effective_depth=10.0, scheme="exponential")
+        LeakyResNet(conv_blocks(20, channels=2), effective_depth=5.0, scheme="euler")  # 3.6x headroom
+
+
+def _signal_after_layer1(model, x):
+    m = model
+    with torch.no_grad():
+        h = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return float(m.layer1(h).norm() / h.norm())
+
+
+def test_balance_branches_on_a_wrapped_torchvision_resnet():
+    torch.manual_seed(0)
+    model = wrap(tv.resnet18(num_classes=10), effective_depth=8.0, scheme="exponential")
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    before = _signal_after_layer1(model, x)
+    bn2 = model.layer1[0].bn2.weight.detach().clone()
+    names = balance_branches_(model)
+    assert names[:2] == ["layer1.0", "layer1.1"] and len(names) == 8
+    assert torch.equal(model.layer1[0].bn2.weight.detach(), 8.0 * bn2)
+    assert model.layer2[0].downsample[1].weight.detach().eq(1).all()  # the shortcut's norm is left alone
+    after = _signal_after_layer1(model, x)
+    assert before < 0.1 and after > 4 * before
+
+
+def test_balance_branches_scales_a_bottleneck_last_norm():
+    torch.manual_seed(0)
+    model = wrap(nn.Sequential(tv.resnet.Bottleneck(16, 4), tv.resnet.Bottleneck(16, 4)), effective_depth=3.0,
+                 scheme="exponential")
+    balance_branches_(model, gain=2.0)
+    first = next(m for m in model.modules() if isinstance(m, tv.resnet.Bottleneck))
+    assert first.bn3.weight.detach().eq(2.0).all() and first.bn2.weight.detach().eq(1.0).all()
+
+
+def test_balance_branches_validates_before_changing_anything():
+    good = LeakyResNet(conv_blocks(2), effective_depth=4.0, branch_gain=1.0, scheme="exponential")
+    bad = LeakyResNet(conv_blocks(2), effective_depth=4.0, scheme="exponential")
+    both = nn.Sequential(good, bad)
+    with pytest.raises(ValueError, match="branch_gain='balanced'"):
+        balance_branches_(both)
+    assert float(good.blocks[0].gain.detach()) == 1.0  # untouched by the failed call
+    with pytest.raises(ValueError, match="gain"):
+        balance_branches_(good, gain=None)
+    with pytest.raises(ValueError, match="gain"):
+        balance_branches_(good, gain=-2.0)
+    with pytest.raises(ValueError, match="no leaky blocks"):
+        balance_branches_(nn.Linear(2, 2))
+    assert balance_branches_(good) == ["blocks.0", "blocks.1"] and float(good.blocks[1].gain.detach()) == 4.0
+
+
+def test_large_lt_trains_as_far_as_lt_zero_with_the_recipe():
+    """A short run on a fixed random task: at Lt = 8 = L the ordinary block underfits; with the recipe the
+    same block at Lt = 8 fits as far as at Lt = 0 (the full measurement: benchmarks/results/realdata_*.md)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 24, generator=gen)
+    y = (x.squeeze(1)[:, :12].sum(1) > x.squeeze(1)[:, 12:].sum(1)).long() + 2 * (x[:, 0, ::3].sum(1) > 0).long()
+
+    def fit(lt, recipe):
+        torch.manual_seed(0)
+        opts = dict(branch_norm=True, branch_gain="balanced") if recipe else {}
+        model = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1),
+                              LeakyResNet(conv_blocks(8, channels=8), effective_depth=lt, scheme="exponential",
+                                          **opts),
+                              nn.ReLU(), nn.Flatten(), nn.Linear(8 * 24, 4))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(150):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return float((model(x).argmax(1) == y).float().mean())
+
+    plain, raw, recipe = fit(0.0, True), fit(8.0, False), fit(8.0, True)
+    assert raw < plain - 0.1  # the leak starves the ordinary block
+    assert recipe >= plain - 0.02

@@ -1,0 +1,151 @@
+"""The real-task protocol (issue 9 item 5): data as published, validation carved from train, fair lr choice,
+the models of each arm, and the tables."""
+import dataclasses
+import json
+import statistics
+
+import pytest
+import torch
+
+from adaptive_depth.experiments import realdata as rd
+from adaptive_depth.experiments.cli import main
+from adaptive_depth.residual import balanced_gain
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def test_mnist1d_is_the_package_default_dataset():
+    from mnist1d.data import get_dataset_args, make_dataset
+    x, y, x_test, y_test = rd.load("mnist1d-conv")
+    assert x.shape == (4000, 40) and x_test.shape == (1000, 40) and set(y.tolist()) == set(range(10))
+    raw = make_dataset(get_dataset_args())  # the package's defaults, nothing changed
+    want = torch.as_tensor(raw["x"], dtype=torch.float32)
+    want = (want - want.mean(0)) / want.std(0)
+    assert torch.allclose(x, want, atol=1e-4) and torch.equal(y, torch.as_tensor(raw["y"]))
+    assert torch.equal(y_test, torch.as_tensor(raw["y_test"]))
+
+
+def test_digits_split_is_fixed_stratified_and_scaled():
+    x, y, x_test, y_test = rd.load("digits-conv")
+    assert x.shape == (1347, 1, 8, 8) and x_test.shape == (450, 1, 8, 8)
+    assert 0 <= float(x.min()) and float(x.max()) <= 1
+    assert set(y_test.tolist()) == set(range(10))
+    again = rd.load("digits-conv")
+    assert torch.equal(again[0], x) and torch.equal(again[3], y_test)
+
+
+def test_validation_is_carved_from_train_and_never_touches_test():
+    x, y, x_test, _ = rd.load("digits-conv")
+    split = rd._split("digits-conv", rd.RealConfig(task="digits-conv", seed=0, validation=True, val=300))
+    assert len(split.y_train) == 1347 - 300 and len(split.y_eval) == 300
+    rows = lambda t: {tuple(r.flatten().tolist()) for r in t}  # noqa: E731
+    assert rows(split.x_eval) <= rows(x)  # every validation example is a train example
+    assert len(rows(split.x_eval) | rows(split.x_train)) == len(rows(x))
+    other = rd._split("digits-conv", rd.RealConfig(task="digits-conv", seed=1, validation=True, val=300))
+    assert not torch.equal(other.y_eval, split.y_eval)
+    report = rd._split("digits-conv", rd.RealConfig(task="digits-conv", seed=100))
+    assert torch.equal(report.x_eval, x_test) and len(report.y_train) == 1347
+
+
+def test_augment_shifts_each_signal_with_zero_fill():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.arange(1.0, 41.0).repeat(6, 1)
+    out = rd._augment(x, gen)
+    shifts = torch.randint(-4, 5, (6,), generator=torch.Generator().manual_seed(3))
+    for row, s in zip(out, shifts.tolist()):
+        want = [x[0, i - s].item() if 0 <= i - s < 40 else 0.0 for i in range(40)]
+        assert row.tolist() == want
+    img = torch.randn(3, 1, 8, 8)
+    assert rd._augment(img, gen) is img  # images are left alone
+
+
+@pytest.mark.parametrize("task", sorted(rd.TASKS))
+def test_each_arm_holds_the_block_fixed_and_sets_lt(task):
+    x, y, _, _ = rd.load(task)
+    spec = rd.TASKS[task]
+    for arm in ("plain", "uniform", "adaptive"):
+        model = rd.build_model(rd.RealConfig(task=task, arm=arm), x.shape[1:], 10)
+        lt = 0.0 if arm == "plain" else spec["lt"]
+        assert model.net.effective_depth == lt and model.net.depth == spec["depth"]
+        assert lt >= spec["depth"] / 2 or arm == "plain"
+        if task != "mnist1d-mlp":
+            assert all(b.branch_norm and float(b.gain.detach()) == balanced_gain(lt) for b in model.net.blocks)
+        assert model(x[:3]).shape == (3, 10)
+    if task != "mnist1d-mlp":
+        raw = rd.build_model(rd.RealConfig(task=task, arm="raw-uniform"), x.shape[1:], 10)
+        assert all(b.gain is None and not b.branch_norm for b in raw.net.blocks)
+
+
+def test_train_one_records_a_curve_and_adapts_the_steps():
+    cfg = rd.RealConfig(task="digits-conv", arm="adaptive", steps=20, eval_every=10, validation=True)
+    out = rd.train_one(cfg)
+    assert [c[0] for c in out["curve"]] == [10, 20] and 0 <= out["train_acc"] <= 1
+    assert out["eval_acc"] == out["curve"][-1][2]
+    steps = torch.tensor(out["final_steps"])
+    assert abs(float(steps.sum()) - 1) < 1e-4 and float(steps.max() - steps.min()) > 1e-3
+    uni = rd.train_one(dataclasses.replace(cfg, arm="uniform"))
+    assert max(uni["final_steps"]) - min(uni["final_steps"]) < 1e-6
+
+
+def test_bad_task_and_arm_are_clear_errors():
+    with pytest.raises(ValueError, match="task must be one of"):
+        rd.load("cifar")
+    with pytest.raises(ValueError, match="arm must be one of"):
+        rd.train_one(rd.RealConfig(task="digits-conv", arm="fancy", steps=1))
+
+
+def _fake(arm, seed, acc, lr=1e-3, reached=None, train=1.0):
+    return dict(config=dict(arm=arm, seed=seed, lr=lr), eval_acc=acc, train_acc=train, reached_step=reached,
+                reached_seconds=None if reached is None else reached / 10, seconds=5.0)
+
+
+def test_lr_choice_uses_the_mean_validation_accuracy_over_tuning_seeds():
+    runs = [_fake("plain", 0, 0.9, 1e-3), _fake("plain", 1, 0.5, 1e-3),
+            _fake("plain", 0, 0.8, 3e-3), _fake("plain", 1, 0.8, 3e-3),
+            _fake("uniform", 0, float("nan"), 1e-3), _fake("uniform", 1, 0.2, 3e-3), _fake("uniform", 0, 0.2, 3e-3)]
+    assert rd._best_lr(runs, "plain", [1e-3, 3e-3]) == 3e-3  # mean 0.8 beats mean 0.7
+    assert rd._best_lr(runs, "uniform", [1e-3, 3e-3]) == 3e-3  # a diverged run scores 0
+
+
+def test_summary_and_markdown_report_medians_ranges_and_paired_differences():
+    accs = {"plain": [0.90, 0.92, 0.91, 0.95, 0.93], "adaptive": [0.91, 0.94, 0.90, 0.96, 0.95]}
+    report = [_fake(arm, 100 + i, a, reached=100 * (i + 1) if a >= 0.92 else None)
+              for arm, values in accs.items() for i, a in enumerate(values)]
+    result = dict(task="mnist1d-conv", spec=rd.TASKS["mnist1d-conv"], lrs=[1e-3], steps=None,
+                  chosen_lr={"plain": 1e-3, "adaptive": 1e-3}, report=report)
+    rows = {r["arm"]: r for r in rd.summarise(result)}
+    assert rows["plain"]["test"] == dict(median=0.92, min=0.90, max=0.95)
+    assert rows["plain"]["reached"] == "3/5" and rows["plain"]["steps_to_target"]["median"] == 400
+    md = rd.to_markdown(result, "cmd")
+    diffs = [a - b for a, b in zip(accs["adaptive"], accs["plain"])]
+    assert f"{100 * statistics.median(diffs):+.1f}" in md and "| plain | 0.001 | 92.0 [90.0, 95.0]" in md
+
+
+def test_cli_runs_the_protocol_and_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["realdata", "--task", "digits-conv", "--steps", "4", "--lrs", "0.003", "0.01",
+                 "--tune-seeds", "0", "--report-seeds", "100", "--arms", "plain", "adaptive",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["chosen_lr"]) == {"plain", "adaptive"} and len(data["tuning"]) == 4
+    assert [r["config"]["seed"] for r in data["report"]] == [100, 100]
+    assert all(r["config"]["validation"] for r in data["tuning"])
+    assert not any(r["config"]["validation"] for r in data["report"])
+    assert (tmp_path / "r.md").read_text().startswith("# digits-conv")
+    with pytest.raises(ValueError, match="must not overlap"):
+        main(["realdata", "--task", "digits-conv", "--steps", "2", "--tune-seeds", "0", "--report-seeds", "0"])
+
+
+def test_a_log_resumes_and_tabulates_without_retraining(tmp_path):
+    log = str(tmp_path / "runs.jsonl")
+    kwargs = dict(lrs=[3e-3], tune_seeds=[0], report_seeds=[100, 101], steps=3, log=log)
+    first = rd.run_protocol("digits-conv", ["plain"], **kwargs)
+    lines = open(log).read().splitlines()
+    assert len(lines) == 3
+    again = rd.run_protocol("digits-conv", ["plain"], **kwargs)  # everything is in the log: nothing retrains
+    assert open(log).read().splitlines() == lines
+    assert again["report"] == json.loads(json.dumps(first["report"]))
+    open(log, "w").write("\n".join(lines[:2]) + "\n")  # the last report run is missing
+    partial = rd.run_protocol("digits-conv", ["plain"], logged_only=True, **kwargs)
+    assert [r["config"]["seed"] for r in partial["report"]] == [100] and len(open(log).readlines()) == 2
+    assert rd.summarise(partial)[0]["seeds"] == 1
