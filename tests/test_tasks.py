@@ -62,12 +62,14 @@ def test_bottleneck_param_groups_split_io_branches_and_steps():
     torch.manual_seed(0)
     model = LeakyMLP(5, 3, 8, 4, effective_depth=6.0, scheme="exponential")
     groups = bottleneck_param_groups(model, lr=1e-3, io_decay=0.1, branch_lr_scale="lt")
-    io, branches, steps = groups
+    io, branches = groups  # fixed steps are a buffer, not a parameter: no steps group
     assert {id(p) for p in io["params"]} == {id(p) for m in (model.input, model.output) for p in m.parameters()}
     assert io["weight_decay"] == 0.1 and branches["weight_decay"] == 0.0
     assert branches["lr"] == pytest.approx(6e-3) and len(branches["params"]) == 8
-    assert steps["params"] == [model.steps.rho]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    learned = LeakyMLP(5, 3, 8, 4, effective_depth=6.0, scheme="exponential", steps="learned")
+    io, branches, steps = bottleneck_param_groups(learned, lr=1e-3)  # learned steps: their own group
+    assert steps["params"] == [learned.steps.rho] and steps["weight_decay"] == 0.0
     assert bottleneck_param_groups(model, lr=1e-3, branch_lr_scale=2.5)[1]["lr"] == pytest.approx(2.5e-3)
     for kw, match in (({"lr": 0}, "lr must be"), ({"lr": 1e-3, "io_decay": -1}, "io_decay must be"),
                       ({"lr": 1e-3, "branch_lr_scale": "deep"}, "branch_lr_scale must be")):
@@ -137,7 +139,7 @@ def test_recipe_groups_work_inside_the_plugin():
         loss.backward()
         opt.step()
     assert abs(float(model.step_sizes().sum()) - 1.0) < 1e-5
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 6e-3, 1e-3])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 6e-3])  # io, branches (steps: a buffer)
 
 
 def test_bottleneck_recipes_map_to_the_documented_settings():
