@@ -9,16 +9,13 @@ over a rank's half batch differ from those over the whole batch, so a BN model i
 ranks.
 """
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _torchrun import run_two_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, BATCH, MICRO = 6, 2, 8, 2
 
 
@@ -103,23 +100,7 @@ def _worker(out_path: str) -> None:
 
 def test_ddp_two_processes_with_adaptation(tmp_path):
     pytest.importorskip("torchvision")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path / "ddp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).resolve()), str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: a hang is killed whole
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("torchrun did not finish in 180 s (a collective mismatch hangs):\n" + stderr[-6000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
-    report = json.loads(out.read_text())
+    report = run_two_ranks(__file__, tmp_path / "ddp.json", timeout=180)
     assert report["world"] == 2
     for norm in ("group", "batch"):
         entry = report[norm]

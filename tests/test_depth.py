@@ -3,14 +3,12 @@ DDP and Lightning. References are float64 formulas written out here."""
 import copy
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _torchrun import run_two_ranks
 from torch import nn
 
 from adaptive_depth import AdaptiveSteps, LeakyMLP, LeakyResNet
@@ -18,7 +16,6 @@ from adaptive_depth.depth import (DepthScheduler, _allocate, coarsen, depths, me
                                   refine_plan)
 from adaptive_depth.residual import MLPBranch
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
@@ -588,23 +585,7 @@ def _ddp_worker(out_path: str) -> None:
 
 
 def test_ddp_two_processes_refine(tmp_path):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path / "ddp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).resolve()), str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("torchrun did not finish in 240 s:\n" + stderr[-6000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
-    report = json.loads(out.read_text())
+    report = run_two_ranks(__file__, tmp_path / "ddp.json", timeout=240)
     assert report["identical"] == [True] * 6
     assert report["depths"] == [2, 4, 4, 8, 8, 8]
 
