@@ -142,3 +142,24 @@ def test_suite_end_to_end_and_merge(tmp_path):
     again = json.loads(both.read_text())["suite"]
     assert sorted(map(json.dumps, again["runs"])) == sorted(map(json.dumps, runs))
     assert again["table_markdown"] == doc["table_markdown"]
+
+
+def test_suite_lr_grid_override_and_edge_report(tmp_path, capsys):
+    cfg = suite.SuiteConfig(split="tuning", seeds=[0], optimizers=["adam", "sgd"], lrs=[3e-2, 1e-3, 1e-2])
+    assert suite.lr_grid(cfg, "adam") == suite.lr_grid(cfg, "sgd") == [1e-3, 1e-2, 3e-2]
+    assert suite.lr_grid(suite.SuiteConfig(), "sgd") == sorted(suite.LR_GRIDS["sgd"])
+    for bad in ([], [0.0], [-1e-3], [float("nan")]):
+        with pytest.raises(ValueError, match="lrs must be positive"):
+            suite.run_suite(suite.SuiteConfig(split="tuning", seeds=[0], optimizers=["adam"], lrs=bad))
+    picked = suite.select([_unit(0, lr, val, 0.1) for lr, val in ((1e-3, 0.5), (1e-2, 0.4), (3e-2, 0.6))]
+                          + [_unit(1, lr, val, 0.1) for lr, val in ((1e-3, 0.5), (1e-2, 0.6), (3e-2, 0.4))])
+    assert [r["seed"] for r in suite.on_edge(picked)] == [1]  # task 1 picked the top of its grid
+
+    out = tmp_path / "suite.json"
+    assert main(["bench", "--suite", "tuning", "--tasks", "1", "--first-task", "6", "--lt", "4", "--budget", "2",
+                 "--eval-every", "2", "--optimizers", "adam", "--rules", "uniform", "--lrs", "1e-3", "2e-3", "4e-3",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())["suite"]
+    assert [s["lr"] for s in doc["runs"][0]["lr_search"]] == [1e-3, 2e-3, 4e-3]
+    assert doc["meta"][0]["lr_grids"] == {"adam": [1e-3, 2e-3, 4e-3]}
+    assert "lr picks on the edge of their grid" in capsys.readouterr().out

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 from .tasks import SPLITS, draw, split_seeds
 from .train import OPTIMIZERS, RunConfig, run as train_run
 
-__all__ = ["LR_GRIDS", "SuiteConfig", "run_suite", "select", "add_suite_arguments", "run_from_args"]
+__all__ = ["LR_GRIDS", "lr_grid", "on_edge", "SuiteConfig", "run_suite", "select", "add_suite_arguments", "run_from_args"]
 
 #: the learning rates each arm tries, per optimizer (the same grid for every arm). Two points, for the CPU
 #: budget: with 600 steps, 1e-3 lost to 3e-3 and 1e-2 for Adam on both arms (first held-out task, by its
@@ -46,11 +46,28 @@ class SuiteConfig:
     scheme: str = "exponential"
     plugin: Dict = dataclasses.field(default_factory=dict)
     jobs: int = 1
+    lrs: Optional[Sequence[float]] = None  # one grid for every optimizer instead of LR_GRIDS
+
+
+def lr_grid(cfg: SuiteConfig, optimizer: str) -> List[float]:
+    """The learning rates every arm tries under ``optimizer``: ``cfg.lrs`` if given, else ``LR_GRIDS``."""
+    return sorted(cfg.lrs if cfg.lrs else LR_GRIDS[optimizer])
+
+
+def on_edge(records: Sequence[Dict]) -> List[Dict]:
+    """The selected records whose lr is the smallest or largest of their grid (a search that does not bracket
+    the optimum: widen the grid)."""
+    out = []
+    for r in records:
+        grid = sorted(s["lr"] for s in r.get("lr_search", []))
+        if len(grid) > 1 and r["lr"] in (grid[0], grid[-1]):
+            out.append(r)
+    return out
 
 
 def _units(cfg: SuiteConfig) -> List[Dict]:
     return [dict(seed=s, optimizer=o, lt=float(lt), rule=r, lr=lr) for s in cfg.seeds for o in cfg.optimizers
-            for lt in cfg.lts for r in cfg.rules for lr in LR_GRIDS[o]]
+            for lt in cfg.lts for r in cfg.rules for lr in lr_grid(cfg, o)]
 
 
 def _train_unit(args) -> Dict:
@@ -100,6 +117,8 @@ def run_suite(cfg: SuiteConfig, log=None) -> List[Dict]:
     bad = [o for o in cfg.optimizers if o not in OPTIMIZERS]
     if bad:
         raise ValueError(f"optimizers must be among {OPTIMIZERS}, got {bad}")
+    if cfg.lrs is not None and (not cfg.lrs or any(not (math.isfinite(lr) and lr > 0) for lr in cfg.lrs)):
+        raise ValueError(f"lrs must be positive finite learning rates, got {list(cfg.lrs)}")
     plain = dataclasses.asdict(cfg)
     work = [(u, plain) for u in _units(cfg)]
     if cfg.jobs > 1:
@@ -124,7 +143,8 @@ def _command(cfg: SuiteConfig, first: int, out: str) -> str:
     """The command line that repeats ``cfg``."""
     parts = [f"--suite {cfg.split} --tasks {len(cfg.seeds)}", f"--first-task {first}" if first else "",
              "--optimizers " + " ".join(cfg.optimizers), "--lt " + " ".join(f"{v:g}" for v in cfg.lts),
-             "--rules " + " ".join(cfg.rules), f"--budget {cfg.budget} --eval-every {cfg.eval_every}",
+             "--rules " + " ".join(cfg.rules),
+             "--lrs " + " ".join(f"{v:g}" for v in cfg.lrs) if cfg.lrs else "", f"--budget {cfg.budget} --eval-every {cfg.eval_every}",
              f"--scheme {cfg.scheme}" if cfg.scheme != "exponential" else "",
              f"--plugin '{json.dumps(cfg.plugin)}'" if cfg.plugin else "", f"--jobs {cfg.jobs}" if cfg.jobs > 1 else "",
              f"--json {out}"]
@@ -156,6 +176,8 @@ def add_suite_arguments(p) -> None:
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=["adam", "adamw", "sgd", "lamb"],
                    help="--suite: inner optimizers")
     p.add_argument("--jobs", type=int, default=1, help="--suite: worker processes (one thread each)")
+    p.add_argument("--lrs", nargs="+", type=float, default=None,
+                   help="--suite: one lr grid for every optimizer and arm (default: LR_GRIDS per optimizer)")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="--suite: train nothing; merge the runs of these suite JSONs into --json and redo the table")
 
@@ -168,7 +190,8 @@ def run_from_args(args) -> int:
     out = args.json_out if args.json_out != bench.DEFAULT_JSON else os.path.join("out", "bench", f"{args.suite}.json")
     cfg = SuiteConfig(split=args.suite, seeds=split_seeds(args.suite, args.tasks, args.first_task),
                       optimizers=args.optimizers, lts=lts, rules=rules, budget=args.budget,
-                      eval_every=args.eval_every, scheme=args.scheme, plugin=json.loads(args.plugin), jobs=args.jobs)
+                      eval_every=args.eval_every, scheme=args.scheme, plugin=json.loads(args.plugin), jobs=args.jobs,
+                      lrs=args.lrs)
     start = time.time()
     if args.combine:
         return _combine(args.combine, out, args.baseline)
@@ -181,10 +204,13 @@ def run_from_args(args) -> int:
                _command(cfg, args.first_task, out))
     meta_entry = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "platform": platform.platform(), "seconds": time.time() - start, "config": dataclasses.asdict(cfg),
-            "lr_grids": {o: list(LR_GRIDS[o]) for o in cfg.optimizers}}
+            "lr_grids": {o: lr_grid(cfg, o) for o in cfg.optimizers}}
     metas.append(meta_entry)
     _write(out, args.suite, records, metas, summary, md)
     print(md)
+    edge = on_edge(records)
+    print(f"lr picks on the edge of their grid: {len(edge)} of {len(records)} cells"
+          + "".join(f"\n  task {r['seed']} {r['optimizer']} Lt={r['lt']:g} {r['rule']}: lr {r['lr']:g}" for r in edge))
     print(f"wrote {out} ({time.time() - start:.0f} s)")
     return 0
 
