@@ -1,15 +1,22 @@
-"""Side-by-side timing helpers shared by the training-step benchmarks.
+"""Timing helpers shared by the benchmarks.
 
-A shared CPU drifts by more than the few percent these benchmarks look for, so two configurations are
-timed alternately and compared by paired ratios; with one torch thread the process's CPU time is far less
-disturbed by other jobs than the wall clock, so both are reported.
+Training steps (``bench_steps.py``, ``bench_wrap.py``): a shared CPU drifts by more than the few percent these
+benchmarks look for, so two configurations are timed alternately and compared by paired ratios; with one
+torch thread the process's CPU time is far less disturbed by other jobs than the wall clock, so both are
+reported. Kernel ops (``bench_leaky_update.py``, ``bench_leaky_linear.py``): ``measure_ms``, a median of one
+call, with CUDA events on a GPU. Standalone use needs no pytest (the ``threads`` fixture is then absent).
 """
 import os
 import statistics
 import time
+from typing import Callable
 
-import pytest
 import torch
+
+try:
+    import pytest
+except ImportError:  # the standalone kernel benchmarks run without pytest
+    pytest = None
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 BLOCKS = int(os.environ.get("BENCH_BLOCKS", "15"))
@@ -38,10 +45,32 @@ def paired(other, base) -> dict:
             "of_medians": statistics.median(other) / statistics.median(base)}
 
 
-@pytest.fixture
-def threads():
-    """Run a benchmark with ``BENCH_THREADS`` torch threads (default 1), restoring the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield THREADS
-    torch.set_num_threads(before)
+def sync(cuda: bool) -> None:
+    """Wait for the GPU's queued work (nothing to wait for on the CPU)."""
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def measure_ms(call: Callable, cuda: bool) -> float:
+    """Median milliseconds of one call: CUDA-event timings with the L2 flushed (do_bench) on CUDA,
+    wall-clock medians of at least 5 calls (about 0.5 s) on the CPU."""
+    if cuda:
+        import triton.testing
+        return float(triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median"))
+    times = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < 0.5 and len(times) < 50):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+if pytest is not None:
+    @pytest.fixture
+    def threads():
+        """Run a benchmark with ``BENCH_THREADS`` torch threads (default 1), restoring the setting after."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(THREADS)
+        yield THREADS
+        torch.set_num_threads(before)

@@ -11,7 +11,8 @@
 # Usage, from anywhere:  bash benchmarks/gpu_bench.sh      (PYTHON=... picks the interpreter)
 source "$(dirname "$0")/_gpu_common.sh"
 header gpu_bench
-bench=("$PY" benchmarks/bench_kernels.py --out "$dest")
+update=("$PY" benchmarks/bench_leaky_update.py --out "$dest")  # one benchmark file per kernel op
+linear=("$PY" benchmarks/bench_leaky_linear.py --out "$dest")
 if [ "$GPU_SIZE" = tiny ]; then
   export BENCH_ROWS=${BENCH_ROWS:-128}
   # torch.compile for the CPU takes minutes on a small shared machine: not part of the rehearsal
@@ -20,10 +21,10 @@ if [ "$GPU_SIZE" = tiny ]; then
 else
   sizes=(64M,256M 64K,256K,1M) widths=1024,2048,4096,8192
 fi
-BENCH_GROUPS=update BENCH_SIZES=${sizes[0]} BENCH_DTYPES=bf16,fp32 \
-  step "leaky update, headline sizes" "${UPDATE_TIMEOUT:-110}" "${bench[@]}" --tag update
-BENCH_GROUPS=linear BENCH_WIDTHS=$widths BENCH_DTYPES=bf16,fp32 \
-  step "leaky linear against cuBLAS" "${LINEAR_TIMEOUT:-90}" "${bench[@]}" --tag linear
-BENCH_GROUPS=update BENCH_SIZES=${sizes[1]} BENCH_DTYPES=bf16 \
-  step "leaky update, small sizes" "${SMALL_TIMEOUT:-30}" "${bench[@]}" --tag small
+BENCH_SIZES=${sizes[0]} BENCH_DTYPES=bf16,fp32 \
+  step "leaky update, headline sizes" "${UPDATE_TIMEOUT:-110}" "${update[@]}" --tag update
+BENCH_WIDTHS=$widths BENCH_DTYPES=bf16,fp32 \
+  step "leaky linear against cuBLAS" "${LINEAR_TIMEOUT:-90}" "${linear[@]}" --tag linear
+BENCH_SIZES=${sizes[1]} BENCH_DTYPES=bf16 \
+  step "leaky update, small sizes" "${SMALL_TIMEOUT:-30}" "${update[@]}" --tag small
 finish

@@ -10,14 +10,15 @@
 source "$(dirname "$0")/_gpu_common.sh"
 header gpu_check
 pytest=("$PY" -m pytest -q -p no:cacheprovider -rfE)
+kernel_tests=(tests/test_leaky_update.py tests/test_leaky_linear.py)  # one test file per kernel op
 if [ "$on_cuda" = 1 ]; then
-  step "kernel tests (CUDA)" "${CHECK_TIMEOUT:-150}" "${pytest[@]}" -m cuda tests/test_kernels.py \
+  step "kernel tests (CUDA)" "${CHECK_TIMEOUT:-150}" "${pytest[@]}" -m cuda "${kernel_tests[@]}" \
     -k "not beyond_int32"
-  step "beyond 2^31 elements (CUDA)" "${BIG_TIMEOUT:-35}" "${pytest[@]}" -m cuda tests/test_kernels.py \
+  step "beyond 2^31 elements (CUDA)" "${BIG_TIMEOUT:-35}" "${pytest[@]}" -m cuda "${kernel_tests[@]}" \
     -k "beyond_int32"
   step "torch.compile tests (CUDA)" "${COMPILE_TIMEOUT:-50}" "${pytest[@]}" -m cuda tests/test_compile.py
 else
-  step "kernel tests (interpreter, tiny)" "${CHECK_TIMEOUT:-150}" "${pytest[@]}" tests/test_kernels.py \
+  step "kernel tests (interpreter, tiny)" "${CHECK_TIMEOUT:-150}" "${pytest[@]}" "${kernel_tests[@]}" \
     -k "test_update_forward and shape4 or test_leaky_linear_gemm_paths or test_update_is_deterministic"
 fi
 finish

@@ -24,7 +24,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=1 PYTHONUNB
 [ -e adaptive_depth_kernels ] || ln -s kernels adaptive_depth_kernels
 t1=$SECONDS
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels.py tests/test_kernels_static.py}
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_leaky_update.py tests/test_leaky_linear.py tests/test_kernels_static.py}
 rc=$?
 echo "tests: exit $rc after $((SECONDS - t1))s; total $((SECONDS - t0))s"
 exit $rc
