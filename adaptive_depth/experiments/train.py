@@ -18,6 +18,7 @@ import torch
 
 from ..diagnostics import format_table  # noqa: F401 - re-exported for the experiments
 from .data import Task, get_task
+from . import candidates
 from ..optim import AdaptiveSteps
 from ..recipes import bottleneck_param_groups
 from ..residual import LeakyMLP
@@ -132,7 +133,7 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 
 def _plugin(config: RunConfig, optimizer, model) -> AdaptiveSteps:
-    rule = "fixed" if config.rule in FIXED_PROFILES else config.rule
+    rule = "fixed" if config.rule in FIXED_PROFILES else candidates.resolve(config.rule)
     return AdaptiveSteps(optimizer, model, rule=rule, every=config.every, weight_decay=config.decay(),
                          **config.plugin)
 

@@ -1,0 +1,64 @@
+"""Candidate rules of the experiments (``adaptive_depth.experiments.candidates``) against hand-written float64."""
+import math
+
+import pytest
+import torch
+
+import adaptive_depth
+
+from adaptive_depth import AdaptiveSteps, LeakyMLP
+from adaptive_depth.experiments import candidates
+from adaptive_depth.experiments.tasks import draw
+from adaptive_depth.experiments.train import RunConfig, run
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_smooth_neighbours_is_the_reflected_121_filter(n):
+    v = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    got = candidates.smooth_neighbours(v)
+    x = v.tolist()
+    want = []
+    for i in range(n):
+        if n == 1:
+            want.append(x[0])
+            continue
+        left = x[i - 1] if i > 0 else x[1]
+        right = x[i + 1] if i < n - 1 else x[n - 2]
+        want.append((left + 2 * x[i] + right) / 4)
+    assert got.tolist() == pytest.approx(want, rel=1e-15, abs=0)
+
+
+def test_smoothed_distance_equidistributes_the_smoothed_arc_length_monitor():
+    speed = torch.tensor([8.0, 4.0, 1.0, 1.0, 1.0, 2.0], dtype=torch.float64)
+    rho = torch.full((6,), 1 / 6, dtype=torch.float64)
+    # damping 1, wide bounds: the steps are exactly the target rho_l ∝ 1 / M_l
+    got = candidates.smoothed_distance(speed, rho, 1.0, 1e-6, 1.0, damping=1.0)
+    med = sorted(speed.tolist())[2]  # torch's median of an even count is the lower middle value
+    m = [math.sqrt(1 + (c / med) ** 2) for c in speed.tolist()]
+    ms = [(m[1] + 2 * m[0] + m[1]) / 4] + [(m[i - 1] + 2 * m[i] + m[i + 1]) / 4 for i in range(1, 5)] \
+        + [(m[4] + 2 * m[5] + m[4]) / 4]
+    inv = [1 / v for v in ms]
+    assert got.tolist() == pytest.approx([v / sum(inv) for v in inv], rel=1e-12)
+    assert float(got.sum()) == pytest.approx(1.0, rel=1e-14)
+    # a slow layer's step is bounded by the 1 under the root: uniform speeds give uniform steps
+    flat = candidates.smoothed_distance(torch.ones(6, dtype=torch.float64), rho, 1.0, 1e-6, 1.0, damping=1.0)
+    assert flat.tolist() == pytest.approx([1 / 6] * 6, rel=1e-14)
+
+
+def test_a_candidate_runs_through_the_plugin_and_the_experiments():
+    model = LeakyMLP(5, 3, 16, 6, effective_depth=12.0, scheme="exponential")
+    opt = AdaptiveSteps(torch.optim.Adam(model.parameters(), lr=1e-3), model,
+                        rule=candidates.CANDIDATES["smoothed_distance"], every=1, fast_start=0, warmup=0)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(32, 5)).square().mean().backward()
+        opt.step()
+    assert opt.state_dict()["adaptive_steps"]["rule"] == "smoothed_distance"
+    steps = adaptive_depth.step_sizes(model)[0].double()
+    assert float(steps.sum()) == pytest.approx(1.0, rel=1e-9) and float(steps.max() - steps.min()) > 1e-4
+    spec, task = draw(3, "tuning")
+    result = run(RunConfig(data=spec.name, width=16, depth=6, effective_depth=12.0, scheme="exponential",
+                           rule="smoothed_distance", steps=4, eval_every=2, n_train=spec.n_train,
+                           n_test=spec.n_test, seed=3, data_seed=3), task)
+    assert math.isfinite(result.test_loss) and abs(sum(result.final_steps) - 1.0) < 1e-6  # float32 steps
+    assert candidates.resolve("equal_distance") == "equal_distance"
