@@ -149,3 +149,20 @@ def test_bottleneck_recipes_map_to_the_documented_settings():
     assert recipe_config("c0.1+io+lt", 0.0).decay() == pytest.approx(0.1)
     d = recipe_config("default", 12.0)
     assert d.decay() == pytest.approx(1e-3 / 12) and d.io_decay is None and d.branch_lr_scale == 1.0
+
+
+def test_bottleneck_table_counts_the_goal_per_task():
+    from adaptive_depth.experiments.bottleneck import table
+
+    def row(seed, lt, recipe, rule, rank, train, test, k=2):
+        return {"seed": seed, "k": k, "lt": lt, "recipe": recipe, "rule": rule, "middle_rank": rank,
+                "middle_rank_1pct": rank + 1, "train_loss": train, "test_loss": test}
+    rows = [row(1, 0.0, "default", "uniform", 9, 1.0, 2.0), row(1, 12.0, "r", "uniform", 3, 1.09, 1.0),
+            row(2, 0.0, "default", "uniform", 9, 1.0, 2.0), row(2, 12.0, "r", "uniform", 3, 1.2, 1.0),  # underfits
+            row(3, 0.0, "default", "uniform", 9, 1.0, 2.0), row(3, 12.0, "r", "uniform", 4, 0.5, 1.0),  # rank k*+2
+            row(4, 12.0, "r", "uniform", 2, 0.5, 1.0),  # no Lt = 0 run: shown, not counted
+            row(1, 12.0, "r", "uniform", 3, 1.05, 1.0)]  # a later row replaces the earlier one
+    md = table(rows, "r", 12.0, ("uniform",))
+    assert "met on 1 of 3 tasks" in md
+    assert "| 1 | 2 | 9 / 1 / 2 | 3 (4) / +5.0% / -50.0% |" in md
+    assert "| 4 | 2 | - | 2 (3) / 0.5 / 1 |" in md

@@ -10,6 +10,7 @@ lambda, None: unpenalised); ``scale`` the branch learning rate in units of lr (`
 equivalent of W = Lt V).
 
     python -m adaptive_depth.experiments.bottleneck --split tuning --seeds 18 23 10 --json out/bottleneck.json
+    python -m adaptive_depth.experiments.bottleneck --table a.json b.json --recipe c0.1+io+lt --md out/table.md
 """
 from __future__ import annotations
 
@@ -62,10 +63,48 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             "middle_rank_1pct": ranks1[len(ranks1) // 2], "final_steps": result.final_steps}
 
 
+def table(rows: List[Dict], recipe: str, lt: float, rules=("uniform", "equal_distance")) -> str:
+    """Markdown: per task, the Lt = 0 default network against ``recipe`` at ``lt`` under each rule (middle rank
+    against k*, train and test loss as ratios to Lt = 0), then the count of tasks meeting the issue's goal
+    (middle rank <= k* + 1 and train loss within 10% of Lt = 0's, under uniform steps). A later row of the same
+    (task, Lt, recipe, rule) replaces an earlier one."""
+    cell = {(r["seed"], r["lt"], r["recipe"], r["rule"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows if r["lt"] == lt and r["recipe"] == recipe})
+    head = ["task", "k*", "Lt = 0: middle rank / train / test"] + [
+        f"Lt = {lt:g} {rule}: middle rank (1%) / train vs Lt = 0 / test vs Lt = 0" for rule in rules]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    met = counted = 0
+    for seed in seeds:
+        base = cell.get((seed, 0.0, "default", "uniform"))
+        runs = [cell.get((seed, lt, recipe, rule)) for rule in rules]
+        k = next(r["k"] for r in [base, *runs] if r is not None)
+        out = [str(seed), str(k), "-" if base is None else
+               f"{base['middle_rank']} / {base['train_loss']:.4g} / {base['test_loss']:.4g}"]
+        for r in runs:
+            if r is None:
+                out.append("-")
+            elif base is None:
+                out.append(f"{r['middle_rank']} ({r['middle_rank_1pct']}) / {r['train_loss']:.4g} / {r['test_loss']:.4g}")
+            else:
+                out.append(f"{r['middle_rank']} ({r['middle_rank_1pct']}) / {r['train_loss'] / base['train_loss'] - 1:+.1%}"
+                           f" / {r['test_loss'] / base['test_loss'] - 1:+.1%}")
+        if base is not None and runs[0] is not None:
+            counted += 1
+            met += runs[0]["middle_rank"] <= k + 1 and runs[0]["train_loss"] <= 1.1 * base["train_loss"]
+        lines.append("| " + " | ".join(out) + " |")
+    lines.append(f"\nGoal (middle rank <= k* + 1 and train loss within 10% of Lt = 0, {rules[0]} steps): "
+                 f"met on {met} of {counted} tasks.")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                   help="train nothing: tabulate the rows of these JSONs (with --recipe, --lt, --rules, --md)")
+    p.add_argument("--recipe", default="c0.1+io+lt", choices=list(RECIPES))
+    p.add_argument("--md", default=None, help="--table: also write the table here")
     p.add_argument("--split", default="tuning")
-    p.add_argument("--seeds", nargs="+", type=int, required=True)
+    p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--lt", nargs="+", type=float, default=[12.0])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--rules", nargs="+", default=["uniform"])
@@ -77,6 +116,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--plugin", default="{}", help="extra AdaptiveSteps keyword arguments as JSON")
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
     args = p.parse_args(argv)
+    if args.table:
+        rows = [r for path in args.table for r in json.load(open(path))["rows"]]
+        rules = tuple(args.rules) if args.rules != ["uniform"] else ("uniform", "equal_distance")
+        md = table(rows, args.recipe, args.lt[0], rules)
+        if args.md:
+            with open(args.md, "w") as fh:
+                fh.write(md + "\n")
+        print(md)
+        return 0
+    if not args.seeds:
+        p.error("--seeds is required (unless --table)")
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
