@@ -163,3 +163,18 @@ def test_suite_lr_grid_override_and_edge_report(tmp_path, capsys):
     assert [s["lr"] for s in doc["runs"][0]["lr_search"]] == [1e-3, 2e-3, 4e-3]
     assert doc["meta"][0]["lr_grids"] == {"adam": [1e-3, 2e-3, 4e-3]}
     assert "lr picks on the edge of their grid" in capsys.readouterr().out
+
+
+def test_suite_extend_grid_unions_the_searches_of_a_cell():
+    old = suite.select([_unit(0, 1e-2, 0.4, 0.1), _unit(0, 3e-2, 0.3, 0.2), _unit(1, 1e-2, 0.5, 0.5)])
+    new = suite.select([_unit(0, 1e-1, 0.2, 0.7)])
+    merged, _ = suite._merge_existing_records(old, new, extend=True)
+    cell = {r["seed"]: r for r in merged}
+    assert cell[0]["lr"] == 1e-1 and cell[0]["test_loss"] == 0.7  # the lower validation loss wins
+    assert [s["lr"] for s in cell[0]["lr_search"]] == [1e-2, 3e-2, 1e-1]
+    assert cell[1]["lr"] == 1e-2  # untouched cell kept
+    worse = suite.select([_unit(0, 1e-3, 0.9, 0.0)])
+    kept, _ = suite._merge_existing_records(old, worse, extend=True)
+    assert {r["seed"]: r for r in kept}[0]["lr"] == 3e-2
+    replaced, _ = suite._merge_existing_records(old, worse)  # without extend: the new cell replaces the old
+    assert {r["seed"]: r for r in replaced}[0]["lr"] == 1e-3

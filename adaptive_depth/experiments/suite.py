@@ -151,19 +151,31 @@ def _command(cfg: SuiteConfig, first: int, out: str) -> str:
     return "adaptive-depth bench " + " ".join(p for p in parts if p)
 
 
-def _merge_existing_records(old: List[Dict], new: List[Dict]):
+def _merge_existing_records(old: List[Dict], new: List[Dict], extend: bool = False):
+    """``new``'s cells replace ``old``'s; with ``extend`` a cell's two lr searches are one search instead: the
+    record with the lower validation loss is kept, with both grids under ``lr_search``."""
     key = lambda r: (r["data"], r["lt"], r["rule"], r["seed"])  # noqa: E731
     done = {key(r) for r in new}
+    if extend:
+        before = {key(r): r for r in old}
+        new = [_union(before[key(r)], r) if key(r) in before else r for r in new]
     return [r for r in old if key(r) not in done] + new, done
 
 
-def _merge_existing(path: str, records: List[Dict]):
-    """Records of an earlier ``--suite`` command in ``path`` that this one did not redo, plus these."""
+def _union(a: Dict, b: Dict) -> Dict:
+    best = min((a, b), key=lambda r: (r["val_loss"], r["lr"]))
+    seen = {s["lr"]: s for s in a.get("lr_search", []) + b.get("lr_search", [])}
+    return {**best, "lr_search": [seen[lr] for lr in sorted(seen)]}
+
+
+def _merge_existing(path: str, records: List[Dict], extend: bool = False):
+    """Records of an earlier ``--suite`` command in ``path`` that this one did not redo, plus these (with
+    ``extend``: merged into the earlier search of the same cell)."""
     if not os.path.exists(path):
         return records, []
     with open(path) as fh:
         old = json.load(fh).get("suite") or {}
-    return _merge_existing_records(old.get("runs", []), records)[0], list(old.get("meta", []))
+    return _merge_existing_records(old.get("runs", []), records, extend)[0], list(old.get("meta", []))
 
 
 def add_suite_arguments(p) -> None:
@@ -178,6 +190,9 @@ def add_suite_arguments(p) -> None:
     p.add_argument("--jobs", type=int, default=1, help="--suite: worker processes (one thread each)")
     p.add_argument("--lrs", nargs="+", type=float, default=None,
                    help="--suite: one lr grid for every optimizer and arm (default: LR_GRIDS per optimizer)")
+    p.add_argument("--extend-grid", action="store_true",
+                   help="--suite: add these lrs to the search already in --json for the same cells (a grid "
+                        "whose pick sat on its edge), instead of replacing those cells")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="--suite: train nothing; merge the runs of these suite JSONs into --json and redo the table")
 
@@ -196,7 +211,7 @@ def run_from_args(args) -> int:
     if args.combine:
         return _combine(args.combine, out, args.baseline)
     records = run_suite(cfg, log=print)
-    records, metas = _merge_existing(out, records)
+    records, metas = _merge_existing(out, records, args.extend_grid)
     bench._targets(records, None)
     summary = bench.summarize(records, baseline=args.baseline)
     md = bench.tables(summary, args.baseline)
