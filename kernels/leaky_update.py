@@ -184,11 +184,34 @@ def leaky_update_fwd(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, *, 
 
 
 def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, relu: bool,
-                     need: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
+                     need: Tuple[bool, bool, bool, bool], sums: bool = False) -> Tuple[Optional[Tensor], ...]:
     """Gradients ``(dx, df, da, db)`` of ``y = act(a x + b f)`` for the output gradient ``g``, each None
     unless asked for in ``need``. ``dx``, ``df`` have x's and f's dtype and layout; ``da = <g', x>`` and
-    ``db = <g', f>`` (``g'`` = g with the ReLU mask, recomputed from x, f, a, b) are 0-dim in a's and b's
-    dtype, from deterministic fp32 partial sums."""
+    ``db = <g', f>`` (``g'`` = g with the ReLU mask, recomputed from x, f, a, b) are separate tensors in
+    a's and b's shape and dtype, from deterministic fp32 partial sums.
+
+    ``sums=True`` returns ``(dx, df, sums)`` instead, ``sums = [da, db]`` the second pass's one (2,) fp32
+    tensor (None when neither is asked for): the op's autograd splits it into views (no copies)."""
+    dx, df, total = _backward(g, x, f, a, b, relu=relu, need=need)
+    if sums:
+        return dx, df, total
+    da = total[0].to(a.dtype, copy=True).reshape(a.shape) if need[2] else None
+    db = total[1].to(b.dtype, copy=True).reshape(b.shape) if need[3] else None
+    return dx, df, da, db
+
+
+def coefficient_grads(sums: Optional[Tensor], a: Tensor, b: Tensor, need_a: bool, need_b: bool):
+    """``(da, db)`` from the (2,) fp32 sums ``[da, db]``: views in a's and b's shapes (a cast only where a
+    coefficient is not fp32), None where not asked for."""
+    da = sums[0].view(a.shape).to(a.dtype) if need_a else None
+    db = sums[1].view(b.shape).to(b.dtype) if need_b else None
+    return da, db
+
+
+def _backward(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, relu: bool,
+              need: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(dx, df, sums)``: the kernel and, when da or db is asked for, the second pass's (2,) fp32 sums
+    ``[<g', x>, <g', f>]`` (else None). Two launches, nothing else on the device."""
     _check(x, f, a, b)
     _common.check_tensor(g, "g", like=x)
     _common.check_same_shape(g, "g", x)
@@ -198,7 +221,7 @@ def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, r
     dx = _common.empty(x.shape, strides, x.dtype, x.device) if need_x else None
     # df is written in x's layout; when f's differs, it is copied into f's once at the end
     df = _common.empty(f.shape, strides, f.dtype, f.device) if need_f else None
-    sums = x.new_zeros((2,), dtype=torch.float32)
+    sums = None
     if n > 0 and any(need):
         gs, xs, fs = (_common.in_layout(t, strides) for t in (g, x, f))
         grid = (_programs(n, x.device),)
@@ -208,12 +231,11 @@ def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, r
                                 NEED_B=need_b, TAIL=TAIL, num_warps=NUM_WARPS)
         if need_a or need_b:
             sums = _common.sum_partials(partial)
+    if sums is None and (need_a or need_b):  # nothing to add up (no elements)
+        sums = x.new_zeros((2,), dtype=torch.float32)
     if need_f:
         df = _common.in_layout(df, f_strides)
-    # copies in the coefficients' shapes (outputs of a custom op must not alias each other)
-    da = sums[0].to(a.dtype, copy=True).reshape(a.shape) if need_a else None
-    db = sums[1].to(b.dtype, copy=True).reshape(b.shape) if need_b else None
-    return dx, df, da, db
+    return dx, df, sums
 
 
 # ------------------------------------------------------------------- autograd and torch.library registration
@@ -235,7 +257,9 @@ class _LeakyUpdateFunction(torch.autograd.Function):
         if g is None:
             return (None,) * 7
         x, f, a, b = ctx.saved_tensors
-        grads = leaky_update_bwd(g, x, f, a, b, relu=ctx.relu, need=tuple(ctx.needs_input_grad[:4]))
+        need = tuple(ctx.needs_input_grad[:4])
+        dx, df, sums = leaky_update_bwd(g, x, f, a, b, relu=ctx.relu, need=need, sums=True)
+        grads = (dx, df, *coefficient_grads(sums, a, b, need[2], need[3]))  # no copies: autograd takes views
         grads = _common.guard_double_backward("leaky_update", grads, (g, x, f, a, b))
         return (*grads, None, None, None)
 
@@ -255,20 +279,21 @@ def _(x, f, a, b, lt, relu, stats):
 
 @torch.library.custom_op("adaptive_depth::leaky_update_backward", mutates_args=())
 def _leaky_update_backward_op(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, relu: bool,
-                              need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = leaky_update_bwd(g, x, f, a, b, relu=relu, need=tuple(need))
+                              need: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, df, sums)``; ``sums = [da, db]`` in fp32 stays one tensor (outputs of a custom op must not
+    alias each other), split in the traced graph by ``coefficient_grads``."""
+    dx, df, sums = leaky_update_bwd(g, x, f, a, b, relu=relu, need=tuple(need), sums=True)
     # a custom op returns tensors only: an empty one stands for a gradient nobody asked for
-    return tuple(t if t is not None else x.new_empty((0,)) for t in grads)
+    return tuple(t if t is not None else x.new_empty((0,)) for t in (dx, df, sums))
 
 
 @_leaky_update_backward_op.register_fake
 def _(g, x, f, a, b, relu, need):
-    # what leaky_update_bwd returns: dx in x's dense layout, df in f's, da and db in a's and b's shape
-    def like(t, dense):
-        strides = _common.flat_strides(t) if dense else torch.empty(t.shape, device="meta").stride()
-        return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
-    return tuple(like(t, dense) if wanted else x.new_empty((0,))
-                 for t, dense, wanted in zip((x, f, a, b), (True, True, False, False), need))
+    # what _backward returns: dx in x's dense layout, df in f's, the (2,) fp32 sums when da or db is asked for
+    def like(t):
+        return torch.empty_strided(t.shape, _common.flat_strides(t), dtype=t.dtype, device=t.device)
+    sums = x.new_empty((2,), dtype=torch.float32) if (need[2] or need[3]) else x.new_empty((0,))
+    return (like(x) if need[0] else x.new_empty((0,)), like(f) if need[1] else x.new_empty((0,)), sums)
 
 
 def _op_setup(ctx, inputs, output):
@@ -280,8 +305,9 @@ def _op_setup(ctx, inputs, output):
 def _op_backward(ctx, g, _gs):
     x, f, a, b = ctx.saved_tensors
     need = [bool(v) for v in ctx.needs_input_grad[:4]]
-    grads = _leaky_update_backward_op(g, x, f, a, b, ctx.relu, need)
-    return (*(t if wanted else None for t, wanted in zip(grads, need)), None, None, None)
+    dx, df, sums = _leaky_update_backward_op(g, x, f, a, b, ctx.relu, need)
+    da, db = coefficient_grads(sums, a, b, need[2], need[3])
+    return (dx if need[0] else None, df if need[1] else None, da, db, None, None, None)
 
 
 def _no_double_backward(ctx, *_):
