@@ -367,13 +367,18 @@ class _ReferenceUpdate(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------- entry points
 def fused_update(x: Tensor, f: Tensor, a: Tensor, b: Tensor, effective_depth: Tensor, *,
-                 relu: bool = False, stats: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+                 relu: bool = False, stats: bool = False, backend: str = "auto",
+                 index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """``(act(a x + b f), stats)`` with tensor coefficients, no validation: the containers' hot path.
 
-    ``stats`` is ``(||f - Lt x||^2, ||x||^2)`` in fp32 when asked for, else an empty tensor.
+    ``stats`` is ``(||f - Lt x||^2, ||x||^2)`` in fp32 when asked for, else an empty tensor. ``index``:
+    ``a`` and ``b`` are a group's coefficient vectors and the update uses entry ``index``; the kernels read
+    it in place and write the vectors' gradients whole (no select and scatter launches per block).
     """
     if _use_triton(x, backend, f):
-        return _kernels().leaky_update(x, f, a, b, effective_depth, relu=relu, stats=stats)
+        return _kernels().leaky_update(x, f, a, b, effective_depth, relu=relu, stats=stats, index=index)
+    if index is not None:
+        a, b = a[index], b[index]
     if torch.compiler.is_compiling():
         return reference_graph(x, f, a, b, effective_depth, relu, stats)
     return _ReferenceUpdate.apply(x, f, a, b, effective_depth, relu, stats)

@@ -50,7 +50,7 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 # the coefficient and partial-sum pointers: fp32 (a, b may also be fp64: one scalar load either way)
 SCALARS = {"A": "fp32", "B": "fp32", "LT": "fp32", "PARTIAL": "fp32", "OUT": "fp32", "CS": "fp32"}
-INTEGERS = {"N", "M", "D", "P", "SLOTS", "M_BUCKET"}  # the other upper-case arguments are pointers
+INTEGERS = {"N", "M", "D", "P", "L", "INDEX", "SLOTS", "M_BUCKET"}  # the other upper-case arguments are pointers
 
 
 def _signature(fn, dtype: str, consts: Dict, ones=()) -> tuple:

@@ -154,6 +154,27 @@ def _check(x: Tensor, f: Tensor, a: Tensor, b: Tensor) -> None:
     _common.check_scalar(b, "b", x)
 
 
+def _check_index(a: Tensor, b: Tensor, index) -> None:
+    """``index`` selects one entry of the coefficient vectors ``a``, ``b`` (same length, on one device)."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            raise ValueError(f"with an index, {name} must be a 1-D tensor of coefficients (one per step), got "
+                             f"{type(t).__name__ if not isinstance(t, Tensor) else tuple(t.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same length, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < a.shape[0]:
+        raise ValueError(f"index must be an integer in [0, {a.shape[0]}) (the step of a and b), got {index!r}")
+
+
+def _select(a: Tensor, b: Tensor, index: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """The coefficients the kernels read: ``a``, ``b`` themselves, or views of their entry ``index`` (a
+    pointer and an offset for the kernel: no launch)."""
+    if index is None:
+        return a, b
+    _check_index(a, b, index)
+    return a[index], b[index]
+
+
 def _programs(n: int, device) -> int:
     """The persistent grid's size for ``n`` elements (``_common.persistent_programs``)."""
     return _common.persistent_programs(triton.cdiv(n, BLOCK), device)
@@ -184,15 +205,20 @@ def leaky_update_fwd(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, *, 
 
 
 def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, relu: bool,
-                     need: Tuple[bool, bool, bool, bool], sums: bool = False) -> Tuple[Optional[Tensor], ...]:
+                     need: Tuple[bool, bool, bool, bool], sums: bool = False,
+                     index: Optional[int] = None) -> Tuple[Optional[Tensor], ...]:
     """Gradients ``(dx, df, da, db)`` of ``y = act(a x + b f)`` for the output gradient ``g``, each None
     unless asked for in ``need``. ``dx``, ``df`` have x's and f's dtype and layout; ``da = <g', x>`` and
     ``db = <g', f>`` (``g'`` = g with the ReLU mask, recomputed from x, f, a, b) are separate tensors in
     a's and b's shape and dtype, from deterministic fp32 partial sums.
 
     ``sums=True`` returns ``(dx, df, sums)`` instead, ``sums = [da, db]`` the second pass's one (2,) fp32
-    tensor (None when neither is asked for): the op's autograd splits it into views (no copies)."""
-    dx, df, total = _backward(g, x, f, a, b, relu=relu, need=need)
+    tensor (None when neither is asked for): the op's autograd splits it into views (no copies).
+
+    ``index``: a and b are vectors of coefficients (one per step) and the update used their entry
+    ``index``; da and db then come out as whole vectors, zero but at ``index`` (``sums``: (2, L)), written
+    so by the second pass itself (what autograd would otherwise scatter with two more launches)."""
+    dx, df, total = _backward(g, x, f, a, b, relu=relu, need=need, index=index)
     if sums:
         return dx, df, total
     da = total[0].to(a.dtype, copy=True).reshape(a.shape) if need[2] else None
@@ -209,9 +235,13 @@ def coefficient_grads(sums: Optional[Tensor], a: Tensor, b: Tensor, need_a: bool
 
 
 def _backward(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, relu: bool,
-              need: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """``(dx, df, sums)``: the kernel and, when da or db is asked for, the second pass's (2,) fp32 sums
-    ``[<g', x>, <g', f>]`` (else None). Two launches, nothing else on the device."""
+              need: Tuple[bool, bool, bool, bool],
+              index: Optional[int] = None) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(dx, df, sums)``: the kernel and, when da or db is asked for, the second pass's fp32 sums
+    ``[<g', x>, <g', f>]`` (else None): shape (2,), or (2, L) with ``index`` (``leaky_update_bwd``). Two
+    launches, nothing else on the device."""
+    length = None if index is None else a.shape[0]
+    a, b = _select(a, b, index)
     _check(x, f, a, b)
     _common.check_tensor(g, "g", like=x)
     _common.check_same_shape(g, "g", x)
@@ -229,10 +259,12 @@ def _backward(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, relu: bo
         _leaky_bwd_kernel[grid](gs, xs, fs, dx if need_x else gs, df if need_f else gs, a, b, partial, n,
                                 BLOCK=BLOCK, RELU=relu, NEED_X=need_x, NEED_F=need_f, NEED_A=need_a,
                                 NEED_B=need_b, TAIL=TAIL, num_warps=NUM_WARPS)
-        if need_a or need_b:
+        if (need_a or need_b) and index is None:
             sums = _common.sum_partials(partial)
+        elif need_a or need_b:
+            sums = _common.sum_partials_at(partial, index, length)
     if sums is None and (need_a or need_b):  # nothing to add up (no elements)
-        sums = x.new_zeros((2,), dtype=torch.float32)
+        sums = x.new_zeros((2,) if index is None else (2, length), dtype=torch.float32)
     if need_f:
         df = _common.in_layout(df, f_strides)
     return dx, df, sums
@@ -244,10 +276,10 @@ class _LeakyUpdateFunction(torch.autograd.Function):
     mask from x and f instead of saving y."""
 
     @staticmethod
-    def forward(ctx, x, f, a, b, lt, relu: bool, stats: bool):
-        y, s = leaky_update_fwd(x, f, a, b, lt, relu=relu, stats=stats)
+    def forward(ctx, x, f, a, b, lt, relu: bool, stats: bool, index: Optional[int]):
+        y, s = leaky_update_fwd(x, f, *_select(a, b, index), lt, relu=relu, stats=stats)
         ctx.save_for_backward(x, f, a, b)
-        ctx.relu = relu
+        ctx.relu, ctx.index = relu, index
         ctx.mark_non_differentiable(s)
         ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-)gradient
         return y, s
@@ -255,13 +287,13 @@ class _LeakyUpdateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _gs):
         if g is None:
-            return (None,) * 7
+            return (None,) * 8
         x, f, a, b = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:4])
-        dx, df, sums = leaky_update_bwd(g, x, f, a, b, relu=ctx.relu, need=need, sums=True)
+        dx, df, sums = leaky_update_bwd(g, x, f, a, b, relu=ctx.relu, need=need, sums=True, index=ctx.index)
         grads = (dx, df, *coefficient_grads(sums, a, b, need[2], need[3]))  # no copies: autograd takes views
         grads = _common.guard_double_backward("leaky_update", grads, (g, x, f, a, b))
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 @torch.library.custom_op("adaptive_depth::leaky_update", mutates_args=())
@@ -319,11 +351,17 @@ _leaky_update_backward_op.register_autograd(_no_double_backward, setup_context=l
 
 
 def leaky_update(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, *, relu: bool,
-                 stats: bool) -> Tuple[Tensor, Tensor]:
+                 stats: bool, index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """``(act(a x + b f), stats)`` on the kernels, differentiable in x, f, a and b (once: a second
-    backward raises). Arguments and outputs as in ``leaky_update_fwd``. Eager calls run an
-    ``autograd.Function``; under ``torch.compile`` the custom op ``adaptive_depth::leaky_update``, with a
-    fake (meta) implementation that promises exactly the real op's layouts."""
+    backward raises). Arguments and outputs as in ``leaky_update_fwd``; with ``index``, ``a`` and ``b`` are
+    a stack's coefficient vectors and the update uses their entry ``index`` (read in place by the kernel;
+    the backward writes the vectors' gradients whole: no select and scatter around the op). Eager calls
+    run an ``autograd.Function``; under ``torch.compile`` the custom op ``adaptive_depth::leaky_update``
+    (after a traced select, which Inductor fuses), with a fake (meta) implementation that promises
+    exactly the real op's layouts."""
     if torch.compiler.is_compiling():
+        a, b = _select(a, b, index)
         return _leaky_update_op(x, f, a, b, lt, relu, stats)
-    return _LeakyUpdateFunction.apply(x, f, a, b, lt, relu, stats)
+    if index is not None:
+        _check_index(a, b, index)
+    return _LeakyUpdateFunction.apply(x, f, a, b, lt, relu, stats, index)
