@@ -2,8 +2,11 @@
 
 Forward: a Triton GEMM whose prologue applies the ReLU to the loaded tiles of x and whose epilogue adds
 the bias, reads the matching tile of x for the residual and applies the leaky combine (and the optional
-output ReLU and statistics); ``relu(x) W^T + bias`` never touches memory. Backward: cuBLAS matmuls plus
-one fused elementwise kernel. Differentiable in x, weight, bias, a and b, through a
+output ReLU and statistics); ``relu(x) W^T + bias`` never touches memory. Backward: the two matmuls
+``G W`` and ``G^T R`` (cuBLAS), the column sum of G, and three kernel launches: the elementwise kernel
+(with the output ReLU it runs twice: G masked on the fly, R and ``<G, x>``, then dx after ``G W``), the
+parameters' kernel (dW, dbias and the parts of db) and one second pass for da and db together: 7
+launches with the output ReLU, 6 without (``tests/test_ops.py`` counts them). Differentiable in x, weight, bias, a and b, through a
 ``torch.autograd.Function`` in eager mode and the ``torch.library`` custom op ``adaptive_depth::leaky_linear``
 under ``torch.compile`` (once: a second backward raises a clear error).
 

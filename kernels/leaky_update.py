@@ -7,7 +7,9 @@ layout once. They run on a persistent grid (``_common.persistent_programs``): ev
 whatever the element count, and only the one partial block at the end is masked. Reductions (the
 statistics forward, ``<g, x>`` and ``<g, f>`` backward) accumulate in registers across a program's blocks,
 one fp32 partial pair per program, added up by ``_common.sum_partials`` in one parallel step in a fixed
-order: bit-identical across runs on a device.
+order: bit-identical across runs on a device. With ``index`` (``leaky_update``), ``a`` and ``b`` are a
+group's coefficient vectors: the kernels read entry ``index`` in place and the second pass writes the
+vectors' gradients whole, so a block's backward is two launches with nothing around them.
 
 Below the launchers: the op's autograd (``_LeakyUpdateFunction``, eager) and its ``torch.library`` custom
 ops ``adaptive_depth::leaky_update`` / ``adaptive_depth::leaky_update_backward`` (``torch.compile``), whose
