@@ -96,11 +96,14 @@ def step_coefficients(rho: Tensor, effective_depth: Union[Tensor, Number],
     """Per-step coefficients ``(a, b)`` of ``y = a x + b f``; elementwise in ``rho`` (a scalar or a vector).
 
     Differentiable in ``rho`` (twice too), with the derivatives in closed form: euler ``(-Lt, 1)``,
-    exponential ``(-Lt a, exp(-rho Lt))``, exact for any ``rho Lt``. ``effective_depth`` is a
+    exponential ``(-Lt a, exp(-rho Lt))``, exact for any ``rho Lt``; the chain into ``d rho`` is one
+    launch (euler) or two (exponential). ``effective_depth`` is a
     hyper-parameter (no gradient).
     """
     lt = torch.as_tensor(effective_depth, dtype=rho.dtype, device=rho.device)
     if scheme == "euler":
+        if _fused_euler_chain(rho, lt):
+            return _EulerCoefficients.apply(rho, lt)
         return 1.0 - rho * lt, rho
     if scheme == "exponential":
         if rho.shape != lt.shape:
@@ -109,6 +112,13 @@ def step_coefficients(rho: Tensor, effective_depth: Union[Tensor, Number],
             return _ExponentialCoefficients.apply(rho, lt)
         return _exponential(rho, lt)
     raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def _fused_euler_chain(rho: Tensor, lt: Tensor) -> bool:
+    """Eager autograd through ``rho`` (not Lt), with ``rho``'s shape the result's: ``_EulerCoefficients``.
+    Compiled graphs keep the plain maths, which Inductor fuses anyway."""
+    return (torch.is_grad_enabled() and rho.requires_grad and not lt.requires_grad
+            and not torch.compiler.is_compiling() and torch.broadcast_shapes(rho.shape, lt.shape) == rho.shape)
 
 
 def _exponential(rho: Tensor, lt: Tensor) -> Tuple[Tensor, Tensor]:
@@ -134,7 +144,28 @@ class _ExponentialCoefficients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_a, grad_b):
         a, lt = ctx.saved_tensors  # a is an output: a second derivative chains through this node again
-        return a * (grad_b - lt * grad_a), None
+        return torch.addcmul(grad_b, grad_a, lt, value=-1.0).mul(a), None  # two launches
+
+
+class _EulerCoefficients(torch.autograd.Function):
+    """``(1 - rho Lt, rho)`` with ``d rho = grad_b - Lt grad_a`` as one launch (autograd's chain through
+    ``rsub``, ``mul`` and the sum of the two paths into ``rho`` was three). Linear in ``rho``: the backward
+    is itself differentiable (in the incoming gradients), so a second derivative is exact."""
+
+    @staticmethod
+    def forward(ctx, rho, lt):
+        ctx.save_for_backward(lt)
+        ctx.set_materialize_grads(False)
+        return 1.0 - rho * lt, rho.view_as(rho)
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        lt, = ctx.saved_tensors
+        if grad_a is None:
+            return grad_b, None
+        if grad_b is None:
+            return grad_a * lt.neg(), None
+        return torch.addcmul(grad_b, grad_a, lt, value=-1.0), None
 
 
 # ------------------------------------------------------------------------------- the reference maths
@@ -336,13 +367,18 @@ class _ReferenceUpdate(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------- entry points
 def fused_update(x: Tensor, f: Tensor, a: Tensor, b: Tensor, effective_depth: Tensor, *,
-                 relu: bool = False, stats: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+                 relu: bool = False, stats: bool = False, backend: str = "auto",
+                 index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """``(act(a x + b f), stats)`` with tensor coefficients, no validation: the containers' hot path.
 
-    ``stats`` is ``(||f - Lt x||^2, ||x||^2)`` in fp32 when asked for, else an empty tensor.
+    ``stats`` is ``(||f - Lt x||^2, ||x||^2)`` in fp32 when asked for, else an empty tensor. ``index``:
+    ``a`` and ``b`` are a group's coefficient vectors and the update uses entry ``index``; the kernels read
+    it in place and write the vectors' gradients whole (no select and scatter launches per block).
     """
     if _use_triton(x, backend, f):
-        return _kernels().leaky_update(x, f, a, b, effective_depth, relu=relu, stats=stats)
+        return _kernels().leaky_update(x, f, a, b, effective_depth, relu=relu, stats=stats, index=index)
+    if index is not None:
+        a, b = a[index], b[index]
     if torch.compiler.is_compiling():
         return reference_graph(x, f, a, b, effective_depth, relu, stats)
     return _ReferenceUpdate.apply(x, f, a, b, effective_depth, relu, stats)

@@ -48,12 +48,13 @@ def _coefficients(steps: StepSizes, x: Tensor):
 
 
 def _update(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, relu: bool, stats: bool, backend: str,
-            index: int, name: str):
-    """``fused_update`` after the shape check; an FX leaf (the check and the backend choice read tensors)."""
+            index: int, name: str, select: bool = False):
+    """``fused_update`` after the shape check; an FX leaf (the check and the backend choice read tensors).
+    ``select``: a and b are the group's vectors, entry ``index`` is this block's (read by the kernel)."""
     if f.shape != x.shape:
         raise ValueError(f"block {index} ({name}) returned shape {tuple(f.shape)} for an input of shape "
                          f"{tuple(x.shape)}; a residual branch must keep the shape")
-    return fused_update(x, f, a, b, lt, relu=relu, stats=stats, backend=backend)
+    return fused_update(x, f, a, b, lt, relu=relu, stats=stats, backend=backend, index=index if select else None)
 
 
 def _fused_step(block: nn.Module, x: Tensor, a: Tensor, b: Tensor, lt: Tensor, relu: bool, stats: bool,
@@ -232,19 +233,22 @@ class LeakyResidual(StepsOwner):
         group = self._group
         a, b = _coefficients(group, x)
         record = group.recording and self.training
-        y, s = self.step(x, a[self.index], b[self.index], record)
+        y, s = self.step(x, a, b, record, select=True)
         if record:
             _record(group, self.index, s)
         return y
 
-    def step(self, x: Tensor, a: Tensor, b: Tensor, record: bool):
-        """``(act(a x + b f(x)), stats)`` for given coefficients; the stack's hot path."""
+    def step(self, x: Tensor, a: Tensor, b: Tensor, record: bool, select: bool = False):
+        """``(act(a x + b f(x)), stats)`` for given coefficients; the stack's hot path. ``select``: ``a``
+        and ``b`` are the group's vectors, and this block's entry is read where the update runs."""
         relu = self.activation == "relu"
         lt = self._group.effective_depth
         if self._fused:
+            if select:
+                a, b = a[self.index], b[self.index]
             return _fused_step(self.block, x, a, b, lt, relu, record, self.backend)
         return _update(x, self.branch(x), a, b, lt, relu, record, self.backend, self.index,
-                       type(self.block).__name__)
+                       type(self.block).__name__, select)
 
     def __prepare_scriptable__(self):
         raise torchscript_error(type(self).__name__)

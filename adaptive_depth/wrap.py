@@ -247,8 +247,8 @@ def _leaky_block_update(group: StepSizes, index: int, shortcut: Tensor, f: Tenso
                          f"{tuple(shortcut.shape)}; check the block's adapter")
     a, b = group.coefficients()
     record = group.recording and training
-    y, s = fused_update(shortcut, f, a[index], b[index], group.effective_depth, relu=relu, stats=record,
-                        backend=backend)
+    y, s = fused_update(shortcut, f, a, b, group.effective_depth, relu=relu, stats=record, backend=backend,
+                        index=index)
     if record:
         group.record(index, s)
     return y

@@ -49,8 +49,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 # the coefficient and partial-sum pointers: fp32 (a, b may also be fp64: one scalar load either way)
-SCALARS = {"A": "fp32", "B": "fp32", "LT": "fp32", "PARTIAL": "fp32", "OUT": "fp32"}
-INTEGERS = {"N", "M", "D", "P", "SLOTS", "M_BUCKET"}  # the other upper-case arguments are pointers
+SCALARS = {"A": "fp32", "B": "fp32", "LT": "fp32", "PARTIAL": "fp32", "OUT": "fp32", "CS": "fp32"}
+INTEGERS = {"N", "M", "D", "P", "L", "INDEX", "SLOTS", "M_BUCKET"}  # the other upper-case arguments are pointers
 
 
 def _signature(fn, dtype: str, consts: Dict, ones=()) -> tuple:
@@ -157,12 +157,24 @@ def variants(mode: str = "full") -> List[Dict]:
                 out.append(dict(kernel="leaky_bwd", fn=update._leaky_bwd_kernel, dtype=dt, warps=warps,
                                 consts={"BLOCK": block, "RELU": relu, "NEED_X": nx, "NEED_F": nf,
                                         "NEED_A": na, "NEED_B": nb, "TAIL": update.TAIL}, loads=loads, stores=nx + nf))
-        for nx, nr, na in ([(True, True, True)] if quick else [(True, True, True), (True, False, True),
-                                                                (False, True, True), (True, False, False)]):
+        # (NEED_X, NEED_R, NEED_A, MASK) as the launcher asks: with the output ReLU a masking pass (G, relu(x),
+        # <G, x>) and a dx pass after the GEMM; without it one pass
+        linear_needs = [(False, True, True, True), (True, True, True, False)] if quick else \
+            [(False, True, True, True), (False, False, True, True), (False, True, False, True),
+             (True, False, False, False), (True, True, True, False), (True, False, True, False),
+             (False, True, True, False)]
+        for nx, nr, na, mask in linear_needs:
             out.append(dict(kernel="leaky_linear_bwd", fn=linear._leaky_linear_bwd_kernel, dtype=dt,
-                            warps=warps, consts={"BLOCK": block, "NEED_X": nx, "NEED_R": nr, "NEED_A": na,
-                                                    "TAIL": update.TAIL},
-                            loads=1 + (nx or na) + nx, stores=nx + nr))
+                            warps=warps, consts={"BLOCK": block, "MASK": mask, "NEED_X": nx, "NEED_R": nr,
+                                                 "NEED_A": na, "TAIL": update.TAIL},
+                            loads=1 + (nx or na or mask) + mask + nx, stores=nx + nr + mask))
+        # the parameters' gradients: (NEED_W, NEED_BIAS, NEED_B) with a bias
+        for nw, nbias, nb in ([(True, True, True)] if quick else [(True, True, True), (True, False, False),
+                                                                   (True, True, False), (True, False, True)]):
+            out.append(dict(kernel="linear_param_grads", fn=linear._linear_param_grads_kernel, dtype=dt,
+                            warps=warps, consts={"BLOCK": block, "HAS_BIAS": True, "NEED_W": nw,
+                                                 "NEED_BIAS": nbias, "NEED_B": nb, "TAIL": update.TAIL},
+                            loads=1 + nb, stores=nw))
         # the GEMM: every shipped config of the dtype's kind, with the heaviest epilogue it serves (bias,
         # ReLU, statistics where it serves them) and without statistics; fp32 as TF32 (full fp32 takes the
         # cuBLAS path)

@@ -137,16 +137,22 @@ def persistent_programs(blocks: int, device) -> int:
 
 # ---------------------------------------------------------------------------------- reductions
 @triton.jit
-def _sum_partials_kernel(PARTIAL, OUT, P, BLOCK: tl.constexpr):
+def _sum_partials_kernel(PARTIAL, OUT, P, L, INDEX, BLOCK: tl.constexpr):
     """Column sums of a (P, 2) fp32 buffer of per-program partial sums, in one fixed order: BLOCK rows
-    at a time, each step a tree reduction over BLOCK lanes (one step for the persistent grids' partials)."""
+    at a time, each step a tree reduction over BLOCK lanes (one step for the persistent grids' partials).
+    OUT is (2, L): column c's sum goes to ``OUT[c, INDEX]`` and every other slot gets 0 (L = 1, INDEX = 0:
+    the two sums), so a gradient for one entry of a coefficient vector comes out as the whole vector."""
     rows = tl.arange(0, BLOCK)
     cols = tl.arange(0, 2)
     acc = tl.zeros([BLOCK, 2], dtype=tl.float32)
     for start in range(0, P, BLOCK):
         r = (start + rows).to(tl.int64)
         acc += tl.load(PARTIAL + r[:, None] * 2 + cols[None, :], mask=r[:, None] < P, other=0.0)
-    tl.store(OUT + cols, tl.sum(acc, axis=0))
+    total = tl.sum(acc, axis=0)
+    for start in range(0, L, BLOCK):
+        slot = (start + rows).to(tl.int64)
+        value = tl.where(slot[:, None] == INDEX, total[None, :], 0.0)
+        tl.store(OUT + cols[None, :] * L + slot[:, None], value, mask=slot[:, None] < L)
 
 
 def partial_buffer(programs: int, device) -> Tensor:
@@ -158,10 +164,20 @@ def sum_partials(partial: Tensor) -> Tensor:
     always give bit-identical sums. The flat kernels leave at most a few thousand rows (one per program of
     their persistent grid), read in one parallel step; only larger buffers (a GEMM's per-tile partials)
     take more than one step."""
+    return _launch_sum(partial, empty((2,), (1,), torch.float32, partial.device), 0, 1)
+
+
+def sum_partials_at(partial: Tensor, index: int, length: int) -> Tensor:
+    """``sum_partials`` written into slot ``index`` of two length-``length`` vectors, zeros elsewhere: a
+    (2, length) fp32 tensor, in the same one launch (no zeros, no scatter)."""
+    return _launch_sum(partial, empty((2, length), (length, 1), torch.float32, partial.device), index, length)
+
+
+def _launch_sum(partial: Tensor, out: Tensor, index: int, length: int) -> Tensor:
     rows = partial.shape[0]
     block = min(SUM_BLOCK, max(16, triton.next_power_of_2(rows)))
-    out = empty((2,), (1,), torch.float32, partial.device)
-    _sum_partials_kernel[(1,)](partial, out, rows, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    _sum_partials_kernel[(1,)](partial, out, rows, length, index, BLOCK=block,
+                               num_warps=4 if block <= 1024 else 8)
     return out
 
 

@@ -2,8 +2,11 @@
 
 Forward: a Triton GEMM whose prologue applies the ReLU to the loaded tiles of x and whose epilogue adds
 the bias, reads the matching tile of x for the residual and applies the leaky combine (and the optional
-output ReLU and statistics); ``relu(x) W^T + bias`` never touches memory. Backward: cuBLAS matmuls plus
-one fused elementwise kernel. Differentiable in x, weight, bias, a and b, through a
+output ReLU and statistics); ``relu(x) W^T + bias`` never touches memory. Backward: the two matmuls
+``G W`` and ``G^T R`` (cuBLAS), the column sum of G, and three kernel launches: the elementwise kernel
+(with the output ReLU it runs twice: G masked on the fly, R and ``<G, x>``, then dx after ``G W``), the
+parameters' kernel (dW, dbias and the parts of db) and one second pass for da and db together: 7
+launches with the output ReLU, 6 without (``tests/test_ops.py`` counts them). Differentiable in x, weight, bias, a and b, through a
 ``torch.autograd.Function`` in eager mode and the ``torch.library`` custom op ``adaptive_depth::leaky_linear``
 under ``torch.compile`` (once: a second backward raises a clear error).
 
@@ -33,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from .leaky_update import BLOCK, NUM_WARPS, TAIL, leaky_update_fwd
+from .leaky_update import BLOCK, NUM_WARPS, TAIL, coefficient_grads, leaky_update_fwd
 
 # H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, with statistics): BLOCK_K 64 for 16-bit
 # inputs, 32 for fp32 as TF32 (whose larger tiles would not fit in shared memory); _prune keeps those of
@@ -140,18 +143,25 @@ def m_bucket(m: int) -> int:
 
 
 @triton.jit
-def _linear_bwd_block(G, H, X, DX, R, offs, N, a, b, acc, EVEN: tl.constexpr, NEED_X: tl.constexpr,
-                      NEED_R: tl.constexpr, NEED_A: tl.constexpr):
+def _linear_bwd_block(G, Y, GM, H, X, DX, R, offs, N, a, b, acc, EVEN: tl.constexpr, MASK: tl.constexpr,
+                      NEED_X: tl.constexpr, NEED_R: tl.constexpr, NEED_A: tl.constexpr):
     """One block of the backward's elementwise part: unmasked when EVEN (vector accesses), else masked."""
     if EVEN:
         x = tl.load(X + offs).to(tl.float32)
     else:
         x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
-    if NEED_X or NEED_A:
+    if NEED_X or NEED_A or MASK:
         if EVEN:
             g = tl.load(G + offs).to(tl.float32)
         else:
             g = tl.load(G + offs, mask=offs < N, other=0.0).to(tl.float32)
+    if MASK:  # the output ReLU's mask, from the saved output (as torch.relu's backward reads it)
+        if EVEN:
+            g = tl.where(tl.load(Y + offs).to(tl.float32) > 0.0, g, 0.0)
+            tl.store(GM + offs, g.to(GM.dtype.element_ty))
+        else:
+            g = tl.where(tl.load(Y + offs, mask=offs < N, other=0.0).to(tl.float32) > 0.0, g, 0.0)
+            tl.store(GM + offs, g.to(GM.dtype.element_ty), mask=offs < N)
     if NEED_X:
         if EVEN:
             h = tl.load(H + offs).to(tl.float32)
@@ -174,10 +184,12 @@ def _linear_bwd_block(G, H, X, DX, R, offs, N, a, b, acc, EVEN: tl.constexpr, NE
 
 
 @triton.jit(do_not_specialize=["N"])  # N % 16 plays no part: the split does
-def _leaky_linear_bwd_kernel(G, H, X, DX, R, A, B, PARTIAL, N, BLOCK: tl.constexpr,
+def _leaky_linear_bwd_kernel(G, Y, GM, H, X, DX, R, A, B, PARTIAL, N, BLOCK: tl.constexpr, MASK: tl.constexpr,
                              NEED_X: tl.constexpr, NEED_R: tl.constexpr, NEED_A: tl.constexpr, TAIL: tl.constexpr):
     """dx = a G + b H [x > 0] (H = G W), R = relu(x), and the partial sums of <G, x>, on the update
-    kernels' persistent grid (whole blocks unmasked, the partial one masked, the sum in registers)."""
+    kernels' persistent grid (whole blocks unmasked, the partial one masked, the sum in registers). With
+    MASK, G is the incoming gradient masked by ``Y > 0`` on the fly and written to GM (for the GEMMs).
+    Partials: ``(<G, x>, 0)`` per program, zeros when not asked for."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2^31 elements
     programs = tl.num_programs(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK)
@@ -186,15 +198,65 @@ def _leaky_linear_bwd_kernel(G, H, X, DX, R, A, B, PARTIAL, N, BLOCK: tl.constex
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     full = N.to(tl.int64) // BLOCK
     for blk in range(pid, full, programs):
-        acc = _linear_bwd_block(G, H, X, DX, R, blk * BLOCK + lanes, N, a, b, acc,
-                                True, NEED_X, NEED_R, NEED_A)
+        acc = _linear_bwd_block(G, Y, GM, H, X, DX, R, blk * BLOCK + lanes, N, a, b, acc,
+                                True, MASK, NEED_X, NEED_R, NEED_A)
     tail = tl.zeros([TAIL], dtype=tl.float32)
     if (pid == full % programs) & (full * BLOCK < N):  # TAIL elements a step: few registers
         for start in range(full * BLOCK, N, TAIL):
-            tail = _linear_bwd_block(G, H, X, DX, R, start + tl.arange(0, TAIL), N, a, b, tail,
-                                     False, NEED_X, NEED_R, NEED_A)
+            tail = _linear_bwd_block(G, Y, GM, H, X, DX, R, start + tl.arange(0, TAIL), N, a, b, tail,
+                                     False, MASK, NEED_X, NEED_R, NEED_A)
     tl.store(PARTIAL + 2 * pid, tl.sum(acc, axis=0) + tl.sum(tail, axis=0))  # zero when not asked for
     tl.store(PARTIAL + 2 * pid + 1, 0.0)
+
+
+@triton.jit
+def _scale_dot_block(U, V, OUT, offs, N, b, acc, EVEN: tl.constexpr, STORE: tl.constexpr, DOT: tl.constexpr):
+    """``OUT = b U`` and ``acc += U V`` over one block: unmasked when EVEN, else masked at N."""
+    if EVEN:
+        u = tl.load(U + offs).to(tl.float32)
+    else:
+        u = tl.load(U + offs, mask=offs < N, other=0.0).to(tl.float32)
+    if STORE:
+        if EVEN:
+            tl.store(OUT + offs, (b * u).to(OUT.dtype.element_ty))
+        else:
+            tl.store(OUT + offs, (b * u).to(OUT.dtype.element_ty), mask=offs < N)
+    if DOT:
+        if EVEN:
+            v = tl.load(V + offs).to(tl.float32)
+        else:
+            v = tl.load(V + offs, mask=offs < N, other=0.0).to(tl.float32)
+        acc += u * v
+    return acc
+
+
+@triton.jit(do_not_specialize=["N", "D"])
+def _linear_param_grads_kernel(U, W, DW, CS, BIAS, DBIAS, B, PARTIAL, N, D, BLOCK: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, NEED_W: tl.constexpr, NEED_BIAS: tl.constexpr,
+                               NEED_B: tl.constexpr, TAIL: tl.constexpr):
+    """The parameters' gradients from ``U = G^T relu(x)`` (N = D x D elements) and the column sums
+    ``CS = sum_rows G`` (D, fp32): ``dW = b U``, ``dbias = b CS`` and the partial sums of
+    ``db = <U, W> + <CS, bias>``, one pass over U and W on the flat kernels' persistent grid. Partials:
+    ``(0, db part)`` per program (the second pass adds them up with the elementwise kernel's)."""
+    pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    b = tl.load(B).to(tl.float32) if (NEED_W or NEED_BIAS) else 0.0
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    full = N.to(tl.int64) // BLOCK
+    for blk in range(pid, full, programs):
+        acc = _scale_dot_block(U, W, DW, blk * BLOCK + lanes, N, b, acc, True, NEED_W, NEED_B)
+    tail = tl.zeros([TAIL], dtype=tl.float32)
+    if (pid == full % programs) & (full * BLOCK < N):
+        for start in range(full * BLOCK, N, TAIL):
+            tail = _scale_dot_block(U, W, DW, start + tl.arange(0, TAIL), N, b, tail, False, NEED_W, NEED_B)
+    if HAS_BIAS and (NEED_BIAS or NEED_B):
+        if pid == programs - 1:  # the bias: D elements, one program
+            for start in range(0, D, TAIL):
+                tail = _scale_dot_block(CS, BIAS, DBIAS, start + tl.arange(0, TAIL), D, b, tail, False,
+                                        NEED_BIAS, NEED_B)
+    tl.store(PARTIAL + 2 * pid, 0.0)
+    tl.store(PARTIAL + 2 * pid + 1, tl.sum(acc, axis=0) + tl.sum(tail, axis=0))  # zero when not asked for
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -287,45 +349,73 @@ def _forward_cublas(x2, weight, bias, a, b, lt, relu: bool, stats: bool, shape) 
 
 
 def _backward(g, x, weight, bias, a, b, y, relu: bool, need) -> Tuple[Optional[Tensor], ...]:
-    """``(dx, dweight, dbias, da, db)``, each None unless asked for in ``need``."""
-    need_x, need_w, need_bias, need_a, need_b = need
+    """``(dx, dweight, dbias, sums)``, each None unless asked for in ``need`` (``sums = [da, db]``, (2,)
+    fp32, when either is). Launches: the elementwise kernel (with the ReLU mask, a second one for dx after
+    the GEMM ``G W``), the GEMMs ``G W`` and ``G^T relu(x)`` and the column sum of G (cuBLAS/torch), the
+    parameter-gradient kernel, and one second pass for both coefficient gradients."""
+    need_x, need_w, need_bias, need_a, need_b = (bool(v) for v in need)
     need_bias = need_bias and bias is not None
     d = x.shape[-1]
     m = math.prod(x.shape[:-1])
+    if m * d == 0:
+        return _empty_backward(x, weight, bias, need_x, need_w, need_bias, need_a or need_b)
     x2 = x.reshape(m, d).contiguous()
     gm = g.reshape(m, d).to(x.dtype).contiguous()
-    if relu:
-        gm = torch.where(y.reshape(m, d) > 0, gm, torch.zeros((), dtype=gm.dtype, device=gm.device))
-    h = gm @ weight if need_x else None
-    need_r = need_w or need_b
+    weight = weight.contiguous()  # (no-ops for a module's parameters) the flat kernel reads W and bias in order
+    bias = bias.contiguous() if bias is not None else None
+    need_r = need_w or need_b  # relu(x) for G^T relu(x): dW / b, and db = <G^T relu(x), W> + <sum_rows G, bias>
+    need_params = need_w or need_bias or need_b
+    elementwise = need_x or need_r or need_a or (relu and need_params)
+    rows = _common.persistent_programs(triton.cdiv(m * d, BLOCK), x.device) if elementwise else 0
+    params = _common.persistent_programs(triton.cdiv(d * d, BLOCK), x.device) if need_params else 0
+    partial = _common.partial_buffer(rows + params, x.device)  # rows: (<G, x>, 0); then (0, db part)
     dx = _common.empty(x2.shape, (d, 1), x.dtype, x.device) if need_x else None
     r = _common.empty(x2.shape, (d, 1), x.dtype, x.device) if need_r else None
-    n = x2.numel()
-    sums = x.new_zeros((2,), dtype=torch.float32)
-    if n > 0 and (need_x or need_r or need_a):
-        programs = _common.persistent_programs(triton.cdiv(n, BLOCK), x.device)
-        partial = _common.partial_buffer(programs, x.device)
-        _leaky_linear_bwd_kernel[(programs,)](gm, h if need_x else gm, x2, dx if need_x else x2,
-                                              r if need_r else x2, a, b, partial, n, BLOCK=BLOCK,
-                                              NEED_X=need_x, NEED_R=need_r, NEED_A=need_a, TAIL=TAIL,
-                                              num_warps=NUM_WARPS)
-        sums = _common.sum_partials(partial)
-    u = gm.t() @ r if need_r else None  # G^T relu(x): dW / b
-    colsum = gm.sum(0, dtype=torch.float32) if (need_bias or need_b) and bias is not None else None
-    db = None
-    if need_b:  # <G, f> without f: <G^T relu(x), W> + <sum_rows G, bias>
-        db = _dot(u, weight) + (_dot(colsum, bias) if bias is not None else 0.0)
-        db = db.to(b.dtype).reshape(b.shape)
-    return (dx.view(x.shape) if need_x else None,
-            (u * b).to(weight.dtype) if need_w else None,
-            (colsum * b).to(bias.dtype) if need_bias else None,
-            sums[0].to(a.dtype, copy=True).reshape(a.shape) if need_a else None,
-            db)
+    if relu and elementwise:  # G = g [y > 0], written once for the GEMMs; dx after G W
+        masked = _common.empty(x2.shape, (d, 1), x.dtype, x.device)
+        _elementwise(gm, y.reshape(m, d), masked, None, x2, None, r, a, b, partial, rows, need_a)
+        gm = masked
+        if need_x:
+            _elementwise(gm, None, None, gm @ weight, x2, dx, None, a, b,
+                         _common.partial_buffer(rows, x.device), rows, False)  # (its zero partials unused)
+    elif elementwise:
+        _elementwise(gm, None, None, gm @ weight if need_x else None, x2, dx, r, a, b, partial, rows, need_a)
+    dw = _common.empty(weight.shape, (d, 1), weight.dtype, x.device) if need_w else None
+    dbias = _common.empty(bias.shape, (1,), bias.dtype, x.device) if need_bias else None
+    if need_params:
+        u = gm.t() @ r if need_r else None  # G^T relu(x)
+        colsum = gm.sum(0, dtype=torch.float32) if (need_bias or need_b) and bias is not None else None
+        _param_grads(u, weight, dw, colsum, bias, dbias, b, partial[rows:], need_b)
+    sums = _common.sum_partials(partial) if (need_a or need_b) else None
+    return (dx.view(x.shape) if need_x else None), dw, dbias, sums
 
 
-def _dot(u: Tensor, v: Tensor) -> Tensor:
-    """``<u, v>`` of two same-shaped tensors as a 0-dim fp32 tensor (one BLAS dot in fp32)."""
-    return torch.dot(u.reshape(-1).float(), v.reshape(-1).float())
+def _elementwise(g, y, masked, h, x2, dx, r, a, b, partial, programs: int, need_a: bool) -> None:
+    """One launch of ``_leaky_linear_bwd_kernel`` (None: not asked for; unused pointers get x2)."""
+    _leaky_linear_bwd_kernel[(programs,)](
+        g, y if y is not None else x2, masked if masked is not None else x2, h if h is not None else x2, x2,
+        dx if dx is not None else x2, r if r is not None else x2, a, b, partial, x2.numel(), BLOCK=BLOCK,
+        MASK=masked is not None, NEED_X=dx is not None, NEED_R=r is not None, NEED_A=need_a, TAIL=TAIL,
+        num_warps=NUM_WARPS)
+
+
+def _param_grads(u, weight, dw, colsum, bias, dbias, b, partial, need_b: bool) -> None:
+    """One launch of ``_linear_param_grads_kernel`` on ``partial``'s rows (None: not asked for)."""
+    d = weight.shape[0]
+    n = d * d if (dw is not None or need_b) else 0  # the pass over U and W, when dW or db needs it
+    dummy = weight
+    _linear_param_grads_kernel[(partial.shape[0],)](
+        u if u is not None else dummy, weight, dw if dw is not None else dummy,
+        colsum if colsum is not None else dummy, bias if bias is not None else dummy,
+        dbias if dbias is not None else dummy, b, partial, n, d, BLOCK=BLOCK, HAS_BIAS=bias is not None,
+        NEED_W=dw is not None, NEED_BIAS=dbias is not None, NEED_B=need_b, TAIL=TAIL, num_warps=NUM_WARPS)
+
+
+def _empty_backward(x, weight, bias, need_x, need_w, need_bias, need_sums):
+    """The gradients for an input without elements: zeros (nothing to launch a kernel over)."""
+    return (x.new_empty(x.shape) if need_x else None, torch.zeros_like(weight) if need_w else None,
+            torch.zeros_like(bias) if need_bias else None,
+            x.new_zeros((2,), dtype=torch.float32) if need_sums else None)
 
 
 class _LeakyLinear(torch.autograd.Function):
@@ -343,7 +433,9 @@ class _LeakyLinear(torch.autograd.Function):
         if g is None:
             return (None,) * 8
         x, weight, bias, a, b, y = ctx.saved_tensors
-        grads = _backward(g, x, weight, bias, a, b, y, ctx.relu, ctx.needs_input_grad[:5])
+        need = tuple(bool(v) for v in ctx.needs_input_grad[:5])
+        dx, dw, dbias, sums = _backward(g, x, weight, bias, a, b, y, ctx.relu, need)
+        grads = (dx, dw, dbias, *coefficient_grads(sums, a, b, need[3], need[4]))  # views: no copies
         grads = _common.guard_double_backward("leaky_linear", grads, (g, x, weight, bias, a, b))
         return (*grads, None, None, None)
 
@@ -364,7 +456,9 @@ def _(x, weight, bias, a, b, lt, relu, stats):
 @torch.library.custom_op("adaptive_depth::leaky_linear_backward", mutates_args=())
 def _leaky_linear_backward_op(g: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor,
                               b: Tensor, y: Optional[Tensor], relu: bool,
-                              need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                              need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias, sums)``; ``sums = [da, db]`` in fp32 stays one tensor (outputs of a custom
+    op must not alias each other), split in the traced graph by ``coefficient_grads``."""
     grads = _backward(g, x, weight, bias, a, b, y, relu, need)
     # a custom op returns tensors only: an empty one stands for a gradient nobody asked for
     return tuple(t if t is not None else x.new_empty((0,)) for t in grads)
@@ -372,9 +466,11 @@ def _leaky_linear_backward_op(g: Tensor, x: Tensor, weight: Tensor, bias: Option
 
 @_leaky_linear_backward_op.register_fake
 def _(g, x, weight, bias, a, b, y, relu, need):
-    likes = (x, weight, bias, a, b)  # the real gradients are contiguous, in their input's dtype
-    return tuple(t.new_empty(t.shape) if wanted and t is not None else x.new_empty((0,))
-                 for t, wanted in zip(likes, need))
+    likes = (x, weight, bias)  # the real gradients are contiguous, in their input's dtype
+    grads = [t.new_empty(t.shape) if wanted and t is not None else x.new_empty((0,))
+             for t, wanted in zip(likes, need[:3])]
+    sums = x.new_empty((2,), dtype=torch.float32) if (need[3] or need[4]) else x.new_empty((0,))
+    return (*grads, sums)
 
 
 def _op_setup(ctx, inputs, output):
@@ -386,8 +482,9 @@ def _op_setup(ctx, inputs, output):
 def _op_backward(ctx, g, _gs):
     x, weight, bias, a, b, y = ctx.saved_tensors
     need = [bool(v) for v in ctx.needs_input_grad[:5]]
-    grads = _leaky_linear_backward_op(g, x, weight, bias, a, b, y, ctx.relu, need)
-    return (*(t if wanted else None for t, wanted in zip(grads, need)), None, None, None)
+    dx, dw, dbias, sums = _leaky_linear_backward_op(g, x, weight, bias, a, b, y, ctx.relu, need)
+    da, db = coefficient_grads(sums, a, b, need[3], need[4])
+    return (*(t if wanted else None for t, wanted in zip((dx, dw, dbias), need)), da, db, None, None, None)
 
 
 def _no_double_backward(ctx, *_):

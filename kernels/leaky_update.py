@@ -7,7 +7,9 @@ layout once. They run on a persistent grid (``_common.persistent_programs``): ev
 whatever the element count, and only the one partial block at the end is masked. Reductions (the
 statistics forward, ``<g, x>`` and ``<g, f>`` backward) accumulate in registers across a program's blocks,
 one fp32 partial pair per program, added up by ``_common.sum_partials`` in one parallel step in a fixed
-order: bit-identical across runs on a device.
+order: bit-identical across runs on a device. With ``index`` (``leaky_update``), ``a`` and ``b`` are a
+group's coefficient vectors: the kernels read entry ``index`` in place and the second pass writes the
+vectors' gradients whole, so a block's backward is two launches with nothing around them.
 
 Below the launchers: the op's autograd (``_LeakyUpdateFunction``, eager) and its ``torch.library`` custom
 ops ``adaptive_depth::leaky_update`` / ``adaptive_depth::leaky_update_backward`` (``torch.compile``), whose
@@ -154,6 +156,27 @@ def _check(x: Tensor, f: Tensor, a: Tensor, b: Tensor) -> None:
     _common.check_scalar(b, "b", x)
 
 
+def _check_index(a: Tensor, b: Tensor, index) -> None:
+    """``index`` selects one entry of the coefficient vectors ``a``, ``b`` (same length, on one device)."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            raise ValueError(f"with an index, {name} must be a 1-D tensor of coefficients (one per step), got "
+                             f"{type(t).__name__ if not isinstance(t, Tensor) else tuple(t.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same length, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < a.shape[0]:
+        raise ValueError(f"index must be an integer in [0, {a.shape[0]}) (the step of a and b), got {index!r}")
+
+
+def _select(a: Tensor, b: Tensor, index: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """The coefficients the kernels read: ``a``, ``b`` themselves, or views of their entry ``index`` (a
+    pointer and an offset for the kernel: no launch)."""
+    if index is None:
+        return a, b
+    _check_index(a, b, index)
+    return a[index], b[index]
+
+
 def _programs(n: int, device) -> int:
     """The persistent grid's size for ``n`` elements (``_common.persistent_programs``)."""
     return _common.persistent_programs(triton.cdiv(n, BLOCK), device)
@@ -184,11 +207,43 @@ def leaky_update_fwd(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, *, 
 
 
 def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, relu: bool,
-                     need: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
+                     need: Tuple[bool, bool, bool, bool], sums: bool = False,
+                     index: Optional[int] = None) -> Tuple[Optional[Tensor], ...]:
     """Gradients ``(dx, df, da, db)`` of ``y = act(a x + b f)`` for the output gradient ``g``, each None
     unless asked for in ``need``. ``dx``, ``df`` have x's and f's dtype and layout; ``da = <g', x>`` and
-    ``db = <g', f>`` (``g'`` = g with the ReLU mask, recomputed from x, f, a, b) are 0-dim in a's and b's
-    dtype, from deterministic fp32 partial sums."""
+    ``db = <g', f>`` (``g'`` = g with the ReLU mask, recomputed from x, f, a, b) are separate tensors in
+    a's and b's shape and dtype, from deterministic fp32 partial sums.
+
+    ``sums=True`` returns ``(dx, df, sums)`` instead, ``sums = [da, db]`` the second pass's one (2,) fp32
+    tensor (None when neither is asked for): the op's autograd splits it into views (no copies).
+
+    ``index``: a and b are vectors of coefficients (one per step) and the update used their entry
+    ``index``; da and db then come out as whole vectors, zero but at ``index`` (``sums``: (2, L)), written
+    so by the second pass itself (what autograd would otherwise scatter with two more launches)."""
+    dx, df, total = _backward(g, x, f, a, b, relu=relu, need=need, index=index)
+    if sums:
+        return dx, df, total
+    da = total[0].to(a.dtype, copy=True).reshape(a.shape) if need[2] else None
+    db = total[1].to(b.dtype, copy=True).reshape(b.shape) if need[3] else None
+    return dx, df, da, db
+
+
+def coefficient_grads(sums: Optional[Tensor], a: Tensor, b: Tensor, need_a: bool, need_b: bool):
+    """``(da, db)`` from the (2,) fp32 sums ``[da, db]``: views in a's and b's shapes (a cast only where a
+    coefficient is not fp32), None where not asked for."""
+    da = sums[0].view(a.shape).to(a.dtype) if need_a else None
+    db = sums[1].view(b.shape).to(b.dtype) if need_b else None
+    return da, db
+
+
+def _backward(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, relu: bool,
+              need: Tuple[bool, bool, bool, bool],
+              index: Optional[int] = None) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(dx, df, sums)``: the kernel and, when da or db is asked for, the second pass's fp32 sums
+    ``[<g', x>, <g', f>]`` (else None): shape (2,), or (2, L) with ``index`` (``leaky_update_bwd``). Two
+    launches, nothing else on the device."""
+    length = None if index is None else a.shape[0]
+    a, b = _select(a, b, index)
     _check(x, f, a, b)
     _common.check_tensor(g, "g", like=x)
     _common.check_same_shape(g, "g", x)
@@ -198,7 +253,7 @@ def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, r
     dx = _common.empty(x.shape, strides, x.dtype, x.device) if need_x else None
     # df is written in x's layout; when f's differs, it is copied into f's once at the end
     df = _common.empty(f.shape, strides, f.dtype, f.device) if need_f else None
-    sums = x.new_zeros((2,), dtype=torch.float32)
+    sums = None
     if n > 0 and any(need):
         gs, xs, fs = (_common.in_layout(t, strides) for t in (g, x, f))
         grid = (_programs(n, x.device),)
@@ -206,14 +261,15 @@ def leaky_update_bwd(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, *, r
         _leaky_bwd_kernel[grid](gs, xs, fs, dx if need_x else gs, df if need_f else gs, a, b, partial, n,
                                 BLOCK=BLOCK, RELU=relu, NEED_X=need_x, NEED_F=need_f, NEED_A=need_a,
                                 NEED_B=need_b, TAIL=TAIL, num_warps=NUM_WARPS)
-        if need_a or need_b:
+        if (need_a or need_b) and index is None:
             sums = _common.sum_partials(partial)
+        elif need_a or need_b:
+            sums = _common.sum_partials_at(partial, index, length)
+    if sums is None and (need_a or need_b):  # nothing to add up (no elements)
+        sums = x.new_zeros((2,) if index is None else (2, length), dtype=torch.float32)
     if need_f:
         df = _common.in_layout(df, f_strides)
-    # copies in the coefficients' shapes (outputs of a custom op must not alias each other)
-    da = sums[0].to(a.dtype, copy=True).reshape(a.shape) if need_a else None
-    db = sums[1].to(b.dtype, copy=True).reshape(b.shape) if need_b else None
-    return dx, df, da, db
+    return dx, df, sums
 
 
 # ------------------------------------------------------------------- autograd and torch.library registration
@@ -222,10 +278,10 @@ class _LeakyUpdateFunction(torch.autograd.Function):
     mask from x and f instead of saving y."""
 
     @staticmethod
-    def forward(ctx, x, f, a, b, lt, relu: bool, stats: bool):
-        y, s = leaky_update_fwd(x, f, a, b, lt, relu=relu, stats=stats)
+    def forward(ctx, x, f, a, b, lt, relu: bool, stats: bool, index: Optional[int]):
+        y, s = leaky_update_fwd(x, f, *_select(a, b, index), lt, relu=relu, stats=stats)
         ctx.save_for_backward(x, f, a, b)
-        ctx.relu = relu
+        ctx.relu, ctx.index = relu, index
         ctx.mark_non_differentiable(s)
         ctx.set_materialize_grads(False)  # no zeros for the statistics' (non-)gradient
         return y, s
@@ -233,11 +289,13 @@ class _LeakyUpdateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _gs):
         if g is None:
-            return (None,) * 7
+            return (None,) * 8
         x, f, a, b = ctx.saved_tensors
-        grads = leaky_update_bwd(g, x, f, a, b, relu=ctx.relu, need=tuple(ctx.needs_input_grad[:4]))
+        need = tuple(ctx.needs_input_grad[:4])
+        dx, df, sums = leaky_update_bwd(g, x, f, a, b, relu=ctx.relu, need=need, sums=True, index=ctx.index)
+        grads = (dx, df, *coefficient_grads(sums, a, b, need[2], need[3]))  # no copies: autograd takes views
         grads = _common.guard_double_backward("leaky_update", grads, (g, x, f, a, b))
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 @torch.library.custom_op("adaptive_depth::leaky_update", mutates_args=())
@@ -255,20 +313,21 @@ def _(x, f, a, b, lt, relu, stats):
 
 @torch.library.custom_op("adaptive_depth::leaky_update_backward", mutates_args=())
 def _leaky_update_backward_op(g: Tensor, x: Tensor, f: Tensor, a: Tensor, b: Tensor, relu: bool,
-                              need: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = leaky_update_bwd(g, x, f, a, b, relu=relu, need=tuple(need))
+                              need: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, df, sums)``; ``sums = [da, db]`` in fp32 stays one tensor (outputs of a custom op must not
+    alias each other), split in the traced graph by ``coefficient_grads``."""
+    dx, df, sums = leaky_update_bwd(g, x, f, a, b, relu=relu, need=tuple(need), sums=True)
     # a custom op returns tensors only: an empty one stands for a gradient nobody asked for
-    return tuple(t if t is not None else x.new_empty((0,)) for t in grads)
+    return tuple(t if t is not None else x.new_empty((0,)) for t in (dx, df, sums))
 
 
 @_leaky_update_backward_op.register_fake
 def _(g, x, f, a, b, relu, need):
-    # what leaky_update_bwd returns: dx in x's dense layout, df in f's, da and db in a's and b's shape
-    def like(t, dense):
-        strides = _common.flat_strides(t) if dense else torch.empty(t.shape, device="meta").stride()
-        return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
-    return tuple(like(t, dense) if wanted else x.new_empty((0,))
-                 for t, dense, wanted in zip((x, f, a, b), (True, True, False, False), need))
+    # what _backward returns: dx in x's dense layout, df in f's, the (2,) fp32 sums when da or db is asked for
+    def like(t):
+        return torch.empty_strided(t.shape, _common.flat_strides(t), dtype=t.dtype, device=t.device)
+    sums = x.new_empty((2,), dtype=torch.float32) if (need[2] or need[3]) else x.new_empty((0,))
+    return (like(x) if need[0] else x.new_empty((0,)), like(f) if need[1] else x.new_empty((0,)), sums)
 
 
 def _op_setup(ctx, inputs, output):
@@ -280,8 +339,9 @@ def _op_setup(ctx, inputs, output):
 def _op_backward(ctx, g, _gs):
     x, f, a, b = ctx.saved_tensors
     need = [bool(v) for v in ctx.needs_input_grad[:4]]
-    grads = _leaky_update_backward_op(g, x, f, a, b, ctx.relu, need)
-    return (*(t if wanted else None for t, wanted in zip(grads, need)), None, None, None)
+    dx, df, sums = _leaky_update_backward_op(g, x, f, a, b, ctx.relu, need)
+    da, db = coefficient_grads(sums, a, b, need[2], need[3])
+    return (dx if need[0] else None, df if need[1] else None, da, db, None, None, None)
 
 
 def _no_double_backward(ctx, *_):
@@ -293,11 +353,17 @@ _leaky_update_backward_op.register_autograd(_no_double_backward, setup_context=l
 
 
 def leaky_update(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, *, relu: bool,
-                 stats: bool) -> Tuple[Tensor, Tensor]:
+                 stats: bool, index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """``(act(a x + b f), stats)`` on the kernels, differentiable in x, f, a and b (once: a second
-    backward raises). Arguments and outputs as in ``leaky_update_fwd``. Eager calls run an
-    ``autograd.Function``; under ``torch.compile`` the custom op ``adaptive_depth::leaky_update``, with a
-    fake (meta) implementation that promises exactly the real op's layouts."""
+    backward raises). Arguments and outputs as in ``leaky_update_fwd``; with ``index``, ``a`` and ``b`` are
+    a stack's coefficient vectors and the update uses their entry ``index`` (read in place by the kernel;
+    the backward writes the vectors' gradients whole: no select and scatter around the op). Eager calls
+    run an ``autograd.Function``; under ``torch.compile`` the custom op ``adaptive_depth::leaky_update``
+    (after a traced select, which Inductor fuses), with a fake (meta) implementation that promises
+    exactly the real op's layouts."""
     if torch.compiler.is_compiling():
+        a, b = _select(a, b, index)
         return _leaky_update_op(x, f, a, b, lt, relu, stats)
-    return _LeakyUpdateFunction.apply(x, f, a, b, lt, relu, stats)
+    if index is not None:
+        _check_index(a, b, index)
+    return _LeakyUpdateFunction.apply(x, f, a, b, lt, relu, stats, index)

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAT = ("leaky_fwd", "leaky_bwd", "leaky_linear_bwd")
+FLAT = ("leaky_fwd", "leaky_bwd", "leaky_linear_bwd", "linear_param_grads")
 pytestmark = pytest.mark.slow
 
 
