@@ -246,3 +246,25 @@ def test_cli_passes_the_large_lt_options_and_writes_them_in_the_command(tmp_path
     assert all(r["config"]["rescaled_gain"] and r["config"]["lt_warmup"] == 0.5 for r in data["report"])
     assert "--rescaled-gain --lt-warmup 0.5" in data["command"] and "True" not in data["command"]
     assert "over the first 50% of the steps" in (tmp_path / "r.md").read_text()
+
+
+def test_markdown_shows_the_lr_search_with_the_choice_and_missing_lrs():
+    tuning = [_fake("plain", 0, 0.90, 1e-3), _fake("plain", 1, 0.80, 1e-3), _fake("plain", 0, 0.96, 3e-3),
+              _fake("plain", 1, 0.94, 3e-3), _fake("uniform", 0, 0.70, 1e-3), _fake("uniform", 0, float("nan"), 3e-3)]
+    result = dict(task="mnist1d-conv", spec=rd.TASKS["mnist1d-conv"], lrs=[1e-3, 3e-3, 1e-2], steps=None,
+                  tune_seeds=[0, 1], chosen_lr={"plain": 3e-3, "uniform": 1e-3}, tuning=tuning, report=[])
+    table = rd.summarise_tuning(result)
+    assert table["plain"][1e-3] == dict(mean=pytest.approx(0.85), runs=2)
+    assert table["uniform"][3e-3]["mean"] == 0.0 and 1e-2 not in table["plain"]
+    md = rd.to_markdown(result, "cmd")
+    assert "| plain | 85.0 | **95.0** | - |" in md
+    assert "| uniform | **70.0 (1 runs)** | 0.0 (1 runs) | - |" in md
+
+
+def test_cli_tune_only_trains_no_report_run(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["realdata", "--task", "digits-conv", "--steps", "2", "--lrs", "0.003", "0.01", "--tune-seeds", "0",
+                 "--arms", "plain", "--tune-only", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["tuning"]) == 2 and data["report"] == [] and "--tune-only" in data["command"]
+    assert "| plain |" in (tmp_path / "r.md").read_text()

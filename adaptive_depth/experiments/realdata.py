@@ -34,7 +34,7 @@ from ..residual import LeakyMLP, LeakyResNet, balanced_gain
 from ..schedule import EffectiveDepthScheduler
 
 __all__ = ["TASKS", "ARMS", "RealConfig", "load", "build_model", "train_one", "run_protocol", "summarise",
-           "to_markdown"]
+           "summarise_tuning", "to_markdown"]
 
 #: task -> data, width and depth L of the leaky stack, large Lt (>= L/2), steps (sized for a shared 2-core
 #: CPU), lr grid, target test accuracy for "time to target", published reference
@@ -350,6 +350,39 @@ def summarise(result: dict) -> List[dict]:
     return rows
 
 
+def summarise_tuning(result: dict) -> Dict[str, Dict[float, dict]]:
+    """Per arm and lr: the mean validation accuracy over the tuning seeds that ran (a diverged run scores 0)
+    and their number; lrs of the grid with no run are left out."""
+    table: Dict[str, Dict[float, dict]] = {}
+    for r in result.get("tuning", []):
+        c = r["config"]
+        acc = r["eval_acc"] if math.isfinite(r["eval_acc"]) else 0.0
+        table.setdefault(c["arm"], {}).setdefault(c["lr"], []).append(acc)
+    return {arm: {lr: dict(mean=statistics.fmean(v), runs=len(v)) for lr, v in sorted(by_lr.items())}
+            for arm, by_lr in table.items()}
+
+
+def _tuning_lines(result: dict) -> List[str]:
+    table = summarise_tuning(result)
+    if not table:
+        return []
+    lrs = result["lrs"]
+    lines = ["", f"Tuning: validation accuracy %, mean over tuning seeds {result.get('tune_seeds')} (chosen lr in "
+             "bold; - : not run)", "", "| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+             "|---" * (len(lrs) + 1) + "|"]
+    for arm, by_lr in table.items():
+        cells = []
+        for lr in lrs:
+            if lr not in by_lr:
+                cells.append("-")
+                continue
+            text = f"{100 * by_lr[lr]['mean']:.1f}" + ("" if by_lr[lr]["runs"] == len(result.get("tune_seeds", [])) else
+                                                     f" ({by_lr[lr]['runs']} runs)")
+            cells.append(f"**{text}**" if result["chosen_lr"].get(arm) == lr else text)
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _stats(values: List[float]) -> dict:
     return dict(median=statistics.median(values), min=min(values), max=max(values))
 
@@ -398,7 +431,7 @@ def to_markdown(result: dict, command: str) -> str:
         if d:
             lines.append(f"- {a} minus {b}, test accuracy paired by seed (points): median "
                          f"{100 * d['median']:+.1f} [{100 * d['min']:+.1f}, {100 * d['max']:+.1f}]")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _tuning_lines(result)) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -414,6 +447,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log", default=None, help="append each finished run to this JSON-lines file; runs "
                         "already in it are reused (resume)")
     parser.add_argument("--logged-only", action="store_true", help="train nothing: tabulate the runs in --log")
+    parser.add_argument("--tune-only", action="store_true", help="train the tuning runs only (no report seeds): "
+                        "the table then shows the lr search alone")
     parser.add_argument("--rescaled-gain", action="store_true", help="large-Lt arms: AdamW on g / balanced_gain(Lt) "
                         "(the branch gains' lr x that factor, their weight decay / it)")
     parser.add_argument("--lt-warmup", type=float, default=0.0, help="large-Lt arms: raise Lt linearly from 0 over "
@@ -424,10 +459,10 @@ def run(args: argparse.Namespace) -> int:
     if set(args.tune_seeds) & set(args.report_seeds):
         raise ValueError("--tune-seeds and --report-seeds must not overlap (tune on some, report on others)")
     torch.set_num_threads(1)
-    result = run_protocol(args.task, args.arms, args.lrs, tune_seeds=args.tune_seeds,
-                          report_seeds=args.report_seeds, steps=args.steps, workers=args.workers, log=args.log,
-                          logged_only=args.logged_only, rescaled_gain=args.rescaled_gain,
-                          lt_warmup=args.lt_warmup)
+    report_seeds = [] if args.tune_only else args.report_seeds
+    result = run_protocol(args.task, args.arms, args.lrs, tune_seeds=args.tune_seeds, report_seeds=report_seeds,
+                          steps=args.steps, workers=args.workers, log=args.log, logged_only=args.logged_only,
+                          rescaled_gain=args.rescaled_gain, lt_warmup=args.lt_warmup)
     command = _command(args)
     md = to_markdown(result, command)
     print(md)
