@@ -109,7 +109,7 @@ def test_lr_choice_uses_the_mean_validation_accuracy_over_tuning_seeds():
 
 def test_summary_and_markdown_report_medians_ranges_and_paired_differences():
     accs = {"plain": [0.90, 0.92, 0.91, 0.95, 0.93], "adaptive": [0.91, 0.94, 0.90, 0.96, 0.95]}
-    report = [_fake(arm, 100 + i, a, reached=100 * (i + 1) if a >= 0.92 else None)
+    report = [_fake(arm, 100 + i, a, reached=100 * (i + 1) if a >= 0.92 else None, train=a + 0.04 * (arm == "plain"))
               for arm, values in accs.items() for i, a in enumerate(values)]
     result = dict(task="mnist1d-conv", spec=rd.TASKS["mnist1d-conv"], lrs=[1e-3], steps=None,
                   chosen_lr={"plain": 1e-3, "adaptive": 1e-3}, report=report)
@@ -119,6 +119,9 @@ def test_summary_and_markdown_report_medians_ranges_and_paired_differences():
     md = rd.to_markdown(result, "cmd")
     diffs = [a - b for a, b in zip(accs["adaptive"], accs["plain"])]
     assert f"{100 * statistics.median(diffs):+.1f}" in md and "| plain | 0.001 | 92.0 [90.0, 95.0]" in md
+    low, mid, high = (100 * (f(diffs) - 0.04) for f in (min, statistics.median, max))  # plain trains 4 points higher
+    train = f"{mid:+.1f} [{low:+.1f}, {high:+.1f}]"
+    assert f"- adaptive minus plain, train accuracy paired by seed (points): median {train}" in md
 
 
 def test_cli_runs_the_protocol_and_writes_json_and_markdown(tmp_path, capsys):

@@ -394,8 +394,8 @@ def _fmt(s: Optional[dict], pct: bool = False, nd: int = 0) -> str:
     return f"{f(s['median'])} [{f(s['min'])}, {f(s['max'])}]"
 
 
-def _paired(result: dict, a: str, b: str) -> Optional[dict]:
-    acc = {(r["config"]["arm"], r["config"]["seed"]): r["eval_acc"] for r in result["report"]}
+def _paired(result: dict, a: str, b: str, key: str = "eval_acc") -> Optional[dict]:
+    acc = {(r["config"]["arm"], r["config"]["seed"]): r[key] for r in result["report"]}
     diffs = [acc[(a, s)] - acc[(b, s)] for (arm, s) in acc if arm == a and (b, s) in acc]
     return _stats(diffs) if diffs else None
 
@@ -426,11 +426,12 @@ def to_markdown(result: dict, command: str) -> str:
                      f"{row['reached']} | {_fmt(row['steps_to_target'])} | {_fmt(row['seconds_to_target'], nd=1)} | "
                      f"{_fmt(row['seconds'], nd=1)} |")
     lines.append("")
-    for a, b in (("adaptive", "uniform"), ("adaptive", "plain"), ("uniform", "plain")):
-        d = _paired(result, a, b)
-        if d:
-            lines.append(f"- {a} minus {b}, test accuracy paired by seed (points): median "
-                         f"{100 * d['median']:+.1f} [{100 * d['min']:+.1f}, {100 * d['max']:+.1f}]")
+    for key, name in (("eval_acc", "test"), ("train_acc", "train")):
+        for a, b in (("adaptive", "uniform"), ("adaptive", "plain"), ("uniform", "plain")):
+            d = _paired(result, a, b, key)
+            if d:
+                lines.append(f"- {a} minus {b}, {name} accuracy paired by seed (points): median "
+                             f"{100 * d['median']:+.1f} [{100 * d['min']:+.1f}, {100 * d['max']:+.1f}]")
     return "\n".join(lines + _tuning_lines(result)) + "\n"
 
 
