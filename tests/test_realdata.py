@@ -270,4 +270,5 @@ def test_cli_tune_only_trains_no_report_run(tmp_path):
                  "--arms", "plain", "--tune-only", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert len(data["tuning"]) == 2 and data["report"] == [] and "--tune-only" in data["command"]
-    assert "| plain |" in (tmp_path / "r.md").read_text()
+    md = (tmp_path / "r.md").read_text()
+    assert "the lr search alone" in md and "| plain |" in md and "test acc %" not in md

@@ -412,15 +412,17 @@ def _options_line(result: dict) -> str:
 def to_markdown(result: dict, command: str) -> str:
     spec = result["spec"]
     tune, report = result.get("tune_seeds", list(TUNE_SEEDS)), result.get("report_seeds", list(REPORT_SEEDS))
-    lines = [f"# {result['task']}: plain vs uniform vs adaptive (report seeds {report})", "",
+    title = f"report seeds {report}" if result["report"] else "the lr search alone, no report run"
+    lines = [f"# {result['task']}: plain vs uniform vs adaptive ({title})", "",
              f"Command: `{command}`", "",
              f"L = {spec['depth']} blocks of width {spec['width']}, large Lt = {spec['lt']:g}, exponential scheme, "
              f"{result.get('steps') or spec['steps']} steps at batch 128, AdamW + cosine; lr per arm from "
              f"{result['lrs']} by validation accuracy on tuning seeds {tune}. Target (time to "
              f"target): {100 * spec['target']:.0f}% test accuracy. Published: {spec['published']}."
-             + _options_line(result), "",
-             "| arm | lr | test acc % median [min, max] | train acc % | reached | steps to target | "
-             "train seconds to target | train seconds total |", "|---|---|---|---|---|---|---|---|"]
+             + _options_line(result)]
+    if result["report"]:
+        lines += ["", "| arm | lr | test acc % median [min, max] | train acc % | reached | steps to target | "
+                  "train seconds to target | train seconds total |", "|---|---|---|---|---|---|---|---|"]
     for row in summarise(result):
         lines.append(f"| {row['arm']} | {row['lr']:g} | {_fmt(row['test'], True)} | {_fmt(row['train'], True)} | "
                      f"{row['reached']} | {_fmt(row['steps_to_target'])} | {_fmt(row['seconds_to_target'], nd=1)} | "
