@@ -109,7 +109,7 @@ def test_lr_choice_uses_the_mean_validation_accuracy_over_tuning_seeds():
 
 def test_summary_and_markdown_report_medians_ranges_and_paired_differences():
     accs = {"plain": [0.90, 0.92, 0.91, 0.95, 0.93], "adaptive": [0.91, 0.94, 0.90, 0.96, 0.95]}
-    report = [_fake(arm, 100 + i, a, reached=100 * (i + 1) if a >= 0.92 else None)
+    report = [_fake(arm, 100 + i, a, reached=100 * (i + 1) if a >= 0.92 else None, train=a + 0.04 * (arm == "plain"))
               for arm, values in accs.items() for i, a in enumerate(values)]
     result = dict(task="mnist1d-conv", spec=rd.TASKS["mnist1d-conv"], lrs=[1e-3], steps=None,
                   chosen_lr={"plain": 1e-3, "adaptive": 1e-3}, report=report)
@@ -119,6 +119,9 @@ def test_summary_and_markdown_report_medians_ranges_and_paired_differences():
     md = rd.to_markdown(result, "cmd")
     diffs = [a - b for a, b in zip(accs["adaptive"], accs["plain"])]
     assert f"{100 * statistics.median(diffs):+.1f}" in md and "| plain | 0.001 | 92.0 [90.0, 95.0]" in md
+    low, mid, high = (100 * (f(diffs) - 0.04) for f in (min, statistics.median, max))  # plain trains 4 points higher
+    train = f"{mid:+.1f} [{low:+.1f}, {high:+.1f}]"
+    assert f"- adaptive minus plain, train accuracy paired by seed (points): median {train}" in md
 
 
 def test_cli_runs_the_protocol_and_writes_json_and_markdown(tmp_path, capsys):
@@ -149,3 +152,123 @@ def test_a_log_resumes_and_tabulates_without_retraining(tmp_path):
     partial = rd.run_protocol("digits-conv", ["plain"], logged_only=True, **kwargs)
     assert [r["config"]["seed"] for r in partial["report"]] == [100] and len(open(log).readlines()) == 2
     assert rd.summarise(partial)[0]["seeds"] == 1
+
+
+def _first_adamw_step_reference(g0: float, grad: float, lr: float, wd: float, k: float) -> float:
+    """AdamW's first step on s = g / k (s0 = g0 / k, ds = k dg), written back in g, in float64: the bias-corrected
+    m / sqrt(v) of one step is grad / (|grad| + eps)."""
+    s0, grad_s, eps = g0 / k, k * grad, 1e-8
+    s1 = s0 * (1 - lr * wd) - lr * grad_s / (abs(grad_s) + eps)
+    return k * s1
+
+
+def test_rescaled_gain_is_adamw_on_the_gain_over_lt():
+    x, y, _, _ = rd.load("digits-conv")
+    cfg = rd.RealConfig(task="digits-conv", arm="uniform", lr=1e-2, weight_decay=0.1, rescaled_gain=True)
+    model = rd.build_model(cfg, x.shape[1:], 10)
+    groups = rd._param_groups(model, cfg)
+    k = balanced_gain(rd.TASKS["digits-conv"]["lt"])
+    assert k == 6.0 and len(groups) == 2 and groups[1]["lr"] == cfg.lr * k
+    gains = [b.gain for b in model.net.blocks]
+    assert {id(p) for p in groups[1]["params"]} == {id(g) for g in gains}
+    assert len(groups[0]["params"]) + len(gains) == len(list(model.parameters()))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
+    before = [(float(g.detach()), float(g.grad)) for g in gains]
+    stem_before, stem_grad = model.stem.weight.detach().clone().double(), model.stem.weight.grad.clone().double()
+    opt.step()
+    for g, (g0, grad) in zip(gains, before):
+        assert abs(float(g.detach()) - _first_adamw_step_reference(g0, grad, cfg.lr, cfg.weight_decay, k)) < 1e-5
+    # every other weight: plain AdamW at the base lr and weight decay
+    want = stem_before * (1 - cfg.lr * cfg.weight_decay) - cfg.lr * stem_grad / (stem_grad.abs() + 1e-8)
+    assert torch.allclose(model.stem.weight.detach().double(), want, atol=1e-6)
+
+
+def test_rescaled_gain_without_gains_is_a_clear_error():
+    x, _, _, _ = rd.load("digits-conv")
+    cfg = rd.RealConfig(task="digits-conv", arm="raw-uniform", rescaled_gain=True)
+    with pytest.raises(ValueError, match="rescaled_gain needs branch gains"):
+        rd._param_groups(rd.build_model(cfg, x.shape[1:], 10), cfg)
+
+
+def test_lt_warmup_raises_lt_linearly_to_the_target():
+    x, _, _, _ = rd.load("digits-conv")
+    cfg = rd.RealConfig(task="digits-conv", arm="adaptive", steps=10, lt_warmup=0.5)
+    model = rd.build_model(cfg, x.shape[1:], 10)
+    ramp = rd._lt_ramp(model, cfg)
+    seen = [float(model.net.effective_depth)]
+    for _ in range(7):
+        ramp.step()
+        seen.append(float(model.net.effective_depth))
+    assert seen == pytest.approx([6.0 * min(1.0, t / 5) for t in range(8)])
+    assert rd._lt_ramp(model, dataclasses.replace(cfg, lt_warmup=0.0)) is None
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="lt_warmup must be a fraction"):
+            rd.train_one(dataclasses.replace(cfg, lt_warmup=bad))
+
+
+def test_large_lt_options_are_no_ops_for_the_plain_arm_and_reuse_its_runs(tmp_path):
+    cfg = rd.RealConfig(task="digits-conv", arm="plain", steps=6, eval_every=3, validation=True)
+    with_options = dataclasses.replace(cfg, rescaled_gain=True, lt_warmup=0.5)
+    assert with_options.canonical() == cfg
+    a, b = rd.train_one(cfg), rd.train_one(with_options)
+    assert a["train_acc"] == b["train_acc"] and [c[2] for c in a["curve"]] == [c[2] for c in b["curve"]]
+    uniform = dataclasses.replace(with_options, arm="uniform")
+    assert uniform.canonical() is uniform
+    log = str(tmp_path / "runs.jsonl")
+    kwargs = dict(lrs=[3e-3], tune_seeds=[0], report_seeds=[100], steps=2, log=log)
+    rd.run_protocol("digits-conv", ["plain"], **kwargs)
+    lines = open(log).read().splitlines()
+    out = rd.run_protocol("digits-conv", ["plain", "uniform"], rescaled_gain=True, lt_warmup=0.5, **kwargs)
+    new = open(log).read().splitlines()
+    assert new[:len(lines)] == lines and len(new) == len(lines) + 2  # only the uniform arm trained
+    assert all(json.loads(line)["config"]["rescaled_gain"] for line in new[len(lines):])
+    assert out["rescaled_gain"] and "branch gains trained as g / Lt" in rd.to_markdown(out, "cmd")
+
+
+def test_a_log_written_before_a_config_field_existed_is_still_reused(tmp_path):
+    log = tmp_path / "runs.jsonl"
+    kwargs = dict(lrs=[3e-3], tune_seeds=[0], report_seeds=[100], steps=2, log=str(log))
+    rd.run_protocol("digits-conv", ["plain"], **kwargs)
+    old = []
+    for line in log.read_text().splitlines():  # as an older version wrote them: without the newer fields
+        r = json.loads(line)
+        del r["config"]["rescaled_gain"], r["config"]["lt_warmup"]
+        old.append(json.dumps(r))
+    log.write_text("\n".join(old) + "\n")
+    rd.run_protocol("digits-conv", ["plain"], **kwargs)
+    assert log.read_text().splitlines() == old
+
+
+def test_cli_passes_the_large_lt_options_and_writes_them_in_the_command(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["realdata", "--task", "digits-conv", "--steps", "2", "--lrs", "0.003", "--tune-seeds", "0",
+                 "--report-seeds", "100", "--arms", "uniform", "--rescaled-gain", "--lt-warmup", "0.5",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert all(r["config"]["rescaled_gain"] and r["config"]["lt_warmup"] == 0.5 for r in data["report"])
+    assert "--rescaled-gain --lt-warmup 0.5" in data["command"] and "True" not in data["command"]
+    assert "over the first 50% of the steps" in (tmp_path / "r.md").read_text()
+
+
+def test_markdown_shows_the_lr_search_with_the_choice_and_missing_lrs():
+    tuning = [_fake("plain", 0, 0.90, 1e-3), _fake("plain", 1, 0.80, 1e-3), _fake("plain", 0, 0.96, 3e-3),
+              _fake("plain", 1, 0.94, 3e-3), _fake("uniform", 0, 0.70, 1e-3), _fake("uniform", 0, float("nan"), 3e-3)]
+    result = dict(task="mnist1d-conv", spec=rd.TASKS["mnist1d-conv"], lrs=[1e-3, 3e-3, 1e-2], steps=None,
+                  tune_seeds=[0, 1], chosen_lr={"plain": 3e-3, "uniform": 1e-3}, tuning=tuning, report=[])
+    table = rd.summarise_tuning(result)
+    assert table["plain"][1e-3] == dict(mean=pytest.approx(0.85), runs=2)
+    assert table["uniform"][3e-3]["mean"] == 0.0 and 1e-2 not in table["plain"]
+    md = rd.to_markdown(result, "cmd")
+    assert "| plain | 85.0 | **95.0** | - |" in md
+    assert "| uniform | **70.0 (1 runs)** | 0.0 (1 runs) | - |" in md
+
+
+def test_cli_tune_only_trains_no_report_run(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["realdata", "--task", "digits-conv", "--steps", "2", "--lrs", "0.003", "0.01", "--tune-seeds", "0",
+                 "--arms", "plain", "--tune-only", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["tuning"]) == 2 and data["report"] == [] and "--tune-only" in data["command"]
+    md = (tmp_path / "r.md").read_text()
+    assert "the lr search alone" in md and "| plain |" in md and "test acc %" not in md

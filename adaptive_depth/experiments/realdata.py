@@ -17,6 +17,7 @@ every arm on MNIST-1D (the data are translated templates).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -29,10 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import AdaptiveSteps
-from ..residual import LeakyMLP, LeakyResNet
+from ..residual import LeakyMLP, LeakyResNet, balanced_gain
+from ..schedule import EffectiveDepthScheduler
 
 __all__ = ["TASKS", "ARMS", "RealConfig", "load", "build_model", "train_one", "run_protocol", "summarise",
-           "to_markdown"]
+           "summarise_tuning", "to_markdown"]
 
 #: task -> data, width and depth L of the leaky stack, large Lt (>= L/2), steps (sized for a shared 2-core
 #: CPU), lr grid, target test accuracy for "time to target", published reference
@@ -66,9 +68,21 @@ class RealConfig:
     val: int = 500
     eval_every: int = 100
     augment: bool = True
+    rescaled_gain: bool = False  # Adam on g / balanced_gain(Lt): the gains' lr x that factor, weight decay / it
+    lt_warmup: float = 0.0  # fraction of the budget over which Lt rises linearly from 0 (EffectiveDepthScheduler)
 
     def budget(self) -> int:
         return self.steps if self.steps is not None else TASKS[self.task]["steps"]
+
+    def effective_depth(self) -> float:
+        return 0.0 if self.arm == "plain" else TASKS[self.task]["lt"]
+
+    def canonical(self) -> "RealConfig":
+        """The same run with the large-Lt options that do nothing at Lt = 0 reset (the plain arm), so a
+        protocol with those options reuses the plain runs of one without them."""
+        if self.effective_depth() > 0:
+            return self
+        return replace(self, rescaled_gain=False, lt_warmup=0.0)
 
 
 @dataclass
@@ -83,8 +97,12 @@ class Split:
 def load(task: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)``: MNIST-1D from ``make_dataset`` with its default arguments
     (4000/1000, standardised on train), or scikit-learn's digits (1797 8x8 images, a fixed stratified 75/25
-    split, pixels / 16), images shaped ``(N, 1, 8, 8)``."""
-    data = TASKS[_check_task(task)]["data"]
+    split, pixels / 16), images shaped ``(N, 1, 8, 8)``. Built once per process; each call returns copies."""
+    return tuple(t.clone() for t in _load(TASKS[_check_task(task)]["data"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(data: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if data == "mnist1d":
         from .data import mnist1d
         t = mnist1d()  # the package's default arguments: 4000 train / 1000 test, seed 42
@@ -144,7 +162,7 @@ class ConvNet(nn.Module):
 def build_model(config: RealConfig, in_shape: Sequence[int], classes: int) -> nn.Module:
     """The task's model for ``config.arm`` (seeded with ``config.seed``)."""
     spec = TASKS[config.task]
-    lt = 0.0 if config.arm == "plain" else spec["lt"]
+    lt = config.effective_depth()
     torch.manual_seed(config.seed)
     width, depth = config.width or spec["width"], config.depth or spec["depth"]
     if config.task == "mnist1d-mlp":
@@ -172,10 +190,11 @@ def train_one(config: RealConfig, split: Optional[Split] = None) -> dict:
     split = split or _split(config.task, config)
     classes = int(split.y_train.max()) + 1
     model = build_model(config, split.x_train.shape[1:], classes)
-    inner = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    inner = torch.optim.AdamW(_param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     total = config.budget()
     sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     opt = AdaptiveSteps(inner, model) if config.arm == "adaptive" else inner
+    ramp = _lt_ramp(model, config)
     gen = torch.Generator().manual_seed(config.seed + 1)
     target = TASKS[config.task]["target"]
     curve, seconds, reached = [], 0.0, None
@@ -191,6 +210,8 @@ def train_one(config: RealConfig, split: Optional[Split] = None) -> dict:
         loss.backward()
         opt.step()
         sched.step()
+        if ramp is not None:
+            ramp.step()
         seconds += time.perf_counter() - start
         if not math.isfinite(float(loss.detach())):
             return _result(config, model, split, curve, None, seconds, diverged=step)
@@ -200,6 +221,35 @@ def train_one(config: RealConfig, split: Optional[Split] = None) -> dict:
             if reached is None and acc >= target:
                 reached = (step, round(seconds, 3))
     return _result(config, model, split, curve, reached, seconds)
+
+
+def _param_groups(model: nn.Module, config: RealConfig) -> List[dict]:
+    """One group of every weight; with ``rescaled_gain`` the branch gains apart, at lr x k and weight decay / k
+    with ``k = balanced_gain(Lt)``: AdamW on ``g / k`` (which starts at 1) written in ``g`` (RESEARCH.md 1:
+    Adam moves a weight by ~lr per step, and the balanced gains live at scale Lt)."""
+    if not config.rescaled_gain:
+        return [dict(params=list(model.parameters()))]
+    gains = [b.gain for b in getattr(model.net, "blocks", []) if getattr(b, "gain", None) is not None]
+    if not gains:
+        raise ValueError(f"rescaled_gain needs branch gains: arm {config.arm!r} of task {config.task!r} has none")
+    k = balanced_gain(config.effective_depth())
+    ids = {id(g) for g in gains}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [dict(params=rest), dict(params=gains, lr=config.lr * k, weight_decay=config.weight_decay / k)]
+
+
+def _lt_ramp(model: nn.Module, config: RealConfig) -> Optional[EffectiveDepthScheduler]:
+    """With ``lt_warmup`` > 0 and a large-Lt arm, Lt rises linearly from 0 over that fraction of the budget."""
+    _lt_ramp_check(config.lt_warmup)
+    lt = config.effective_depth()
+    if config.lt_warmup == 0.0 or lt == 0.0:
+        return None
+    return EffectiveDepthScheduler(model.net, target=lt, total_steps=max(1, round(config.lt_warmup * config.budget())))
+
+
+def _lt_ramp_check(lt_warmup: float) -> None:
+    if isinstance(lt_warmup, bool) or not isinstance(lt_warmup, (int, float)) or not 0.0 <= lt_warmup <= 1.0:
+        raise ValueError(f"lt_warmup must be a fraction of the budget in [0, 1], got {lt_warmup!r}")
 
 
 def _result(config, model, split, curve, reached, seconds, diverged=None) -> dict:
@@ -213,21 +263,25 @@ def _result(config, model, split, curve, reached, seconds, diverged=None) -> dic
 # ---------------------------------------------------------------------------------------- protocol
 def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] = None, *, tune_seeds=TUNE_SEEDS,
                  report_seeds=REPORT_SEEDS, steps: Optional[int] = None, workers: int = 1,
-                 log: Optional[str] = None, logged_only: bool = False) -> dict:
+                 log: Optional[str] = None, logged_only: bool = False, rescaled_gain: bool = False,
+                 lt_warmup: float = 0.0) -> dict:
     """Pick each arm's lr on validation (tuning seeds), then train the report seeds on train, score on test.
 
     ``log``: a JSON-lines file; each finished run is appended, and runs already in it are reused (resume).
-    ``logged_only``: train nothing, tabulate what the log holds (missing runs are left out)."""
-    base = RealConfig(task=_check_task(task), steps=steps)
+    ``logged_only``: train nothing, tabulate what the log holds (missing runs are left out).
+    ``rescaled_gain``, ``lt_warmup``: the large-Lt options of ``RealConfig`` for every arm (no-ops at Lt = 0)."""
+    base = RealConfig(task=_check_task(task), steps=steps, rescaled_gain=rescaled_gain, lt_warmup=lt_warmup)
+    _lt_ramp_check(lt_warmup)
     lrs = list(lrs or TASKS[task]["lrs"])
-    tune = [replace(base, arm=a, lr=lr, seed=s, validation=True) for a in arms for lr in lrs for s in tune_seeds]
+    run = lambda c: c.canonical()  # noqa: E731
+    tune = [run(replace(base, arm=a, lr=lr, seed=s, validation=True)) for a in arms for lr in lrs for s in tune_seeds]
     tuned = _map(tune, workers, log, logged_only)
     chosen = {a: _best_lr(tuned, a, lrs) for a in arms}
     # seed-major order: a run cut short still leaves every arm with the same seeds
-    report = [replace(base, arm=a, lr=chosen[a], seed=s) for s in report_seeds for a in arms]
+    report = [run(replace(base, arm=a, lr=chosen[a], seed=s)) for s in report_seeds for a in arms]
     return dict(task=task, spec=TASKS[task], lrs=lrs, steps=steps, tune_seeds=list(tune_seeds),
                 report_seeds=list(report_seeds), chosen_lr=chosen, tuning=tuned,
-                report=_map(report, workers, log, logged_only))
+                report=_map(report, workers, log, logged_only), rescaled_gain=rescaled_gain, lt_warmup=lt_warmup)
 
 
 def _best_lr(runs: List[dict], arm: str, lrs: Sequence[float]) -> float:
@@ -253,7 +307,7 @@ def _read_log(log: Optional[str]) -> Dict[str, dict]:
             with open(log) as fh:
                 for line in fh:
                     r = json.loads(line)
-                    done[json.dumps(r["config"], sort_keys=True)] = r
+                    done[_key(RealConfig(**r["config"]))] = r  # fields added since the run: their defaults
         except FileNotFoundError:
             pass
     return done
@@ -296,6 +350,39 @@ def summarise(result: dict) -> List[dict]:
     return rows
 
 
+def summarise_tuning(result: dict) -> Dict[str, Dict[float, dict]]:
+    """Per arm and lr: the mean validation accuracy over the tuning seeds that ran (a diverged run scores 0)
+    and their number; lrs of the grid with no run are left out."""
+    table: Dict[str, Dict[float, dict]] = {}
+    for r in result.get("tuning", []):
+        c = r["config"]
+        acc = r["eval_acc"] if math.isfinite(r["eval_acc"]) else 0.0
+        table.setdefault(c["arm"], {}).setdefault(c["lr"], []).append(acc)
+    return {arm: {lr: dict(mean=statistics.fmean(v), runs=len(v)) for lr, v in sorted(by_lr.items())}
+            for arm, by_lr in table.items()}
+
+
+def _tuning_lines(result: dict) -> List[str]:
+    table = summarise_tuning(result)
+    if not table:
+        return []
+    lrs = result["lrs"]
+    lines = ["", f"Tuning: validation accuracy %, mean over tuning seeds {result.get('tune_seeds')} (chosen lr in "
+             "bold; - : not run)", "", "| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+             "|---" * (len(lrs) + 1) + "|"]
+    for arm, by_lr in table.items():
+        cells = []
+        for lr in lrs:
+            if lr not in by_lr:
+                cells.append("-")
+                continue
+            text = f"{100 * by_lr[lr]['mean']:.1f}" + ("" if by_lr[lr]["runs"] == len(result.get("tune_seeds", [])) else
+                                                     f" ({by_lr[lr]['runs']} runs)")
+            cells.append(f"**{text}**" if result["chosen_lr"].get(arm) == lr else text)
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _stats(values: List[float]) -> dict:
     return dict(median=statistics.median(values), min=min(values), max=max(values))
 
@@ -307,34 +394,47 @@ def _fmt(s: Optional[dict], pct: bool = False, nd: int = 0) -> str:
     return f"{f(s['median'])} [{f(s['min'])}, {f(s['max'])}]"
 
 
-def _paired(result: dict, a: str, b: str) -> Optional[dict]:
-    acc = {(r["config"]["arm"], r["config"]["seed"]): r["eval_acc"] for r in result["report"]}
+def _paired(result: dict, a: str, b: str, key: str = "eval_acc") -> Optional[dict]:
+    acc = {(r["config"]["arm"], r["config"]["seed"]): r[key] for r in result["report"]}
     diffs = [acc[(a, s)] - acc[(b, s)] for (arm, s) in acc if arm == a and (b, s) in acc]
     return _stats(diffs) if diffs else None
+
+
+def _options_line(result: dict) -> str:
+    parts = []
+    if result.get("rescaled_gain"):
+        parts.append("branch gains trained as g / Lt (lr x Lt, weight decay / Lt)")
+    if result.get("lt_warmup"):
+        parts.append(f"Lt raised linearly from 0 over the first {100 * result['lt_warmup']:g}% of the steps")
+    return f" Large-Lt arms: {'; '.join(parts)} (no-ops at Lt = 0)." if parts else ""
 
 
 def to_markdown(result: dict, command: str) -> str:
     spec = result["spec"]
     tune, report = result.get("tune_seeds", list(TUNE_SEEDS)), result.get("report_seeds", list(REPORT_SEEDS))
-    lines = [f"# {result['task']}: plain vs uniform vs adaptive (report seeds {report})", "",
+    title = f"report seeds {report}" if result["report"] else "the lr search alone, no report run"
+    lines = [f"# {result['task']}: plain vs uniform vs adaptive ({title})", "",
              f"Command: `{command}`", "",
              f"L = {spec['depth']} blocks of width {spec['width']}, large Lt = {spec['lt']:g}, exponential scheme, "
              f"{result.get('steps') or spec['steps']} steps at batch 128, AdamW + cosine; lr per arm from "
              f"{result['lrs']} by validation accuracy on tuning seeds {tune}. Target (time to "
-             f"target): {100 * spec['target']:.0f}% test accuracy. Published: {spec['published']}.", "",
-             "| arm | lr | test acc % median [min, max] | train acc % | reached | steps to target | "
-             "train seconds to target | train seconds total |", "|---|---|---|---|---|---|---|---|"]
+             f"target): {100 * spec['target']:.0f}% test accuracy. Published: {spec['published']}."
+             + _options_line(result)]
+    if result["report"]:
+        lines += ["", "| arm | lr | test acc % median [min, max] | train acc % | reached | steps to target | "
+                  "train seconds to target | train seconds total |", "|---|---|---|---|---|---|---|---|"]
     for row in summarise(result):
         lines.append(f"| {row['arm']} | {row['lr']:g} | {_fmt(row['test'], True)} | {_fmt(row['train'], True)} | "
                      f"{row['reached']} | {_fmt(row['steps_to_target'])} | {_fmt(row['seconds_to_target'], nd=1)} | "
                      f"{_fmt(row['seconds'], nd=1)} |")
     lines.append("")
-    for a, b in (("adaptive", "uniform"), ("adaptive", "plain"), ("uniform", "plain")):
-        d = _paired(result, a, b)
-        if d:
-            lines.append(f"- {a} minus {b}, test accuracy paired by seed (points): median "
-                         f"{100 * d['median']:+.1f} [{100 * d['min']:+.1f}, {100 * d['max']:+.1f}]")
-    return "\n".join(lines) + "\n"
+    for key, name in (("eval_acc", "test"), ("train_acc", "train")):
+        for a, b in (("adaptive", "uniform"), ("adaptive", "plain"), ("uniform", "plain")):
+            d = _paired(result, a, b, key)
+            if d:
+                lines.append(f"- {a} minus {b}, {name} accuracy paired by seed (points): median "
+                             f"{100 * d['median']:+.1f} [{100 * d['min']:+.1f}, {100 * d['max']:+.1f}]")
+    return "\n".join(lines + _tuning_lines(result)) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -350,19 +450,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log", default=None, help="append each finished run to this JSON-lines file; runs "
                         "already in it are reused (resume)")
     parser.add_argument("--logged-only", action="store_true", help="train nothing: tabulate the runs in --log")
+    parser.add_argument("--tune-only", action="store_true", help="train the tuning runs only (no report seeds): "
+                        "the table then shows the lr search alone")
+    parser.add_argument("--rescaled-gain", action="store_true", help="large-Lt arms: AdamW on g / balanced_gain(Lt) "
+                        "(the branch gains' lr x that factor, their weight decay / it)")
+    parser.add_argument("--lt-warmup", type=float, default=0.0, help="large-Lt arms: raise Lt linearly from 0 over "
+                        "this fraction of the budget (default 0: no warm-up)")
 
 
 def run(args: argparse.Namespace) -> int:
     if set(args.tune_seeds) & set(args.report_seeds):
         raise ValueError("--tune-seeds and --report-seeds must not overlap (tune on some, report on others)")
     torch.set_num_threads(1)
-    result = run_protocol(args.task, args.arms, args.lrs, tune_seeds=args.tune_seeds,
-                          report_seeds=args.report_seeds, steps=args.steps, workers=args.workers, log=args.log,
-                          logged_only=args.logged_only)
-    command = "adaptive-depth realdata " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items()
-        if not k.startswith("_") and k not in ("command", "log", "logged_only") and v is not None)
+    report_seeds = [] if args.tune_only else args.report_seeds
+    result = run_protocol(args.task, args.arms, args.lrs, tune_seeds=args.tune_seeds, report_seeds=report_seeds,
+                          steps=args.steps, workers=args.workers, log=args.log, logged_only=args.logged_only,
+                          rescaled_gain=args.rescaled_gain, lt_warmup=args.lt_warmup)
+    command = _command(args)
     md = to_markdown(result, command)
     print(md)
     if args.out:
@@ -371,6 +475,19 @@ def run(args: argparse.Namespace) -> int:
         with open(args.out.rsplit(".", 1)[0] + ".md", "w") as fh:
             fh.write(md)
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces ``args`` (flags at their off value and the log options left out)."""
+    words = ["adaptive-depth realdata"]
+    for k, v in vars(args).items():
+        if k.startswith("_") or k in ("command", "log", "logged_only") or v is None or v is False:
+            continue
+        if k == "lt_warmup" and v == 0:
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        words.append(flag if v is True else f"{flag} {' '.join(map(str, v)) if isinstance(v, list) else v}")
+    return " ".join(words)
 
 
 def _check_task(task: str) -> str:
