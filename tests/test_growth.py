@@ -143,7 +143,7 @@ def test_convnet_branch_norm_builds_the_recipe():
 
 # ------------------------------------------------------------------------------------------ search and CLI
 def test_tune2_stages_and_choice():
-    settings = dict(growth.SETTINGS["digits"], steps=8, width=4, batch=16)
+    settings = dict(growth.SETTINGS["digits"], steps=4, width=4, batch=8)
     got = growth.tune2("digits", settings, slack=0.5, eval_every=4, seeds=(0,), log=lambda r: None)
     runs, choice = got["runs"], got["choice"]["digits"]
     n_full = 2 + len(growth.FULL_HOLDS) - 1
@@ -161,6 +161,9 @@ def test_tune2_stages_and_choice():
     assert all(r["branch_norm"] == choice["branch_norm"] for r in runs[n_full:])
     # stage C ran the chosen shape and lr with init="zero"
     assert runs[-1]["init"] == "zero" and choice["init"] in growth.INIT_CHOICES
+    md = growth.tune2_table(got)
+    assert md.count("| digits | uniform |") == len(growth.SHAPES) * len(growth.LR_MODES) + 1
+    assert md.count("| digits | full |") == n_full and "1 -> 2 -> 4 -> 8 at 0.25, 0.50, 0.75" in md
 
 
 def test_cli_growth2_options_and_tuned_choice(tmp_path):

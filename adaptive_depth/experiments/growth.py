@@ -473,6 +473,31 @@ def _variant(args, tuned: Dict) -> Dict:
             "branch_norm": bool(tuned.get("branch_norm", False)) if bn is None else bn == "on"}
 
 
+def tune2_table(result: Dict) -> str:
+    """The ``--tune2`` runs as markdown: one row per (task, arm, variant) with the median over the tuning
+    seeds, and each task's choice."""
+    lines = ["| task | arm | block | growth at | lr: hold, rewarm | init | final (median [min, max]) | "
+             "CPU s (budget) | CPU s to the tuning target |", "|---|---|---|---|---|---|---|---|---|"]
+    rows: Dict[tuple, List[Dict]] = {}
+    for r in result["runs"]:
+        key = (r["task"], r["arm"], r["branch_norm"], tuple(r["at"]) if r["arm"] != "full" else (),
+               r["hold"], r["rewarm"], r["init"] if r["arm"] != "full" else "-")
+        rows.setdefault(key, []).append(r)
+    for (task, arm, bn, at, hold, rewarm, init), rs in rows.items():
+        pct = 100.0 if _higher_better(task) else 1.0
+        target = result["choice"].get(task, {}).get("target")
+        cpu = _cpu_score(rs, target, _higher_better(task)) if target is not None else math.nan
+        grow = " -> ".join(str(FINAL_DEPTH >> k) for k in range(len(at), -1, -1)) + \
+            f" at {', '.join(f'{a:.2f}' for a in at)}" if at else "-"
+        lines.append(f"| {task} | {arm} | {'normalised' if bn else 'plain'} | {grow} | {hold:.2f}, {rewarm} | "
+                     f"{init} | {_f(_spread([r['final'] for r in rs]), pct)} | "
+                     f"{_f(_spread([r['cpu_s'] for r in rs]))} | {cpu:.3g} |")
+    for task, c in result["choice"].items():
+        keep = {k: v for k, v in c.items() if k not in ("scores", "full_finals")}
+        lines.append(f"\nChoice for {task}: `{json.dumps(keep)}`")
+    return "\n".join(lines)
+
+
 def _tuned_choice(path: str, task: str) -> Optional[Dict]:
     if not os.path.exists(path):
         return None
@@ -505,6 +530,8 @@ def run(args) -> int:
         for path in args.from_json:
             with open(path) as fh:
                 runs += json.load(fh)["runs"]
+        for r in runs:  # the per-step lr is lr * lr_multiplier(...) of the run's settings: not kept twice
+            r.pop("lr_trace", None)
         summary = summarize(runs, args.slack)
         result = {"runs": runs, "summary": summary, "table_markdown": table(summary)}
         print(result["table_markdown"])
@@ -530,6 +557,8 @@ def run(args) -> int:
             result["runs"] += got["runs"]
             result["choice"].update(got["choice"])
             _dump(args.json_out, dict(result, partial=True))
+        result["table_markdown"] = tune2_table(result)
+        print(result["table_markdown"])
     else:
         if any(s in TUNING_SEEDS for s in args.seeds):
             print(f"note: seeds {TUNING_SEEDS} are the tuning seeds; report on held-out seeds (100+)")
