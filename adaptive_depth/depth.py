@@ -136,6 +136,20 @@ def _last_affine(block: nn.Module) -> nn.Module:
     return last
 
 
+def _branch_scale_params(block: nn.Module) -> List[nn.Parameter]:
+    """The parameters whose scaling scales the branch as the update sees it (``init="zero"``): the learned gain
+    of a ``branch_norm`` block (the normalisation undoes any scaling of the branch's own layers), otherwise
+    the weight and bias of the branch's last layer."""
+    if getattr(block, "branch_norm", False):
+        gain = getattr(block, "gain", None)
+        if not isinstance(gain, nn.Parameter):
+            raise ValueError("init='zero' on a block with branch_norm=True needs a learned gain (build the "
+                             "LeakyResNet with branch_gain='balanced' or a number): the RMS normalisation undoes "
+                             "any scaling of the branch's layers. Use init='copy'")
+        return [gain]
+    return list(_last_affine(block).parameters(recurse=False))
+
+
 def _copy_block(block: nn.Module, group: StepSizes) -> nn.Module:
     """A deep copy of a block that still refers to the same step group (not a copy of it)."""
     return copy.deepcopy(block, memo={id(group): group})
@@ -313,9 +327,9 @@ def _apply_refine(model, optimizer, plan: dict, groups: Optional[List[_Group]] =
             scale = None
             if init == "zero" and n > 1:
                 scale = _zero_split_scale(float(rho[l]), n, lt, scheme)
-                _last_affine(blk)  # raises here, before any change
+                _branch_scale_params(blk)  # raises here, before any change
                 for c in copies:
-                    for p in _last_affine(c).parameters(recurse=False):
+                    for p in _branch_scale_params(c):
                         p.zero_()
             elif init == "interpolate" and n > 1 and l + 1 < grp.depth and _same_shapes(blk, grp.blocks[l + 1]):
                 nxt = dict(grp.blocks[l + 1].named_parameters())
@@ -335,7 +349,7 @@ def _apply_refine(model, optimizer, plan: dict, groups: Optional[List[_Group]] =
         _remap_step_state(optimizer, grp.steps.rho, index)
         for l, blk, copies, scale in made:
             if scale is not None:
-                for p in _last_affine(blk).parameters(recurse=False):
+                for p in _branch_scale_params(blk):
                     p.mul_(scale)
             if optimizer is not None:
                 _add_copies(optimizer, blk, copies, grp, l, init, state_policy)

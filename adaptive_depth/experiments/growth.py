@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,7 +49,7 @@ from .data import Task, teacher
 __all__ = ["add_arguments", "run", "train_one", "summarize", "TASKS", "ARMS"]
 
 TASKS = ("mnist1d", "digits", "teacher")
-ARMS = ("full", "uniform", "adaptive")
+ARMS = ("full", "uniform", "adaptive", "shallow")
 TUNING_SEEDS = (0, 1)
 HELD_OUT_SEEDS = (100, 101, 102, 103, 104)
 #: the grid tuned on seeds 0-1: growth times (fractions of the budget) and the new blocks' optimizer state
@@ -89,13 +90,17 @@ def _conv_block(conv: type, width: int) -> nn.Module:
 
 
 class ConvNet(nn.Module):
-    """stem conv -> a Leaky ResNet of ``relu -> conv -> GroupNorm`` blocks (Lt = 0) -> pool -> linear."""
+    """stem conv -> a Leaky ResNet of ``relu -> conv -> GroupNorm`` blocks (Lt = 0) -> pool -> linear.
 
-    def __init__(self, dims: int, in_ch: int, width: int, depth: int, classes: int):
+    ``branch_norm=True``: the normalised branch of docs/large_lt.md (RMS-normalised, a learned gain, 1 at
+    Lt = 0)."""
+
+    def __init__(self, dims: int, in_ch: int, width: int, depth: int, classes: int, branch_norm: bool = False):
         super().__init__()
         conv = nn.Conv1d if dims == 1 else nn.Conv2d
         self.stem = conv(in_ch, width, 3, padding=1)
-        self.body = LeakyResNet([_conv_block(conv, width) for _ in range(depth)], total_time=1.0)
+        extra = dict(branch_norm=True, branch_gain="balanced") if branch_norm else {}
+        self.body = LeakyResNet([_conv_block(conv, width) for _ in range(depth)], total_time=1.0, **extra)
         self.head = nn.Linear(width, classes)
 
     def forward(self, x):
@@ -103,11 +108,13 @@ class ConvNet(nn.Module):
         return self.head(h.flatten(2).mean(2))
 
 
-def make_model(task: Task, depth: int, width: int) -> nn.Module:
+def make_model(task: Task, depth: int, width: int, branch_norm: bool = False) -> nn.Module:
     if task.name == "mnist1d":
-        return ConvNet(1, 1, width, depth, 10)
+        return ConvNet(1, 1, width, depth, 10, branch_norm)
     if task.name == "digits":
-        return ConvNet(2, 1, width, depth, 10)
+        return ConvNet(2, 1, width, depth, 10, branch_norm)
+    if branch_norm:
+        raise ValueError("branch_norm applies to the conv tasks (mnist1d, digits), not the teacher's LeakyMLP")
     return LeakyMLP(task.in_dim, task.out_dim, width=width, depth=depth, effective_depth=2.0,
                     scheme="exponential")
 
@@ -118,6 +125,12 @@ def make_model(task: Task, depth: int, width: int) -> nn.Module:
 SETTINGS = {"mnist1d": dict(width=16, steps=400, batch=64, lr=5e-3),
             "digits": dict(width=12, steps=300, batch=32, lr=5e-3),
             "teacher": dict(width=64, steps=600, batch=128, lr=3e-3)}
+#: growth2: budgets 3-4x the first benchmark's (digits: the full net reaches 96.7% by step 600 of a
+#: 1200-step run, growth_long_digits.md; MNIST-1D at width 16: ~86% after 1200 steps, still rising)
+SETTINGS_LONG = {"mnist1d": dict(width=16, steps=1200, batch=64, lr=5e-3),
+                 "digits": dict(width=12, steps=1000, batch=32, lr=5e-3),
+                 "teacher": dict(width=64, steps=1200, batch=128, lr=3e-3)}
+BUDGETS = {"short": SETTINGS, "long": SETTINGS_LONG}
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -133,46 +146,97 @@ def _metric(model: nn.Module, task: Task) -> float:
     return float(task.loss_fn(pred, task.y_test))
 
 
+def start_depth(at: Sequence[float]) -> int:
+    """The depth a growth arm starts at: it doubles once per growth time and ends at ``FINAL_DEPTH``
+    (``at`` of length 1, 2, 3: 4 -> 8, 2 -> 4 -> 8, 1 -> 2 -> 4 -> 8)."""
+    at = list(at)
+    if not 1 <= len(at) <= 3 or any(not 0 < f < 1 for f in at) or at != sorted(set(at)):
+        raise ValueError(f"at must list 1 to 3 increasing fractions of the budget in (0, 1), got {at!r}")
+    return FINAL_DEPTH >> len(at)
+
+
+def lr_multiplier(step: int, steps: int, grow_at: Sequence[int] = (), *, rewarm: int = 0,
+                  hold: float = 0.0) -> float:
+    """The learning rate of optimizer step ``step + 1`` over the base rate (``step`` steps done so far).
+
+    Constant until ``hold * steps`` steps, then a cosine decay to 0 at ``steps``; after each growth (at the
+    step counts in ``grow_at``) a linear warm-up over ``rewarm`` steps, ``k / (rewarm + 1)`` of that rate for
+    the k-th step after the growth, so the new blocks (fresh optimizer state) start gently.
+    """
+    start = round(hold * steps)
+    base = 1.0 if step < start else 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(1, steps - start)))
+    since = [step - g for g in grow_at if g <= step]
+    if rewarm and since and min(since) < rewarm:
+        base *= (min(since) + 1) / (rewarm + 1)
+    return base
+
+
+def _check_variant(arm: str, init: str, rewarm: int, hold: float) -> None:
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    if init not in ("copy", "zero", "interpolate"):
+        raise ValueError(f"init must be 'copy', 'zero' or 'interpolate', got {init!r}")
+    if isinstance(rewarm, bool) or not isinstance(rewarm, int) or rewarm < 0:
+        raise ValueError(f"rewarm must be an integer >= 0 (warm-up steps after a growth), got {rewarm!r}")
+    if not 0 <= hold < 1:
+        raise ValueError(f"hold must be a fraction of the budget in [0, 1), got {hold!r}")
+
+
 def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str = "fresh",
-              eval_every: int = 50, settings: Optional[Dict] = None) -> Dict:
-    """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric."""
+              eval_every: int = 50, settings: Optional[Dict] = None, init: str = "copy", rewarm: int = 0,
+              hold: float = 0.0, branch_norm: bool = False) -> Dict:
+    """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric.
+
+    ``arm``: ``"full"`` (``FINAL_DEPTH`` blocks throughout), ``"uniform"`` / ``"adaptive"`` (start at
+    ``start_depth(at)`` and double at the fractions ``at`` of the budget) or ``"shallow"`` (the growth arms'
+    start depth throughout, a control). ``init``/``state``: the new blocks (``refine``). ``rewarm``, ``hold``:
+    the learning-rate schedule (``lr_multiplier``; the defaults are a plain cosine decay). ``branch_norm``:
+    the normalised branch with a learned gain (conv tasks).
+    """
+    _check_variant(arm, init, rewarm, hold)
     s = dict(SETTINGS[task.name] if settings is None else settings)
     torch.manual_seed(seed)
-    depth = FINAL_DEPTH if arm == "full" else START_DEPTH
-    model = make_model(task, depth, s["width"])
+    depth = FINAL_DEPTH if arm == "full" else start_depth(at)
+    model = make_model(task, depth, s["width"], branch_norm)
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["steps"])
-    grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm != "full" else []
+    grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm in ("uniform", "adaptive") else []
+    if rewarm == 0 and hold == 0:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["steps"])  # the first benchmark's
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: lr_multiplier(k, s["steps"], grow_at, rewarm=rewarm, hold=hold))
     gen = torch.Generator().manual_seed(seed + 12345)
     n = task.x_train.shape[0]
     perm, pos = torch.randperm(n, generator=gen), 0
     wall, cpu, block_steps, curve = 0.0, 0.0, 0, [(0, 0.0, 0, _metric(model, task), 0.0)]
-    blocks = depth
+    blocks, lr_trace = depth, []
     for step in range(1, s["steps"] + 1):
         if pos + s["batch"] > n:
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + s["batch"]]
         pos += s["batch"]
         x, y = task.x_train[idx], task.y_train[idx]
+        lr_trace.append(opt.param_groups[0]["lr"])
         t0, c0 = time.perf_counter(), time.process_time()
         loss = task.loss_fn(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sched.step()
         block_steps += blocks  # the blocks this step trained (before any growth after it)
         if step in grow_at:
-            refine(model, opt, how="uniform" if arm == "uniform" else "adaptive", state=state,
+            refine(model, opt, how="uniform" if arm == "uniform" else "adaptive", state=state, init=init,
                    inputs=x if arm == "adaptive" else None)
             blocks = sum(g.depth for g in _groups(model))
+        sched.step()  # after a growth: the new parameters are in the groups the scheduler sets
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
         if step % eval_every == 0 or step == s["steps"]:
             curve.append((step, wall, block_steps, _metric(model, task), cpu))
     profile = [g.rho.detach().double().tolist() for g in _groups(model)]
-    return {"task": task.name, "arm": arm, "seed": seed, "at": list(at), "state": state, "settings": s,
-            "curve": curve, "final": curve[-1][3], "wall_s": wall, "cpu_s": cpu, "block_steps": block_steps,
-            "steps_profile": profile}
+    return {"task": task.name, "arm": arm, "seed": seed, "at": list(at), "state": state, "init": init,
+            "rewarm": rewarm, "hold": hold, "branch_norm": branch_norm, "settings": s,
+            "start_depth": depth, "curve": curve, "final": curve[-1][3], "wall_s": wall, "cpu_s": cpu,
+            "block_steps": block_steps, "steps_profile": profile, "lr_trace": lr_trace}
 
 
 def _groups(model):
@@ -241,6 +305,12 @@ def summarize(runs: List[Dict], slack: float) -> List[Dict]:
                 "speedup_to_target": _spread(speedup),
                 "full_at_equal_time": _spread([_at_time(full[r["seed"]], r["cpu_s"]) if r["seed"] in full
                                                else None for r in mine]),
+                "final_minus_full": _spread([r["final"] - full[r["seed"]]["final"] if r["seed"] in full else None
+                                             for r in mine]),
+                "cpu_ratio": _spread([r["cpu_s"] / full[r["seed"]]["cpu_s"] if r["seed"] in full else None
+                                      for r in mine]),
+                "equal_time_minus_full": _spread([r["final"] - _at_time(full[r["seed"]], r["cpu_s"])
+                                                  if r["seed"] in full else None for r in mine]),
             })
     return out
 
@@ -264,13 +334,22 @@ def table(summary: List[Dict]) -> str:
                      f"{_f(s['speedup_to_target'])} | "
                      f"{_f(s['steps_to_target'], 1, '.0f')} | {_f(s['block_steps_to_target'], 1, '.0f')} | "
                      f"{_f(s['full_at_equal_time'], pct)} |")
+    lines += ["", "Paired per seed, this arm against the full arm (median [min, max]):", "",
+              "| task | arm | final - full | CPU time / full's | final - full's metric at this arm's CPU time |",
+              "|---|---|---|---|---|"]
+    for s in summary:
+        if s["arm"] == "full" or "final_minus_full" not in s:
+            continue
+        pct = 100.0 if _higher_better(s["task"]) else 1.0
+        lines.append(f"| {s['task']} | {s['arm']} | {_f(s['final_minus_full'], pct, '+.3g')} | "
+                     f"{_f(s['cpu_ratio'], 1, '.2f')} | {_f(s['equal_time_minus_full'], pct, '+.3g')} |")
     return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=["full", "uniform", "adaptive"])
     p.add_argument("--seeds", nargs="+", type=int, default=list(HELD_OUT_SEEDS),
                    help="held-out seeds (100+) to report on")
     p.add_argument("--tune", action="store_true",
@@ -278,8 +357,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--at", nargs="+", type=float, default=None,
                    help="growth times as fractions of the budget (default: the tuned choice in --tuned)")
     p.add_argument("--state", choices=["fresh", "copy"], default=None)
+    p.add_argument("--tune2", action="store_true",
+                   help="run growth2's staged search (block, schedule shape, lr after growth, init; see "
+                        "FULL_HOLDS, SHAPES, LR_MODES) on seeds 0-1 instead; writes the choice to --json")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="short",
+                   help="per-task settings: 'short' (the first benchmark) or 'long' (growth2: near convergence)")
+    p.add_argument("--init", choices=["copy", "zero", "interpolate"], default=None, help="the new blocks")
+    p.add_argument("--rewarm", type=int, default=None, help="linear lr warm-up steps after each growth")
+    p.add_argument("--hold", type=float, default=None,
+                   help="growth arms: constant lr for this fraction of the budget, then cosine")
+    p.add_argument("--full-hold", type=float, default=None, help="the same for the full arm")
+    p.add_argument("--branch-norm", choices=["on", "off"], default=None,
+                   help="the normalised branch with a learned gain (every arm the same block)")
     p.add_argument("--tuned", default=os.path.join("benchmarks", "results", "growth_tune.json"),
-                   help="the tuning JSON the defaults of --at/--state are read from")
+                   help="the tuning JSON the defaults of --at/--state (and, from --tune2, of --init, --rewarm, "
+                        "--hold, --full-hold, --branch-norm) are read from")
     p.add_argument("--slack", type=float, default=0.01,
                    help="target: full arm's median final accuracy minus this (or its test MSE times 1 + this)")
     p.add_argument("--eval-every", type=int, default=25)
@@ -288,6 +380,122 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
                    help="no training: summarise the runs stored in these JSON files (e.g. one per task)")
+
+
+#: ``--tune2`` (growth2, docs/depth.md): the search on the tuning seeds, in stages (uniform arm only; the
+#: adaptive arm takes the uniform arm's choice). A: the block (plain or normalised branch), by the full arm's
+#: median final metric with a cosine schedule; then the full arm's schedule on that block (cosine, or constant
+#: for half the budget then cosine), again by its final metric: the strongest full network sets the target.
+#: B: the schedule's shape x the lr after a growth. C: the new blocks' init. B and C choose the least median
+#: CPU time to the target (the chosen full arm's median final metric minus ``--slack``), a miss on any tuning
+#: seed counting as never (ties: the better final metric).
+FULL_HOLDS = (0.0, 0.5)
+SHAPES = ((1 / 3, 2 / 3), (0.5, 0.75), (0.25, 0.5, 0.75))
+LR_MODES = ({"rewarm": 0, "hold": "none"}, {"rewarm": 50, "hold": "none"}, {"rewarm": 0, "hold": "last"})
+INIT_CHOICES = ("copy", "zero")
+
+
+def _lr_mode(mode: Dict, at: Sequence[float]) -> Dict:
+    """A ``LR_MODES`` entry as ``train_one`` arguments: ``hold="last"`` keeps the lr constant until the last
+    growth (no cosine decay before it)."""
+    return {"rewarm": mode["rewarm"], "hold": float(at[-1]) if mode["hold"] == "last" else 0.0}
+
+
+def _cpu_score(runs: List[Dict], target: float, higher: bool) -> float:
+    """Median over seeds of the CPU seconds to ``target``; ``inf`` if any run missed it."""
+    got = [_reach(r, target, higher) for r in runs]
+    if any(g is None for g in got):
+        return math.inf
+    return statistics.median(g[1] for g in got)
+
+
+def tune2(task_name: str, settings: Dict, *, slack: float, eval_every: int, seeds=TUNING_SEEDS,
+          log=None) -> Dict:
+    """The staged search (``FULL_HOLDS``, ``SHAPES``, ``LR_MODES``, ``INIT_CHOICES``) on ``seeds``; returns
+    ``{"runs": [...], "choice": {...}}``, the choice holding everything ``run`` needs for the held-out seeds."""
+    log = log or _log
+    tasks = {seed: get_task(task_name, seed) for seed in seeds}
+    higher = _higher_better(task_name)
+    runs: List[Dict] = []
+
+    def batch(arm: str, **kw) -> List[Dict]:
+        out = [train_one(tasks[seed], arm, seed, eval_every=eval_every, settings=settings, **kw) for seed in seeds]
+        for r in out:
+            log(r)
+        runs.extend(out)
+        return out
+
+    sign = 1 if higher else -1
+    # A: the block, then the full arm's schedule on it
+    full = {(bn, FULL_HOLDS[0]): batch("full", branch_norm=bn, hold=FULL_HOLDS[0]) for bn in (False, True)}
+    finals = {k: statistics.median(r["final"] for r in v) for k, v in full.items()}
+    bn = max(finals, key=lambda k: (sign * finals[k], not k[0]))[0]
+    for h in FULL_HOLDS[1:]:
+        finals[(bn, h)] = statistics.median(r["final"] for r in batch("full", branch_norm=bn, hold=h))
+    full_hold = max((k for k in finals if k[0] == bn), key=lambda k: (sign * finals[k], -k[1]))[1]
+    ref = finals[(bn, full_hold)]
+    target = ref - slack if higher else ref * (1 + slack)
+    # B: shape x lr after growth
+    scores: Dict[str, Dict] = {}
+    for at in SHAPES:
+        for mode in LR_MODES:
+            kw = dict(at=at, branch_norm=bn, **_lr_mode(mode, at))
+            got = batch("uniform", **kw)
+            scores[json.dumps(kw)] = {"cpu_to_target": _cpu_score(got, target, higher),
+                                      "final": statistics.median(r["final"] for r in got), "kw": kw}
+    best = min(scores.values(), key=lambda v: (v["cpu_to_target"], -sign * v["final"]))
+    # C: the new blocks' init
+    for init in INIT_CHOICES[1:]:
+        kw = dict(best["kw"], init=init)
+        got = batch("uniform", **kw)
+        scores[json.dumps(kw)] = {"cpu_to_target": _cpu_score(got, target, higher),
+                                  "final": statistics.median(r["final"] for r in got), "kw": kw}
+    best = min(scores.values(), key=lambda v: (v["cpu_to_target"], -sign * v["final"]))
+    choice = dict({"init": "copy", "state": "fresh"}, **best["kw"], full_hold=full_hold, target=target,
+                  full_finals={f"branch_norm={k[0]}/hold={k[1]}": v for k, v in finals.items()},
+                  scores={k: {"cpu_to_target": v["cpu_to_target"], "final": v["final"]} for k, v in scores.items()})
+    choice["at"] = list(choice["at"])
+    return {"runs": runs, "choice": {task_name: choice}}
+
+
+def _settings(args, task_name: str) -> Dict:
+    return dict(BUDGETS[getattr(args, "budget", "short")][task_name], **({"steps": args.steps} if args.steps else {}))
+
+
+def _variant(args, tuned: Dict) -> Dict:
+    """The held-out runs' settings: the command line's, else the tuned choice's, else the first benchmark's."""
+    pick = lambda name, default: tuned.get(name, default) if getattr(args, name, None) is None \
+        else getattr(args, name)  # noqa: E731
+    bn = getattr(args, "branch_norm", None)
+    return {"at": tuple(args.at) if args.at else tuple(tuned.get("at", (1 / 3, 2 / 3))),
+            "state": pick("state", "fresh"), "init": pick("init", "copy"), "rewarm": pick("rewarm", 0),
+            "hold": pick("hold", 0.0), "full_hold": pick("full_hold", 0.0),
+            "branch_norm": bool(tuned.get("branch_norm", False)) if bn is None else bn == "on"}
+
+
+def tune2_table(result: Dict) -> str:
+    """The ``--tune2`` runs as markdown: one row per (task, arm, variant) with the median over the tuning
+    seeds, and each task's choice."""
+    lines = ["| task | arm | block | growth at | lr: hold, rewarm | init | final (median [min, max]) | "
+             "CPU s (budget) | CPU s to the tuning target |", "|---|---|---|---|---|---|---|---|---|"]
+    rows: Dict[tuple, List[Dict]] = {}
+    for r in result["runs"]:
+        key = (r["task"], r["arm"], r["branch_norm"], tuple(r["at"]) if r["arm"] != "full" else (),
+               r["hold"], r["rewarm"], r["init"] if r["arm"] != "full" else "-")
+        rows.setdefault(key, []).append(r)
+    for (task, arm, bn, at, hold, rewarm, init), rs in rows.items():
+        pct = 100.0 if _higher_better(task) else 1.0
+        target = result["choice"].get(task, {}).get("target")
+        cpu = _cpu_score(rs, target, _higher_better(task)) if target is not None else math.nan
+        grow = " -> ".join(str(FINAL_DEPTH >> k) for k in range(len(at), -1, -1)) + \
+            f" at {', '.join(f'{a:.2f}' for a in at)}" if at else "-"
+        lines.append(f"| {task} | {arm} | {'normalised' if bn else 'plain'} | {grow} | {hold:.2f}, {rewarm} | "
+                     f"{init} | {_f(_spread([r['final'] for r in rs]), pct)} | "
+                     f"{_f(_spread([r['cpu_s'] for r in rs]))} | {cpu:.3g} |")
+    for task, c in result["choice"].items():
+        keep = {k: v for k, v in c.items() if k not in ("scores", "full_finals")}
+        lines.append(f"\nChoice for {task}: `{json.dumps(keep)}`")
+    return "\n".join(lines)
 
 
 def _tuned_choice(path: str, task: str) -> Optional[Dict]:
@@ -322,6 +530,8 @@ def run(args) -> int:
         for path in args.from_json:
             with open(path) as fh:
                 runs += json.load(fh)["runs"]
+        for r in runs:  # the per-step lr is lr * lr_multiplier(...) of the run's settings: not kept twice
+            r.pop("lr_trace", None)
         summary = summarize(runs, args.slack)
         result = {"runs": runs, "summary": summary, "table_markdown": table(summary)}
         print(result["table_markdown"])
@@ -330,7 +540,7 @@ def run(args) -> int:
         for task_name in args.tasks:
             for seed in seeds:
                 task = get_task(task_name, seed)
-                settings = dict(SETTINGS[task_name], **({"steps": args.steps} if args.steps else {}))
+                settings = _settings(args, task_name)
                 if "full" in args.arms:
                     runs.append(train_one(task, "full", seed, eval_every=args.eval_every, settings=settings))
                     _log(runs[-1])
@@ -340,19 +550,27 @@ def run(args) -> int:
                                               eval_every=args.eval_every, settings=settings))
                         _log(runs[-1])
         result = {"runs": runs, "choice": _choose(runs)}
+    elif args.tune2:
+        result = {"runs": [], "choice": {}}
+        for task_name in args.tasks:
+            got = tune2(task_name, _settings(args, task_name), slack=args.slack, eval_every=args.eval_every)
+            result["runs"] += got["runs"]
+            result["choice"].update(got["choice"])
+            _dump(args.json_out, dict(result, partial=True))
+        result["table_markdown"] = tune2_table(result)
+        print(result["table_markdown"])
     else:
         if any(s in TUNING_SEEDS for s in args.seeds):
             print(f"note: seeds {TUNING_SEEDS} are the tuning seeds; report on held-out seeds (100+)")
         for task_name in args.tasks:
-            tuned = _tuned_choice(args.tuned, task_name) or {}
-            at = tuple(args.at) if args.at else tuple(tuned.get("at", (1 / 3, 2 / 3)))
-            state = args.state or tuned.get("state", "fresh")
+            v = _variant(args, _tuned_choice(args.tuned, task_name) or {})
             for seed in args.seeds:
                 task = get_task(task_name, seed)
-                settings = dict(SETTINGS[task_name], **({"steps": args.steps} if args.steps else {}))
+                settings = _settings(args, task_name)
                 for arm in args.arms:  # interleaved per seed: the arms see the same machine load
-                    runs.append(train_one(task, arm, seed, at=at, state=state, eval_every=args.eval_every,
-                                          settings=settings))
+                    kw = dict(v, hold=v["full_hold"] if arm == "full" else v["hold"])
+                    del kw["full_hold"]
+                    runs.append(train_one(task, arm, seed, eval_every=args.eval_every, settings=settings, **kw))
                     _log(runs[-1])
                     _dump(args.json_out, {"runs": runs, "partial": True})
         summary = summarize(runs, args.slack)
@@ -392,6 +610,8 @@ def _argv(args) -> List[str]:
 
 
 def _log(r: Dict) -> None:
+    extra = (f" init {r.get('init', 'copy')} rewarm {r.get('rewarm', 0)} hold {r.get('hold', 0.0):.2f} "
+             f"bn {int(r.get('branch_norm', False))}")
     print(f"{r['task']:8s} {r['arm']:9s} seed {r['seed']:4d} at {[round(a, 3) for a in r['at']]} "
-          f"{r['state']:5s}: final {r['final']:.4f}  cpu {r.get('cpu_s', float('nan')):.1f}s  "
+          f"{r['state']:5s}{extra}: final {r['final']:.4f}  cpu {r.get('cpu_s', float('nan')):.1f}s  "
           f"wall {r['wall_s']:.1f}s", flush=True)

@@ -1,0 +1,201 @@
+"""The growth benchmark's options (growth2: issue 12 goals): schedule shapes, the lr after a growth, the
+normalised branch, function-preserving growth of a normalised branch, the staged search and the CLI."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from adaptive_depth import LeakyResNet
+from adaptive_depth.depth import refine
+from adaptive_depth.experiments import growth
+from adaptive_depth.experiments.cli import main as cli_main
+from adaptive_depth.experiments.growth import (ConvNet, get_task, lr_multiplier, start_depth, summarize, table,
+                                               train_one)
+
+
+# ------------------------------------------------------------------------------------------ lr schedule
+def _cosine(k, steps, start=0):
+    """The cosine decay written out: 1 before ``start``, then (1 + cos(pi (k - start) / (steps - start))) / 2."""
+    if k < start:
+        return 1.0
+    return (1 + math.cos(math.pi * (k - start) / (steps - start))) / 2
+
+
+def test_lr_multiplier_plain_is_torch_cosine():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+    for k in range(40):
+        assert math.isclose(lr_multiplier(k, 40), opt.param_groups[0]["lr"], rel_tol=1e-9, abs_tol=1e-12)
+        opt.step()
+        sched.step()
+
+
+def test_lr_multiplier_hold_and_rewarm_by_hand():
+    steps, grow_at = 100, [30, 60]
+    for k in range(steps):
+        plain = _cosine(k, steps, start=60)
+        assert lr_multiplier(k, steps, grow_at, hold=0.6) == pytest.approx(plain, abs=1e-15)
+    # warm-up over 4 steps after each growth: 1/5, 2/5, 3/5, 4/5 of the cosine rate, then the rate itself
+    got = [lr_multiplier(k, steps, grow_at, rewarm=4) for k in range(steps)]
+    for k in range(steps):
+        since = [k - g for g in grow_at if g <= k]
+        w = (min(since) + 1) / 5 if since and min(since) < 4 else 1.0
+        assert got[k] == pytest.approx(w * _cosine(k, steps), abs=1e-15)
+    assert got[30] == pytest.approx(_cosine(30, steps) / 5) and got[34] == pytest.approx(_cosine(34, steps))
+    assert got[29] == pytest.approx(_cosine(29, steps))  # before the first growth: untouched
+
+
+def test_train_one_applies_the_schedule_it_reports():
+    task = get_task("digits", 0)
+    settings = dict(growth.SETTINGS["digits"], steps=12, width=4, batch=16)
+    r = train_one(task, "uniform", 0, at=(0.25, 0.5), settings=settings, eval_every=6, rewarm=2, hold=0.5)
+    assert r["lr_trace"] == pytest.approx([settings["lr"] * lr_multiplier(k, 12, [3, 6], rewarm=2, hold=0.5)
+                                           for k in range(12)], rel=1e-12)
+    assert r["lr_trace"][3] == pytest.approx(settings["lr"] / 3)  # the first step after the growth at 3
+
+
+# ------------------------------------------------------------------------------------------ shapes
+@pytest.mark.parametrize("at, start, depths", [((0.5,), 4, [4] * 6 + [8] * 6),
+                                               ((0.25, 0.5, 0.75), 1, [1] * 3 + [2] * 3 + [4] * 3 + [8] * 3)])
+def test_schedule_shapes_grow_to_full_depth(at, start, depths):
+    assert start_depth(at) == start
+    task = get_task("teacher", 0)
+    settings = dict(growth.SETTINGS["teacher"], steps=12, width=8)
+    r = train_one(task, "uniform", 0, at=at, settings=settings, eval_every=6)
+    assert r["start_depth"] == start and r["block_steps"] == sum(depths)
+    assert len(r["steps_profile"][0]) == 8 and math.isclose(sum(r["steps_profile"][0]), 1.0, rel_tol=1e-6)
+    shallow = train_one(task, "shallow", 0, at=at, settings=settings, eval_every=6)
+    assert shallow["block_steps"] == 12 * start and len(shallow["steps_profile"][0]) == start
+
+
+@pytest.mark.parametrize("at", [(), (0.2, 0.4, 0.6, 0.8), (0.5, 0.3), (0.0, 0.5), (0.5, 1.0), (0.5, 0.5)])
+def test_start_depth_rejects_bad_schedules(at):
+    with pytest.raises(ValueError, match="at must list"):
+        start_depth(at)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(arm="deep"), "arm"), (dict(init="ones"), "init"),
+                                       (dict(rewarm=-1), "rewarm"), (dict(hold=1.0), "hold")])
+def test_train_one_validates(kw, match):
+    args = dict(arm="uniform")
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        train_one(get_task("teacher", 0), args.pop("arm"), 0, settings=dict(growth.SETTINGS["teacher"], steps=2),
+                  **args)
+
+
+# ---------------------------------------------------------------------------- normalised-branch growth
+def _norm_net(lt, dtype=torch.float32, gain="balanced"):
+    torch.manual_seed(3)
+    blocks = [nn.Sequential(nn.ReLU(), nn.Conv1d(6, 6, 3, padding=1), nn.GroupNorm(2, 6)) for _ in range(2)]
+    net = LeakyResNet(blocks, effective_depth=lt, scheme="exponential", branch_norm=True, branch_gain=gain)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # gains and GroupNorm affines away from their init
+    return net.to(dtype)
+
+
+def test_zero_growth_of_normalised_branch_is_exact_at_lt0():
+    """The RMS normalisation undoes any scaling of the branch's last layer: the kept block's gain must carry
+    the rescale (before the fix the output changed by ~the branch's size)."""
+    net = _norm_net(0.0)
+    x = torch.randn(5, 6, 10)
+    before = net(x)
+    refine(net, init="zero")
+    assert net.depth == 4
+    assert torch.equal(net(x), before)
+    assert float(net.blocks[1].gain.detach()) == 0.0 and float(net.blocks[3].gain.detach()) == 0.0
+
+
+@pytest.mark.parametrize("lt", [0.5, 4.0])
+def test_zero_growth_of_normalised_branch_exponential_exact(lt):
+    net = _norm_net(lt, torch.float64)
+    x = torch.randn(4, 6, 10, dtype=torch.float64)
+    before = net(x)
+    refine(net, init="zero", factor=3)
+    assert net.depth == 6
+    torch.testing.assert_close(net(x), before, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_growth_of_normalised_branch_without_gain_refuses_and_changes_nothing():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.ReLU(), nn.Linear(5, 5)) for _ in range(2)]
+    net = LeakyResNet(blocks, branch_norm=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(3, 5)).sum().backward()
+    opt.step()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    n_params = len(opt.param_groups[0]["params"])
+    with pytest.raises(ValueError, match="branch_gain"):
+        refine(net, opt, init="zero")
+    assert net.depth == 2 and len(opt.param_groups[0]["params"]) == n_params
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_convnet_branch_norm_builds_the_recipe():
+    net = ConvNet(1, 1, 8, 2, 10, branch_norm=True)
+    assert all(b.branch_norm and isinstance(b.gain, nn.Parameter) and float(b.gain) == 1.0
+               for b in net.body.blocks)
+    assert net(torch.randn(3, 1, 40)).shape == (3, 10)
+
+
+# ------------------------------------------------------------------------------------------ search and CLI
+def test_tune2_stages_and_choice():
+    settings = dict(growth.SETTINGS["digits"], steps=4, width=4, batch=8)
+    got = growth.tune2("digits", settings, slack=0.5, eval_every=4, seeds=(0,), log=lambda r: None)
+    runs, choice = got["runs"], got["choice"]["digits"]
+    n_full = 2 + len(growth.FULL_HOLDS) - 1
+    assert [r["arm"] for r in runs[:n_full]] == ["full"] * n_full
+    assert len(runs) == n_full + len(growth.SHAPES) * len(growth.LR_MODES) + len(growth.INIT_CHOICES) - 1
+    assert {"at", "init", "rewarm", "hold", "branch_norm", "full_hold", "target", "scores"} <= set(choice)
+    # the block of the better cosine full arm; then the best full schedule on that block sets the target
+    plain, normed = runs[0], runs[1]
+    assert not plain["branch_norm"] and normed["branch_norm"]
+    assert choice["branch_norm"] == (normed["final"] > plain["final"])
+    on_block = [r for r in runs[:n_full] if r["branch_norm"] == choice["branch_norm"]]
+    best_full = max(on_block, key=lambda r: (r["final"], -r["hold"]))
+    assert choice["full_hold"] == best_full["hold"]
+    assert choice["target"] == pytest.approx(best_full["final"] - 0.5)
+    assert all(r["branch_norm"] == choice["branch_norm"] for r in runs[n_full:])
+    # stage C ran the chosen shape and lr with init="zero"
+    assert runs[-1]["init"] == "zero" and choice["init"] in growth.INIT_CHOICES
+    md = growth.tune2_table(got)
+    assert md.count("| digits | uniform |") == len(growth.SHAPES) * len(growth.LR_MODES) + 1
+    assert md.count("| digits | full |") == n_full and "1 -> 2 -> 4 -> 8 at 0.25, 0.50, 0.75" in md
+
+
+def test_cli_growth2_options_and_tuned_choice(tmp_path):
+    tuned = tmp_path / "tune.json"
+    tuned.write_text(json.dumps({"choice": {"digits": {"at": [0.5], "init": "zero", "rewarm": 2, "hold": 0.5,
+                                                        "full_hold": 0.25, "branch_norm": True,
+                                                        "state": "fresh"}}}))
+    out = tmp_path / "g.json"
+    rc = cli_main(["grow", "--tasks", "digits", "--arms", "full", "uniform", "shallow", "--seeds", "100",
+                   "--steps", "6", "--eval-every", "3", "--tuned", str(tuned), "--rewarm", "1",
+                   "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    full, uni, shallow = data["runs"]
+    assert (full["hold"], full["branch_norm"], full["start_depth"]) == (0.25, True, 8)
+    assert (uni["at"], uni["init"], uni["rewarm"], uni["hold"]) == ([0.5], "zero", 1, 0.5)  # --rewarm wins
+    assert shallow["start_depth"] == 4 and shallow["block_steps"] == 24
+    md = (tmp_path / "g.md").read_text()
+    assert "CPU time / full's" in md and "| digits | shallow |" in md
+
+
+def test_paired_summary_by_hand():
+    def run(arm, seed, final, cpu):
+        return {"task": "digits", "arm": arm, "seed": seed, "final": final, "cpu_s": cpu, "wall_s": cpu,
+                "curve": [(0, 0.0, 0, 0.1, 0.0), (10, cpu / 2, 5, final - 0.01, cpu / 2), (20, cpu, 10, final, cpu)]}
+    runs = [run("full", 1, 0.90, 10.0), run("full", 2, 0.80, 12.0),
+            run("uniform", 1, 0.88, 5.0), run("uniform", 2, 0.83, 6.0)]
+    uni = [s for s in summarize(runs, slack=0.0) if s["arm"] == "uniform"][0]
+    assert uni["final_minus_full"]["min"] == pytest.approx(-0.02)
+    assert uni["final_minus_full"]["max"] == pytest.approx(0.03)
+    assert uni["cpu_ratio"]["median"] == pytest.approx(0.5)
+    # the full runs' metric at CPU 5 and 6: their evaluations at 5.0 (0.89) and at 6.0 (0.79)
+    assert uni["equal_time_minus_full"]["min"] == pytest.approx(0.88 - 0.89)
+    assert uni["equal_time_minus_full"]["max"] == pytest.approx(0.83 - 0.79)
+    assert "| digits | uniform |" in table(summarize(runs, slack=0.0))
