@@ -55,7 +55,7 @@ def test_a_candidate_runs_through_the_plugin_and_the_experiments():
         opt.step()
     assert opt.state_dict()["adaptive_steps"]["rule"] == "smoothed_distance"
     steps = adaptive_depth.step_sizes(model)[0].double()
-    assert float(steps.sum()) == pytest.approx(1.0, rel=1e-9) and float(steps.max() - steps.min()) > 1e-4
+    assert float(steps.sum()) == pytest.approx(1.0, rel=1e-6) and float(steps.max() - steps.min()) > 1e-4
     spec, task = draw(3, "tuning")
     result = run(RunConfig(data=spec.name, width=16, depth=6, effective_depth=12.0, scheme="exponential",
                            rule="smoothed_distance", steps=4, eval_every=2, n_train=spec.n_train,
