@@ -137,6 +137,25 @@ def persistent_programs(blocks: int, device) -> int:
 
 # ---------------------------------------------------------------------------------- reductions
 @triton.jit
+def load_block(PTR, offs, N, EVEN: tl.constexpr):
+    """One block of ``PTR`` in fp32: unmasked when EVEN (128-bit vector loads), else masked at N (zeros)."""
+    if EVEN:
+        v = tl.load(PTR + offs)
+    else:
+        v = tl.load(PTR + offs, mask=offs < N, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def store_block(PTR, offs, value, N, EVEN: tl.constexpr):
+    """Store one block of ``value`` into ``PTR`` in its dtype: unmasked when EVEN, else masked at N."""
+    if EVEN:
+        tl.store(PTR + offs, value.to(PTR.dtype.element_ty))
+    else:
+        tl.store(PTR + offs, value.to(PTR.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
 def _sum_partials_kernel(PARTIAL, OUT, P, L, INDEX, BLOCK: tl.constexpr):
     """Column sums of a (P, 2) fp32 buffer of per-program partial sums, in one fixed order: BLOCK rows
     at a time, each step a tree reduction over BLOCK lanes (one step for the persistent grids' partials).

@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
+from ._common import load_block, store_block
 from .leaky_update import BLOCK, NUM_WARPS, TAIL, coefficient_grads, leaky_update_fwd
 
 # H100/H200 tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, with statistics): BLOCK_K 64 for 16-bit
@@ -146,38 +147,19 @@ def m_bucket(m: int) -> int:
 def _linear_bwd_block(G, Y, GM, H, X, DX, R, offs, N, a, b, acc, EVEN: tl.constexpr, MASK: tl.constexpr,
                       NEED_X: tl.constexpr, NEED_R: tl.constexpr, NEED_A: tl.constexpr):
     """One block of the backward's elementwise part: unmasked when EVEN (vector accesses), else masked."""
-    if EVEN:
-        x = tl.load(X + offs).to(tl.float32)
-    else:
-        x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
+    x = load_block(X, offs, N, EVEN)
     if NEED_X or NEED_A or MASK:
-        if EVEN:
-            g = tl.load(G + offs).to(tl.float32)
-        else:
-            g = tl.load(G + offs, mask=offs < N, other=0.0).to(tl.float32)
+        g = load_block(G, offs, N, EVEN)
     if MASK:  # the output ReLU's mask, from the saved output (as torch.relu's backward reads it)
-        if EVEN:
-            g = tl.where(tl.load(Y + offs).to(tl.float32) > 0.0, g, 0.0)
-            tl.store(GM + offs, g.to(GM.dtype.element_ty))
-        else:
-            g = tl.where(tl.load(Y + offs, mask=offs < N, other=0.0).to(tl.float32) > 0.0, g, 0.0)
-            tl.store(GM + offs, g.to(GM.dtype.element_ty), mask=offs < N)
+        g = tl.where(load_block(Y, offs, N, EVEN) > 0.0, g, 0.0)
+        store_block(GM, offs, g, N, EVEN)
     if NEED_X:
-        if EVEN:
-            h = tl.load(H + offs).to(tl.float32)
-        else:
-            h = tl.load(H + offs, mask=offs < N, other=0.0).to(tl.float32)
+        h = load_block(H, offs, N, EVEN)
         dx = (a * g + b * tl.where(x > 0.0, h, 0.0)).to(DX.dtype.element_ty)
-        if EVEN:
-            tl.store(DX + offs, dx)
-        else:
-            tl.store(DX + offs, dx, mask=offs < N)
+        store_block(DX, offs, dx, N, EVEN)
     if NEED_R:
         r = tl.where(x < 0.0, 0.0, x).to(R.dtype.element_ty)
-        if EVEN:
-            tl.store(R + offs, r)
-        else:
-            tl.store(R + offs, r, mask=offs < N)
+        store_block(R, offs, r, N, EVEN)
     if NEED_A:
         acc += g * x
     return acc
@@ -212,20 +194,11 @@ def _leaky_linear_bwd_kernel(G, Y, GM, H, X, DX, R, A, B, PARTIAL, N, BLOCK: tl.
 @triton.jit
 def _scale_dot_block(U, V, OUT, offs, N, b, acc, EVEN: tl.constexpr, STORE: tl.constexpr, DOT: tl.constexpr):
     """``OUT = b U`` and ``acc += U V`` over one block: unmasked when EVEN, else masked at N."""
-    if EVEN:
-        u = tl.load(U + offs).to(tl.float32)
-    else:
-        u = tl.load(U + offs, mask=offs < N, other=0.0).to(tl.float32)
+    u = load_block(U, offs, N, EVEN)
     if STORE:
-        if EVEN:
-            tl.store(OUT + offs, (b * u).to(OUT.dtype.element_ty))
-        else:
-            tl.store(OUT + offs, (b * u).to(OUT.dtype.element_ty), mask=offs < N)
+        store_block(OUT, offs, b * u, N, EVEN)
     if DOT:
-        if EVEN:
-            v = tl.load(V + offs).to(tl.float32)
-        else:
-            v = tl.load(V + offs, mask=offs < N, other=0.0).to(tl.float32)
+        v = load_block(V, offs, N, EVEN)
         acc += u * v
     return acc
 

@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
+from ._common import load_block, store_block
 
 BLOCK = 2048  # elements of a whole block (one step of a program's loop)
 TAIL = 256  # elements of one step over the partial block at the end (one per thread: few registers)
@@ -36,19 +37,12 @@ NUM_WARPS = 8
 def _fwd_block(X, F, Y, offs, N, a, b, lt, acc_v, acc_x, EVEN: tl.constexpr, RELU: tl.constexpr,
                STATS: tl.constexpr):
     """One block of the forward: unmasked when EVEN (vector loads and stores), else masked at N."""
-    if EVEN:
-        x = tl.load(X + offs).to(tl.float32)
-        f = tl.load(F + offs).to(tl.float32)
-    else:
-        x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
-        f = tl.load(F + offs, mask=offs < N, other=0.0).to(tl.float32)
+    x = load_block(X, offs, N, EVEN)
+    f = load_block(F, offs, N, EVEN)
     y = a * x + b * f
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
-    if EVEN:
-        tl.store(Y + offs, y.to(Y.dtype.element_ty))
-    else:
-        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=offs < N)
+    store_block(Y, offs, y, N, EVEN)
     if STATS:
         v = f - lt * x  # masked lanes: 0 - lt * 0
         acc_v += v * v
@@ -89,32 +83,17 @@ def _leaky_fwd_kernel(X, F, Y, A, B, LT, PARTIAL, N,
 def _bwd_block(G, X, F, DX, DF, offs, N, a, b, acc_a, acc_b, EVEN: tl.constexpr, RELU: tl.constexpr,
                NEED_X: tl.constexpr, NEED_F: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr):
     """One block of the backward: unmasked when EVEN (vector loads and stores), else masked at N."""
-    if EVEN:
-        g = tl.load(G + offs).to(tl.float32)
-    else:
-        g = tl.load(G + offs, mask=offs < N, other=0.0).to(tl.float32)
+    g = load_block(G, offs, N, EVEN)
     if RELU or NEED_A:
-        if EVEN:
-            x = tl.load(X + offs).to(tl.float32)
-        else:
-            x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
+        x = load_block(X, offs, N, EVEN)
     if RELU or NEED_B:
-        if EVEN:
-            f = tl.load(F + offs).to(tl.float32)
-        else:
-            f = tl.load(F + offs, mask=offs < N, other=0.0).to(tl.float32)
+        f = load_block(F, offs, N, EVEN)
     if RELU:  # the mask is recomputed from the inputs, not saved
         g = tl.where(a * x + b * f > 0.0, g, 0.0)
     if NEED_X:
-        if EVEN:
-            tl.store(DX + offs, (a * g).to(DX.dtype.element_ty))
-        else:
-            tl.store(DX + offs, (a * g).to(DX.dtype.element_ty), mask=offs < N)
+        store_block(DX, offs, a * g, N, EVEN)
     if NEED_F:
-        if EVEN:
-            tl.store(DF + offs, (b * g).to(DF.dtype.element_ty))
-        else:
-            tl.store(DF + offs, (b * g).to(DF.dtype.element_ty), mask=offs < N)
+        store_block(DF, offs, b * g, N, EVEN)
     if NEED_A:
         acc_a += g * x
     if NEED_B:
