@@ -62,3 +62,35 @@ def test_a_candidate_runs_through_the_plugin_and_the_experiments():
                            n_test=spec.n_test, seed=3, data_seed=3), task)
     assert math.isfinite(result.test_loss) and abs(sum(result.final_steps) - 1.0) < 1e-6  # float32 steps
     assert candidates.resolve("equal_distance") == "equal_distance"
+
+
+@pytest.mark.parametrize("depth", [1, 4, 9, 12])
+@pytest.mark.parametrize("name", candidates.PROFILES)
+def test_fixed_profiles_are_their_shape_at_the_block_midpoints_summing_to_t(name, depth):
+    shape = {"fine_ends": lambda u: 1 - 0.75 * abs(2 * u - 1), "fine_middle": lambda u: 0.25 + 0.75 * abs(2 * u - 1),
+             "fine_start": lambda u: 0.25 + 0.75 * u, "fine_end": lambda u: 1 - 0.75 * u}[name]
+    w = [shape((l + 0.5) / depth) for l in range(depth)]
+    got = candidates.profile_steps(name, depth, total_time=2.5)
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx([2.5 * v / sum(w) for v in w], rel=1e-13)
+
+
+def test_fixed_profiles_point_the_way_their_names_say_and_bad_input_is_named():
+    ends, middle = candidates.profile_steps("fine_ends", 8), candidates.profile_steps("fine_middle", 8)
+    assert ends[0] < ends[3] and ends[-1] < ends[4] and middle[0] > middle[3] and middle[-1] > middle[4]
+    start, end = candidates.profile_steps("fine_start", 8), candidates.profile_steps("fine_end", 8)
+    assert bool((start.diff() > 0).all()) and bool((end.diff() < 0).all())
+    with pytest.raises(ValueError, match="profile must be one of"):
+        candidates.profile_steps("fine_everywhere", 8)
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        candidates.profile_steps("fine_ends", 0)
+
+
+def test_a_fixed_profile_run_starts_at_the_profile_and_keeps_it():
+    spec, task = draw(3, "tuning")
+    result = run(RunConfig(data=spec.name, width=16, depth=6, effective_depth=12.0, scheme="exponential",
+                           rule="fine_ends", steps=6, eval_every=3, every=1, n_train=spec.n_train,
+                           n_test=spec.n_test, seed=3, data_seed=3), task)
+    want = candidates.profile_steps("fine_ends", 6).tolist()
+    assert result.final_steps == pytest.approx(want, rel=1e-6)  # float32 steps, never moved by the plugin
+    assert math.isfinite(result.test_loss)

@@ -272,3 +272,25 @@ def test_cli_tune_only_trains_no_report_run(tmp_path):
     assert len(data["tuning"]) == 2 and data["report"] == [] and "--tune-only" in data["command"]
     md = (tmp_path / "r.md").read_text()
     assert "the lr search alone" in md and "| plain |" in md and "test acc %" not in md
+
+
+def test_lt_sets_the_large_lt_arms_only_and_keeps_the_plain_runs_reusable(tmp_path):
+    cfg = rd.RealConfig(task="digits-conv", arm="uniform", lt=2.5)
+    assert cfg.effective_depth() == 2.5 and dataclasses.replace(cfg, lt=None).effective_depth() == 6.0
+    plain = dataclasses.replace(cfg, arm="plain")
+    assert plain.effective_depth() == 0.0 and plain.canonical() == rd.RealConfig(task="digits-conv", arm="plain")
+    model = rd.build_model(cfg, (1, 8, 8), 10)
+    assert model.net.effective_depth == 2.5
+    assert all(float(b.gain.detach()) == balanced_gain(2.5) for b in model.net.blocks)
+    log = str(tmp_path / "runs.jsonl")
+    kwargs = dict(lrs=[3e-3], tune_seeds=[0], report_seeds=[100], steps=2, log=log)
+    rd.run_protocol("digits-conv", ["plain", "uniform"], **kwargs)
+    before = open(log).read().splitlines()
+    out = rd.run_protocol("digits-conv", ["plain", "uniform"], lt=2.5, **kwargs)
+    after = open(log).read().splitlines()
+    assert after[:len(before)] == before and len(after) == len(before) + 2  # the uniform arm only, at Lt = 2.5
+    assert all(json.loads(line)["config"]["lt"] == 2.5 for line in after[len(before):])
+    assert out["lt"] == 2.5 and "large Lt = 2.5" in rd.to_markdown(out, "cmd")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lt .* must be a finite number > 0"):
+            rd.run_protocol("digits-conv", ["uniform"], lt=bad, **kwargs)

@@ -7,17 +7,26 @@ A candidate is a ``rules.Rule`` that ``AdaptiveSteps(rule=...)`` accepts as it i
                         smoothed across neighbouring layers with a [1, 2, 1] / 4 filter, rho_l ∝ 1 / M_l, damped
                         and projected like ``equal_distance``. The 1 under the root bounds how far a slow layer's
                         step can grow; the filter keeps neighbouring steps alike (a smooth mesh).
+
+Fixed step profiles (``PROFILES``), for the headroom check of item 4: what the best *fixed* shape, chosen per
+task with hindsight, gains over uniform steps bounds what a rule that sets a profile can gain. Each is
+``w(u)`` at the block midpoints ``u = (l - 1/2) / L``, rescaled to sum to T; the shapes span a ratio of 4 (1 to 1/4):
+
+    fine_ends     small steps at both ends, large in the middle (the bottleneck's fast jumps in and out)
+    fine_middle   large steps at both ends, small in the middle
+    fine_start    small steps first, rising (the profile ``equal_distance`` settles into on the family)
+    fine_end      large steps first, falling
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 from torch import Tensor
 
 from ..rules import Rule, equal_distance
 
-__all__ = ["CANDIDATES", "smooth_neighbours", "smoothed_distance", "resolve"]
+__all__ = ["CANDIDATES", "PROFILES", "profile_steps", "smooth_neighbours", "smoothed_distance", "resolve"]
 
 
 def smooth_neighbours(v: Tensor) -> Tensor:
@@ -35,6 +44,27 @@ def smoothed_distance(speed: Tensor, rho: Tensor, total_time: float, min_step: f
     scale = c.median().clamp(min=1e-300)
     monitor = smooth_neighbours((1 + (c / scale) ** 2).sqrt())
     return equal_distance(monitor, rho, total_time, min_step, max_step, damping=damping, floor=floor)
+
+
+_PROFILE_SHAPES: Dict[str, Callable[[Tensor], Tensor]] = {
+    "fine_ends": lambda u: 1 - 0.75 * (2 * u - 1).abs(),
+    "fine_middle": lambda u: 0.25 + 0.75 * (2 * u - 1).abs(),
+    "fine_start": lambda u: 0.25 + 0.75 * u,
+    "fine_end": lambda u: 1 - 0.75 * u,
+}
+#: the fixed profiles' names (``RunConfig.rule`` takes them like ``"uniform"``)
+PROFILES = tuple(_PROFILE_SHAPES)
+
+
+def profile_steps(name: str, depth: int, total_time: float = 1.0) -> Tensor:
+    """The ``depth`` steps of fixed profile ``name`` (float64, summing to ``total_time``)."""
+    if name not in _PROFILE_SHAPES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {name!r}")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    u = (torch.arange(depth, dtype=torch.float64) + 0.5) / depth
+    w = _PROFILE_SHAPES[name](u)
+    return total_time * w / w.sum()
 
 
 CANDIDATES: Dict[str, Rule] = {r.name: r for r in (Rule("smoothed_distance", smoothed_distance),)}

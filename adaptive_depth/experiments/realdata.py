@@ -70,19 +70,22 @@ class RealConfig:
     augment: bool = True
     rescaled_gain: bool = False  # Adam on g / balanced_gain(Lt): the gains' lr x that factor, weight decay / it
     lt_warmup: float = 0.0  # fraction of the budget over which Lt rises linearly from 0 (EffectiveDepthScheduler)
+    lt: Optional[float] = None  # the large-Lt arms' effective depth; None: the task's
 
     def budget(self) -> int:
         return self.steps if self.steps is not None else TASKS[self.task]["steps"]
 
     def effective_depth(self) -> float:
-        return 0.0 if self.arm == "plain" else TASKS[self.task]["lt"]
+        if self.arm == "plain":
+            return 0.0
+        return TASKS[self.task]["lt"] if self.lt is None else self.lt
 
     def canonical(self) -> "RealConfig":
         """The same run with the large-Lt options that do nothing at Lt = 0 reset (the plain arm), so a
         protocol with those options reuses the plain runs of one without them."""
         if self.effective_depth() > 0:
             return self
-        return replace(self, rescaled_gain=False, lt_warmup=0.0)
+        return replace(self, rescaled_gain=False, lt_warmup=0.0, lt=None)
 
 
 @dataclass
@@ -264,13 +267,16 @@ def _result(config, model, split, curve, reached, seconds, diverged=None) -> dic
 def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] = None, *, tune_seeds=TUNE_SEEDS,
                  report_seeds=REPORT_SEEDS, steps: Optional[int] = None, workers: int = 1,
                  log: Optional[str] = None, logged_only: bool = False, rescaled_gain: bool = False,
-                 lt_warmup: float = 0.0) -> dict:
+                 lt_warmup: float = 0.0, lt: Optional[float] = None) -> dict:
     """Pick each arm's lr on validation (tuning seeds), then train the report seeds on train, score on test.
 
     ``log``: a JSON-lines file; each finished run is appended, and runs already in it are reused (resume).
     ``logged_only``: train nothing, tabulate what the log holds (missing runs are left out).
-    ``rescaled_gain``, ``lt_warmup``: the large-Lt options of ``RealConfig`` for every arm (no-ops at Lt = 0)."""
-    base = RealConfig(task=_check_task(task), steps=steps, rescaled_gain=rescaled_gain, lt_warmup=lt_warmup)
+    ``rescaled_gain``, ``lt_warmup``: the large-Lt options of ``RealConfig`` for every arm (no-ops at Lt = 0).
+    ``lt``: the large-Lt arms' effective depth (None: the task's)."""
+    if lt is not None and not (math.isfinite(lt) and lt > 0):
+        raise ValueError(f"lt (the large-Lt arms' effective depth) must be a finite number > 0, got {lt!r}")
+    base = RealConfig(task=_check_task(task), steps=steps, rescaled_gain=rescaled_gain, lt_warmup=lt_warmup, lt=lt)
     _lt_ramp_check(lt_warmup)
     lrs = list(lrs or TASKS[task]["lrs"])
     run = lambda c: c.canonical()  # noqa: E731
@@ -281,7 +287,8 @@ def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] 
     report = [run(replace(base, arm=a, lr=chosen[a], seed=s)) for s in report_seeds for a in arms]
     return dict(task=task, spec=TASKS[task], lrs=lrs, steps=steps, tune_seeds=list(tune_seeds),
                 report_seeds=list(report_seeds), chosen_lr=chosen, tuning=tuned,
-                report=_map(report, workers, log, logged_only), rescaled_gain=rescaled_gain, lt_warmup=lt_warmup)
+                report=_map(report, workers, log, logged_only), rescaled_gain=rescaled_gain, lt_warmup=lt_warmup,
+                lt=lt)
 
 
 def _best_lr(runs: List[dict], arm: str, lrs: Sequence[float]) -> float:
@@ -415,7 +422,8 @@ def to_markdown(result: dict, command: str) -> str:
     title = f"report seeds {report}" if result["report"] else "the lr search alone, no report run"
     lines = [f"# {result['task']}: plain vs uniform vs adaptive ({title})", "",
              f"Command: `{command}`", "",
-             f"L = {spec['depth']} blocks of width {spec['width']}, large Lt = {spec['lt']:g}, exponential scheme, "
+             f"L = {spec['depth']} blocks of width {spec['width']}, large Lt = "
+             f"{result.get('lt') or spec['lt']:g}, exponential scheme, "
              f"{result.get('steps') or spec['steps']} steps at batch 128, AdamW + cosine; lr per arm from "
              f"{result['lrs']} by validation accuracy on tuning seeds {tune}. Target (time to "
              f"target): {100 * spec['target']:.0f}% test accuracy. Published: {spec['published']}."
@@ -456,6 +464,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(the branch gains' lr x that factor, their weight decay / it)")
     parser.add_argument("--lt-warmup", type=float, default=0.0, help="large-Lt arms: raise Lt linearly from 0 over "
                         "this fraction of the budget (default 0: no warm-up)")
+    parser.add_argument("--lt", type=float, default=None, help="the large-Lt arms' effective depth (default: the "
+                        "task's); the plain arm stays at 0")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -465,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     report_seeds = [] if args.tune_only else args.report_seeds
     result = run_protocol(args.task, args.arms, args.lrs, tune_seeds=args.tune_seeds, report_seeds=report_seeds,
                           steps=args.steps, workers=args.workers, log=args.log, logged_only=args.logged_only,
-                          rescaled_gain=args.rescaled_gain, lt_warmup=args.lt_warmup)
+                          rescaled_gain=args.rescaled_gain, lt_warmup=args.lt_warmup, lt=args.lt)
     command = _command(args)
     md = to_markdown(result, command)
     print(md)

@@ -27,12 +27,13 @@ from ..steps import over_lt
 __all__ = ["RunConfig", "RunResult", "FIXED_PROFILES", "OPTIMIZERS", "build_model", "make_optimizer", "run",
            "compare", "format_table"]
 
-FIXED_PROFILES = ("uniform", "irregular")
+FIXED_PROFILES = ("uniform", "irregular") + candidates.PROFILES
 
 
 @dataclass
 class RunConfig:
-    """One training run. ``rule``: a fixed profile (``uniform``, ``irregular``) or a plugin rule
+    """One training run. ``rule``: a fixed profile (``uniform``, ``irregular``, or one of
+    ``candidates.PROFILES``) or a plugin rule
     (``equal_distance``, ``paper``, ``weight_norm``, ``learned``)."""
 
     data: str = "teacher"
@@ -103,6 +104,8 @@ class RunResult:
 
 def build_model(config: RunConfig, task: Task) -> LeakyMLP:
     steps = config.rule if config.rule in FIXED_PROFILES else "uniform"
+    if steps in candidates.PROFILES:
+        steps = candidates.profile_steps(steps, config.depth, config.total_time)
     torch.manual_seed(config.seed)
     return LeakyMLP(task.in_dim, task.out_dim, config.width, config.depth,
                     effective_depth=config.effective_depth, total_time=config.total_time, steps=steps,
