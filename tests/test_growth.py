@@ -185,6 +185,19 @@ def test_cli_growth2_options_and_tuned_choice(tmp_path):
     assert "CPU time / full's" in md and "| digits | shallow |" in md
 
 
+def test_cli_width_overrides_the_task_width_and_bad_values_are_named(tmp_path):
+    out = tmp_path / "w.json"
+    assert cli_main(["grow", "--tasks", "digits", "--arms", "full", "--seeds", "100", "--steps", "2",
+                     "--eval-every", "1", "--width", "4", "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["settings"]["width"] == 4 and run["settings"]["steps"] == 2
+    model = growth.make_model(growth.get_task("digits", 100), 8, run["settings"]["width"])
+    assert model.head.in_features == 4
+    with pytest.raises(ValueError, match="--width must be >= 1, got 0"):
+        cli_main(["grow", "--tasks", "digits", "--arms", "full", "--seeds", "100", "--steps", "2", "--width", "0",
+                  "--json", str(tmp_path / "bad.json")])
+
+
 def test_paired_summary_by_hand():
     def run(arm, seed, final, cpu):
         return {"task": "digits", "arm": arm, "seed": seed, "final": final, "cpu_s": cpu, "wall_s": cpu,

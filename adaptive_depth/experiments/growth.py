@@ -376,6 +376,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="target: full arm's median final accuracy minus this (or its test MSE times 1 + this)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--steps", type=int, default=None, help="override every task's budget (smoke tests)")
+    p.add_argument("--width", type=int, default=None, help="override every task's width (channels or units): "
+                   "wider blocks make the blocks, which growth saves, a larger share of a step's cost")
     p.add_argument("--json", dest="json_out", default=os.path.join("out", "growth.json"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
@@ -459,7 +461,14 @@ def tune2(task_name: str, settings: Dict, *, slack: float, eval_every: int, seed
 
 
 def _settings(args, task_name: str) -> Dict:
-    return dict(BUDGETS[getattr(args, "budget", "short")][task_name], **({"steps": args.steps} if args.steps else {}))
+    s = dict(BUDGETS[getattr(args, "budget", "short")][task_name])
+    for name in ("steps", "width"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+            s[name] = value
+    return s
 
 
 def _variant(args, tuned: Dict) -> Dict:
