@@ -178,3 +178,23 @@ def test_suite_extend_grid_unions_the_searches_of_a_cell():
     assert {r["seed"]: r for r in kept}[0]["lr"] == 3e-2
     replaced, _ = suite._merge_existing_records(old, worse)  # without extend: the new cell replaces the old
     assert {r["seed"]: r for r in replaced}[0]["lr"] == 1e-3
+
+
+def test_extend_grid_counts_diverged_lrs_as_bracketing_the_pick():
+    old = suite.select([_unit(0, 1e-2, 0.4, 0.1), _unit(0, 3e-2, 0.3, 0.2), _unit(1, 1e-2, 0.5, 0.5),
+                        _unit(1, 3e-2, 0.4, 0.4)])
+    assert [r["seed"] for r in suite.on_edge(old)] == [0, 1]  # both picked the top of their grid
+    added = [{**_unit(0, 1e-1, float("inf"), float("nan")), "diverged": "loss is nan"},
+             {**_unit(1, 1e-1, float("inf"), float("nan")), "diverged": "loss is nan"}, _unit(1, 3e-1, 0.45, 0.1)]
+    new, searches = suite.select(added), suite.diverged_searches(added)
+    assert [s["seed"] for s in searches] == [0] and searches[0]["lr_search"][0]["diverged"]
+    merged, _ = suite._merge_existing_records(old, new, extend=True, searches=searches)
+    cell = {r["seed"]: r for r in merged}
+    assert cell[0]["lr"] == 3e-2 and cell[0]["test_loss"] == 0.2  # the run is the earlier pick's
+    assert [(s["lr"], s["diverged"]) for s in cell[0]["lr_search"]] == [(1e-2, False), (3e-2, False), (1e-1, True)]
+    assert [s["lr"] for s in cell[1]["lr_search"]] == [1e-2, 3e-2, 1e-1, 3e-1] and cell[1]["lr"] == 3e-2
+    assert suite.on_edge(merged) == []  # both picks now have a higher lr in their search
+    without, _ = suite._merge_existing_records(old, new, extend=True)  # as before: the diverged search is lost
+    assert [r["seed"] for r in suite.on_edge(without)] == [0]
+    alone, _ = suite._merge_existing_records([], new, extend=True, searches=searches)
+    assert [r["seed"] for r in alone] == [1]  # a search with no earlier run adds no cell

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 from .tasks import SPLITS, draw, split_seeds
 from .train import OPTIMIZERS, RunConfig, run as train_run
 
-__all__ = ["LR_GRIDS", "lr_grid", "on_edge", "SuiteConfig", "run_suite", "select", "add_suite_arguments", "run_from_args"]
+__all__ = ["LR_GRIDS", "lr_grid", "on_edge", "SuiteConfig", "run_suite", "select", "diverged_searches", "add_suite_arguments", "run_from_args"]
 
 #: the learning rates each arm tries, per optimizer (the same grid for every arm). Two points, for the CPU
 #: budget: with 600 steps, 1e-3 lost to 3e-3 and 1e-2 for Adam on both arms (first held-out task, by its
@@ -93,25 +93,42 @@ def _train_unit(args) -> Dict:
             "curve": {k: h[k] for k in ("step", "train_loss", "test_loss", "val_loss", "seconds")}}
 
 
+def _cells(results: Sequence[Dict]) -> Dict[tuple, List[Dict]]:
+    cells: Dict[tuple, List[Dict]] = {}
+    for r in results:
+        cells.setdefault((r["seed"], r["optimizer"], r["lt"], r["rule"]), []).append(r)
+    return cells
+
+
+def _search(rs: Sequence[Dict]) -> List[Dict]:
+    return [{"lr": r["lr"], "val_loss": r["val_loss"], "diverged": "diverged" in r} for r in rs]
+
+
 def select(results: Sequence[Dict]) -> List[Dict]:
     """Per (task, optimizer, Lt, rule): the run of the grid with the lowest final validation loss, as a
     record ``bench.summarize`` reads (``data`` = the optimizer, ``seed`` = ``data_seed`` = the task seed),
     with the whole grid's (lr, validation loss) under ``"lr_search"``."""
-    cells: Dict[tuple, List[Dict]] = {}
-    for r in results:
-        cells.setdefault((r["seed"], r["optimizer"], r["lt"], r["rule"]), []).append(r)
     out = []
-    for (seed, opt, lt, rule), rs in cells.items():
+    for (seed, opt, lt, rule), rs in _cells(results).items():
         best = min(rs, key=lambda r: (r["val_loss"], r["lr"]))
-        search = [{"lr": r["lr"], "val_loss": r["val_loss"], "diverged": "diverged" in r} for r in rs]
         if not math.isfinite(best["val_loss"]):
-            continue  # every lr diverged: the cell has no run (shown as fewer seeds)
-        out.append({**best, "data": opt, "data_seed": seed, "lr_search": search})
+            continue  # every lr diverged: the cell has no run (shown as fewer seeds); see diverged_searches
+        out.append({**best, "data": opt, "data_seed": seed, "lr_search": _search(rs)})
     return out
 
 
-def run_suite(cfg: SuiteConfig, log=None) -> List[Dict]:
-    """Train every unit (in ``cfg.jobs`` processes) and return the selected records."""
+def diverged_searches(results: Sequence[Dict]) -> List[Dict]:
+    """The cells ``select`` leaves out because every lr diverged: their searches alone, keyed like its records
+    (no run). ``--extend-grid`` adds them to the same cell's earlier search, so a pick whose higher lrs
+    diverged counts as bracketed."""
+    return [{"seed": seed, "data": opt, "optimizer": opt, "lt": lt, "rule": rule, "lr_search": _search(rs)}
+            for (seed, opt, lt, rule), rs in _cells(results).items()
+            if not any(math.isfinite(r["val_loss"]) for r in rs)]
+
+
+def run_suite(cfg: SuiteConfig, log=None, searches: Optional[List[Dict]] = None) -> List[Dict]:
+    """Train every unit (in ``cfg.jobs`` processes) and return the selected records; ``searches``, a list,
+    receives the searches of the cells where every lr diverged (``diverged_searches``)."""
     for s in cfg.seeds:
         draw(s, cfg.split)  # the split's guard, before any training
     bad = [o for o in cfg.optimizers if o not in OPTIMIZERS]
@@ -129,6 +146,8 @@ def run_suite(cfg: SuiteConfig, log=None) -> List[Dict]:
                 results.append(_logged(r, log))
     else:
         results = [_logged(_train_unit(w), log) for w in work]
+    if searches is not None:
+        searches.extend(diverged_searches(results))
     return select(results)
 
 
@@ -151,14 +170,18 @@ def _command(cfg: SuiteConfig, first: int, out: str) -> str:
     return "adaptive-depth bench " + " ".join(p for p in parts if p)
 
 
-def _merge_existing_records(old: List[Dict], new: List[Dict], extend: bool = False):
+def _merge_existing_records(old: List[Dict], new: List[Dict], extend: bool = False, searches: Sequence[Dict] = ()):
     """``new``'s cells replace ``old``'s; with ``extend`` a cell's two lr searches are one search instead: the
-    record with the lower validation loss is kept, with both grids under ``lr_search``."""
+    record with the lower validation loss is kept, with both grids under ``lr_search``. ``searches``
+    (``diverged_searches``, with ``extend`` only): cells whose added lrs all diverged keep their earlier run,
+    with the diverged lrs added to its search."""
     key = lambda r: (r["data"], r["lt"], r["rule"], r["seed"])  # noqa: E731
     done = {key(r) for r in new}
     if extend:
         before = {key(r): r for r in old}
         new = [_union(before[key(r)], r) if key(r) in before else r for r in new]
+        extra = {key(s): s for s in searches if key(s) in before and key(s) not in done}
+        old = [_union(r, {**r, "val_loss": math.inf, **extra[key(r)]}) if key(r) in extra else r for r in old]
     return [r for r in old if key(r) not in done] + new, done
 
 
@@ -168,14 +191,14 @@ def _union(a: Dict, b: Dict) -> Dict:
     return {**best, "lr_search": [seen[lr] for lr in sorted(seen)]}
 
 
-def _merge_existing(path: str, records: List[Dict], extend: bool = False):
+def _merge_existing(path: str, records: List[Dict], extend: bool = False, searches: Sequence[Dict] = ()):
     """Records of an earlier ``--suite`` command in ``path`` that this one did not redo, plus these (with
-    ``extend``: merged into the earlier search of the same cell)."""
+    ``extend``: merged into the earlier search of the same cell, diverged ``searches`` included)."""
     if not os.path.exists(path):
         return records, []
     with open(path) as fh:
         old = json.load(fh).get("suite") or {}
-    return _merge_existing_records(old.get("runs", []), records, extend)[0], list(old.get("meta", []))
+    return _merge_existing_records(old.get("runs", []), records, extend, searches)[0], list(old.get("meta", []))
 
 
 def add_suite_arguments(p) -> None:
@@ -210,8 +233,9 @@ def run_from_args(args) -> int:
     start = time.time()
     if args.combine:
         return _combine(args.combine, out, args.baseline)
-    records = run_suite(cfg, log=print)
-    records, metas = _merge_existing(out, records, args.extend_grid)
+    searches: List[Dict] = []
+    records = run_suite(cfg, log=print, searches=searches)
+    records, metas = _merge_existing(out, records, args.extend_grid, searches)
     bench._targets(records, None)
     summary = bench.summarize(records, baseline=args.baseline)
     md = bench.tables(summary, args.baseline)
