@@ -94,3 +94,32 @@ def test_a_fixed_profile_run_starts_at_the_profile_and_keeps_it():
     want = candidates.profile_steps("fine_ends", 6).tolist()
     assert result.final_steps == pytest.approx(want, rel=1e-6)  # float32 steps, never moved by the plugin
     assert math.isfinite(result.test_loss)
+
+
+def test_the_preserving_candidate_moves_the_steps_and_keeps_the_function_at_each_move(monkeypatch):
+    from adaptive_depth.experiments import mechanism, train
+    assert candidates.resolve("equal_distance_preserving") == "equal_distance"
+    assert candidates.preserves("equal_distance_preserving") and not candidates.preserves("equal_distance")
+    spec, task = draw(3, "tuning")
+    calls, real = [], mechanism.preserve_function_
+
+    def checked(model, old, optimizer=None):  # the real rescaling, with the function compared around it
+        import copy
+        x = task.x_train[:16]
+        with torch.no_grad():
+            before_move = copy.deepcopy(model)  # the weights before the move, with the steps before it
+            before_move.net.steps.rho.copy_(-torch.log(old[0].double()).float() / 12.0)
+            want = before_move(x)
+        real(model, old, optimizer)
+        with torch.no_grad():
+            calls.append(float((model(x) - want).abs().max() / want.abs().max()))
+
+    monkeypatch.setattr(mechanism, "preserve_function_", checked)
+    cfg = RunConfig(data=spec.name, width=16, depth=6, effective_depth=12.0, scheme="exponential",
+                    rule="equal_distance_preserving", steps=12, eval_every=6, every=2, n_train=spec.n_train,
+                    n_test=spec.n_test, seed=3, data_seed=3)
+    result = run(cfg, task)
+    assert calls and max(calls) < 1e-4 and math.isfinite(result.test_loss)
+    assert max(result.final_steps) - min(result.final_steps) > 1e-4 and abs(sum(result.final_steps) - 1) < 1e-6
+    with pytest.raises(ValueError, match="rescales a LeakyMLP"):
+        train.run(cfg, task, model=torch.nn.Sequential(torch.nn.Linear(2, 2)))

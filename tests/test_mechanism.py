@@ -132,3 +132,46 @@ def test_adam_on_the_leaky_net_is_adam_on_the_plain_net_with_lr_scaled_by_c(sche
     assert torch.allclose(mapped, got, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     with torch.no_grad():  # not a trivial agreement: the plain net trained at one lr everywhere differs
         assert not torch.allclose(one_lr(x), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("scheme,lt", [("exponential", 12.0), ("euler", 2.0)])
+def test_preserve_function_keeps_the_output_and_adams_direction_across_a_step_change(scheme, lt):
+    from adaptive_depth.experiments.mechanism import preserve_function_
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    model = _trained_like(LeakyMLP(5, 2, 12, 4, effective_depth=lt, scheme=scheme, dtype=torch.float64), gen)
+    weights = [p for n, p in model.named_parameters() if not n.endswith("rho")]
+    opt = torch.optim.Adam(weights, lr=1e-2)
+    x, y = torch.randn(30, 5, generator=gen, dtype=torch.float64), torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        want = model(x)
+        old = tuple(t.clone() for t in model.net.steps.coefficients())
+        direction = {p: (opt.state[p]["exp_avg"] / opt.state[p]["exp_avg_sq"].sqrt()).clone() for p in weights}
+        before = {n: p.clone() for n, p in model.named_parameters()}
+    new_steps = [0.1, 0.2, 0.3, 0.4]
+    model.net.steps.set_steps(new_steps)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), want, rtol=1e-2)  # moving the grid alone changes the function
+    preserve_function_(model, old, opt)
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    # the factors, written out: W_l by c_l / c'_l, the read-out by prod a / prod a'
+    coef = (lambda r: ((math.exp(r * lt) - 1) / lt, math.exp(-r * lt))) if scheme == "exponential" \
+        else (lambda r: (r / (1 - r * lt), 1 - r * lt))
+    old_rho = [0.25] * 4
+    for l, r_new in enumerate(new_steps):
+        k = coef(old_rho[l])[0] / coef(r_new)[0]
+        w = model.blocks[l].block.linear.weight
+        assert torch.allclose(w, before[f"net.blocks.{l}.block.linear.weight"] * k, rtol=1e-5)
+    k_out = math.prod(coef(r)[1] for r in old_rho) / math.prod(coef(r)[1] for r in new_steps)
+    assert torch.allclose(model.output.weight, before["output.weight"] * k_out, rtol=1e-5)
+    assert torch.equal(model.input.weight, before["input.weight"])
+    with torch.no_grad():
+        for p in weights:  # Adam's normalised direction is unchanged: the layer moves at lr in W, c'_l lr in V
+            now = opt.state[p]["exp_avg"] / opt.state[p]["exp_avg_sq"].sqrt()
+            assert torch.allclose(now, direction[p], rtol=1e-9, atol=1e-12)

@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rules compared: fixed profiles "
                         "'uniform', 'irregular' or plugin rules 'equal_distance', 'paper', 'weight_norm', "
                         "'learned', or candidates under test (experiments.candidates: 'smoothed_distance'; "
-                        "fixed profiles 'fine_ends', 'fine_middle', 'fine_start', 'fine_end')")
+                        "fixed profiles 'fine_ends', 'fine_middle', 'fine_start', 'fine_end'; 'equal_distance_preserving')")
     p.add_argument("--baseline", default="uniform", help="the rule paired ratios divide by")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="model seeds")
     p.add_argument("--data-seeds", nargs="+", type=int, default=None,

@@ -16,6 +16,12 @@ task with hindsight, gains over uniform steps bounds what a rule that sets a pro
     fine_middle   large steps at both ends, small in the middle
     fine_start    small steps first, rising (the profile ``equal_distance`` settles into on the family)
     fine_end      large steps first, falling
+
+Function-preserving moves (``PRESERVING``): ``equal_distance_preserving`` is ``equal_distance`` whose every
+change of the steps is followed by ``mechanism.preserve_function_`` (the branch weights, biases and read-out
+rescaled so the network computes what it computed before the move, the optimizer state with them). By the
+exact reparametrisation of ``experiments.mechanism`` the steps then change only each layer's effective
+learning rate, never the function: the moving-mesh idea with the weights carried onto the new grid.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from torch import Tensor
 
 from ..rules import Rule, equal_distance
 
-__all__ = ["CANDIDATES", "PROFILES", "profile_steps", "smooth_neighbours", "smoothed_distance", "resolve"]
+__all__ = ["CANDIDATES", "PRESERVING", "preserves", "PROFILES", "profile_steps", "smooth_neighbours", "smoothed_distance", "resolve"]
 
 
 def smooth_neighbours(v: Tensor) -> Tensor:
@@ -70,6 +76,15 @@ def profile_steps(name: str, depth: int, total_time: float = 1.0) -> Tensor:
 CANDIDATES: Dict[str, Rule] = {r.name: r for r in (Rule("smoothed_distance", smoothed_distance),)}
 
 
+#: candidate name -> the rule whose step changes it makes function-preserving
+PRESERVING: Dict[str, str] = {"equal_distance_preserving": "equal_distance"}
+
+
+def preserves(name: str) -> bool:
+    """Whether candidate ``name`` rescales the weights after each change of the steps."""
+    return name in PRESERVING
+
+
 def resolve(name: str):
     """``name`` as ``AdaptiveSteps`` takes it: a candidate's ``Rule``, else the name itself."""
-    return CANDIDATES.get(name, name)
+    return CANDIDATES.get(PRESERVING.get(name, name), PRESERVING.get(name, name))

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..residual import LeakyMLP
 
-__all__ = ["plain_equivalent", "rescaled_coefficients"]
+__all__ = ["plain_equivalent", "preserve_function_", "rescaled_coefficients"]
 
 
 def rescaled_coefficients(model: LeakyMLP):
@@ -71,3 +71,36 @@ def plain_equivalent(model: LeakyMLP) -> LeakyMLP:
 
 def _as(v, like: Tensor) -> Tensor:
     return torch.as_tensor(float(v), dtype=like.dtype, device=like.device)
+
+
+@torch.no_grad()
+def preserve_function_(model: LeakyMLP, old_coefficients, optimizer=None) -> None:
+    """After ``model``'s steps changed from ``old_coefficients`` (``(a, b)`` of ``steps.coefficients()`` taken
+    before the change) to its current ones, rescale its branch weights, biases and read-out so that it computes
+    the function it computed before (the moving-mesh idea of issue 9 item 4: the grid moves, the function
+    stays; only the parametrisation, i.e. each layer's effective learning rate ``c_l * lr``, changes).
+
+    ``W_l <- W_l c_l / c'_l``, ``beta_l <- beta_l c_l s_l / (c'_l s'_l)``, read-out ``<- * prod a / prod a'``.
+    ``optimizer``: its per-parameter state in gradient units (Adam's ``exp_avg``, SGD's ``momentum_buffer``)
+    is divided by the parameter's factor and the squared state (``exp_avg_sq``) by its square, so the
+    normalised update stays what it was."""
+    c_new, s_new, out_new = rescaled_coefficients(model)
+    a, b = (t.detach().double().cpu() for t in old_coefficients)
+    c_old = b / a
+    s_old = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 / a, 0)[:-1]])
+    out_old = float(torch.prod(a))
+    pairs = []
+    for l, blk in enumerate(model.blocks):
+        lin = blk.block.linear
+        pairs.append((lin.weight, float(c_old[l] / c_new[l])))
+        if lin.bias is not None:
+            pairs.append((lin.bias, float(c_old[l] * s_old[l] / (c_new[l] * s_new[l]))))
+    pairs.append((model.output.weight, out_old / out_new))
+    state = getattr(optimizer, "state", {}) if optimizer is not None else {}
+    for p, k in pairs:
+        p.mul_(k)
+        for name, value in state.get(p, {}).items():
+            if name in ("exp_avg", "momentum_buffer") and torch.is_tensor(value):
+                value.div_(k)
+            elif name in ("exp_avg_sq", "max_exp_avg_sq") and torch.is_tensor(value):
+                value.div_(k * k)

@@ -18,7 +18,7 @@ import torch
 
 from ..diagnostics import format_table  # noqa: F401 - re-exported for the experiments
 from .data import Task, get_task
-from . import candidates
+from . import candidates, mechanism
 from ..optim import AdaptiveSteps
 from ..recipes import bottleneck_param_groups
 from ..residual import LeakyMLP
@@ -178,6 +178,9 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
     """
     task = task or get_task(config.data, seed=config.data_seed, n_train=config.n_train, n_test=config.n_test)
     model = build_model(config, task) if model is None else model
+    preserve = candidates.preserves(config.rule)
+    if preserve and not isinstance(model, LeakyMLP):
+        raise ValueError(f"rule {config.rule!r} rescales a LeakyMLP's weights; got a {type(model).__name__}")
     history: Dict[str, List[float]] = {"step": [], "train_loss": [], "test_loss": [], "test_error": [],
                                        "seconds": []}
     x_val = getattr(task, "x_val", None)
@@ -215,7 +218,10 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
             loss = task.loss_fn(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            before = _coefficients(model) if preserve else None
             opt.step()
+            if preserve and not torch.equal(before[0], _coefficients(model)[0]):
+                mechanism.preserve_function_(model, before, opt)
             if sched is not None:
                 sched.step()
             train_seconds += time.perf_counter() - start
@@ -235,6 +241,11 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
         bar.close()
     return RunResult(config, history, model.step_sizes().tolist(), train_seconds / max(total, 1), reached,
                      model if keep_model else None)
+
+
+@torch.no_grad()
+def _coefficients(model):
+    return tuple(t.detach().clone() for t in model.net.steps.coefficients())
 
 
 def compare(config: RunConfig, rules: Sequence[str] = ("uniform", "equal_distance"),
