@@ -123,3 +123,14 @@ def test_the_preserving_candidate_moves_the_steps_and_keeps_the_function_at_each
     assert max(result.final_steps) - min(result.final_steps) > 1e-4 and abs(sum(result.final_steps) - 1) < 1e-6
     with pytest.raises(ValueError, match="rescales a LeakyMLP"):
         train.run(cfg, task, model=torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_plugin_arguments_override_the_run_penalty():
+    from adaptive_depth.experiments.train import _plugin, build_model, make_optimizer
+    spec, task = draw(3, "tuning")
+    cfg = RunConfig(data=spec.name, width=8, depth=3, effective_depth=12.0, scheme="exponential", rule="fine_ends",
+                    plugin={"weight_decay": 0.0})
+    model = build_model(cfg, task)
+    assert _plugin(cfg, make_optimizer(cfg, model), model).weight_decay == 0.0
+    default = RunConfig(data=spec.name, width=8, depth=3, effective_depth=12.0, scheme="exponential")
+    assert _plugin(default, make_optimizer(default, model), model).weight_decay == pytest.approx(1e-3 / 12)

@@ -137,8 +137,9 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 def _plugin(config: RunConfig, optimizer, model) -> AdaptiveSteps:
     rule = "fixed" if config.rule in FIXED_PROFILES else candidates.resolve(config.rule)
-    return AdaptiveSteps(optimizer, model, rule=rule, every=config.every, weight_decay=config.decay(),
-                         **config.plugin)
+    settings = dict(every=config.every, weight_decay=config.decay())
+    settings.update(config.plugin)  # the plugin's extra arguments win (e.g. '{"weight_decay": 0}': no penalty)
+    return AdaptiveSteps(optimizer, model, rule=rule, **settings)
 
 
 @torch.no_grad()
