@@ -109,7 +109,7 @@ def _snapshot(steps: StepSizes, kwargs) -> Snapshot:
         return steps.rho.detach().double().cpu().clone(), lt
     init, total = kwargs.get("init", "uniform"), float(kwargs.get("total_time", 1.0))
     if isinstance(init, str):
-        profile = rules.irregular if init == "irregular" else rules.uniform  # "learned" starts uniform
+        profile = rules.PROFILES.get(init, rules.uniform)  # "learned" starts uniform
         return profile(steps.depth, total).double(), lt
     return torch.as_tensor(init, dtype=torch.float64).detach().cpu().reshape(-1).clone(), lt
 
@@ -266,7 +266,7 @@ class LeakyResNet(StepsOwner):
         effective_depth: Lt >= 0 (0: a plain ResNet; large: behaves like a fully-connected net).
         total_time: T = sum of the steps (1 in the paper; ``len(blocks)`` with Lt = 0 and unit steps
             reproduces ``x + f(x)`` block by block exactly).
-        steps: ``"uniform"``, ``"irregular"``, ``"learned"`` or the L steps.
+        steps: ``"uniform"``, ``"irregular"``, ``"fine_ends"``, ``"learned"`` or the L steps.
         scheme: ``"euler"`` (the paper; needs ``rho * Lt < 1``) or ``"exponential"`` (any step).
         activation: ``None`` or ``"relu"`` after each update.
         min_step, max_step: bounds every step keeps (defaults: ``steps.default_bounds``). Under euler with

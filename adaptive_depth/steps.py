@@ -65,8 +65,8 @@ class StepSizes(nn.Module):
         total_time: the horizon T = sum of the steps (1 in the paper; L makes rho_l = 1).
         effective_depth: Lt >= 0.
         scheme: ``"euler"`` or ``"exponential"``.
-        init: ``"uniform"``, ``"irregular"`` (the paper's fixed profile, a = 0.5), ``"learned"`` (uniform
-            and trainable), or the L steps themselves.
+        init: ``"uniform"``, ``"irregular"`` (the paper's fixed profile, a = 0.5), ``"fine_ends"`` (small
+            steps at both ends, 4:1, ``rules.fine_ends``), ``"learned"`` (uniform and trainable), or the L steps.
         min_step, max_step: bounds every step keeps; see ``default_bounds``. A default ``max_step`` follows
             ``Lt`` (``set_effective_depth``, a loaded checkpoint); a given one stays unless the wall forces it.
         learnable: train the steps with the rest (a differentiable projection keeps them feasible).
@@ -473,11 +473,10 @@ def _check_bounds(depth, total_time, lt, scheme, lo, hi) -> None:
 
 def _initial_steps(init: StepsInit, depth: int, total_time: float) -> Tensor:
     if isinstance(init, str):
-        if init == "uniform":
-            return rules.uniform(depth, total_time)
-        if init == "irregular":
-            return rules.irregular(depth, total_time)
-        raise ValueError(f"steps must be 'uniform', 'irregular', 'learned' or {depth} numbers, got {init!r}")
+        if init in rules.PROFILES:
+            return rules.PROFILES[init](depth, total_time)
+        raise ValueError(f"steps must be 'uniform', 'irregular', 'fine_ends', 'learned' or {depth} numbers, "
+                         f"got {init!r}")
     values = torch.as_tensor(init, dtype=torch.float64).detach().cpu().reshape(-1)
     if values.numel() != depth:
         raise ValueError(f"steps must have {depth} values (one per block), got {values.numel()}")

@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import Tensor, nn
 
+from . import rules
 from .ops import check_backend, check_effective_depth, check_scheme, fused_update
 from .residual import StepsOwner, build_steps, refuse_torchscript_trace, torchscript_error
 from .steps import StepSizes
@@ -395,7 +396,7 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
         inplace: modify ``model`` (default) or a deep copy of it.
         total_time: the horizon T of every group; ``None`` (default): the number of blocks in the group,
             which makes the steps 1 and the wrapped model equal to the original at Lt = 0.
-        steps: initial steps, ``"uniform"`` or ``"irregular"`` (the paper's fixed profile).
+        steps: initial steps, ``"uniform"``, ``"irregular"`` (the paper's fixed profile) or ``"fine_ends"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for ``ops.fused_update``.
 
     Returns:
@@ -414,8 +415,8 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if steps not in ("uniform", "irregular"):
-        raise ValueError(f"steps must be 'uniform' or 'irregular', got {steps!r}")
+    if not isinstance(steps, str) or steps not in rules.PROFILES:
+        raise ValueError(f"steps must be one of {sorted(rules.PROFILES)}, got {steps!r}")
     if total_time is not None and (isinstance(total_time, bool) or not isinstance(total_time, (int, float))
                                    or not (math.isfinite(total_time) and total_time > 0)):
         raise ValueError(f"total_time must be None (number of blocks per group) or a finite number > 0, got "

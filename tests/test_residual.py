@@ -240,6 +240,25 @@ def test_step_sizes_module_argument_checks():
 
 
 # ------------------------------------------------------------------ empty-weights (meta device) builds
+@pytest.mark.parametrize("make", ["LeakyMLP", "LeakyResNet"])
+def test_fine_ends_steps_start_at_the_library_profile(make):
+    from adaptive_depth import rules
+    if make == "LeakyMLP":
+        model = LeakyMLP(6, 3, width=8, depth=8, effective_depth=4.0, scheme="exponential", steps="fine_ends")
+    else:
+        model = LeakyResNet(mlp_blocks(5), effective_depth=1.5, total_time=2.0, steps="fine_ends", scheme="exponential")
+    g = model.steps
+    assert torch.allclose(g.rho.detach(), rules.fine_ends(g.depth, g.total_time).float(), rtol=1e-6)
+    with torch.no_grad():
+        g.rho.fill_(g.total_time / g.depth)
+    model.reset_parameters()  # back to the construction profile
+    assert torch.allclose(g.rho.detach(), rules.fine_ends(g.depth, g.total_time).float(), rtol=1e-6)
+    with torch.device("meta"):
+        meta = LeakyMLP(6, 3, width=8, depth=8, effective_depth=4.0, scheme="exponential", steps="fine_ends")
+    meta.to_empty(device="cpu")
+    assert torch.allclose(meta.net.steps.rho, rules.fine_ends(8, 1.0).float(), rtol=1e-6)  # restored, not garbage
+
+
 def _build(name):
     torch.manual_seed(0)
     if name == "LeakyMLP":

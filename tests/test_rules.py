@@ -116,6 +116,22 @@ def test_uniform_and_irregular_profiles():
         rules.irregular(10, 1.0, a=1.0)
 
 
+@pytest.mark.parametrize("depth,ratio", [(1, 4.0), (8, 4.0), (12, 4.0), (9, 2.5), (6, 1.0)])
+def test_fine_ends_profile_by_hand(depth, ratio):
+    w = [1 - (1 - 1 / ratio) * abs(2 * (l + 0.5) / depth - 1) for l in range(depth)]
+    got = rules.fine_ends(depth, 2.0, ratio=ratio)
+    assert got.dtype == torch.float64 and got.tolist() == pytest.approx([2.0 * v / sum(w) for v in w], rel=1e-13)
+    if depth >= 8:  # small at both ends, the ends ~ratio times smaller than the middle
+        assert got[0] == got[-1] and got[0] < got[depth // 2 - 1] and got[-1] < got[depth // 2]
+    assert rules.PROFILES["fine_ends"] is rules.fine_ends
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("inf"), True, "4"])
+def test_fine_ends_bad_ratio_is_named(bad):
+    with pytest.raises(ValueError, match="ratio .* must be a finite number >= 1"):
+        rules.fine_ends(8, 1.0, ratio=bad)
+
+
 def test_guarded_rule_floors_stalled_layers():
     """A layer with zero speed must not take the whole horizon: it is floored at floor * max speed."""
     speed = torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=torch.float64)

@@ -119,6 +119,18 @@ def _manual_forward(plain, groups, x):
     return plain.fc(torch.flatten(plain.avgpool(x), 1))
 
 
+def test_fine_ends_steps_and_bad_steps_are_named():
+    from adaptive_depth import rules
+    wrapped = wrap(tiny(layers=(3, 1, 1, 1)), effective_depth=2.0, scheme="exponential", steps="fine_ends")
+    depths = sorted(g.depth for g in wrapped.leaky_steps.values())
+    assert 3 in depths
+    for g in wrapped.leaky_steps.values():
+        assert torch.allclose(g.rho.detach(), rules.fine_ends(g.depth, g.total_time).float(), rtol=1e-6)
+    for bad in ("geometric", ["uniform"], None):
+        with pytest.raises(ValueError, match="steps must be one of"):
+            wrap(tiny(layers=(1, 1, 1, 1)), steps=bad)
+
+
 @pytest.mark.parametrize("scheme,lt", [("euler", 0.6), ("exponential", 3.0)])
 def test_leaky_update_matches_the_formula(scheme, lt):
     torch.manual_seed(1)

@@ -12,7 +12,8 @@ Fixed step profiles (``PROFILES``), for the headroom check of item 4: what the b
 task with hindsight, gains over uniform steps bounds what a rule that sets a profile can gain. Each is
 ``w(u)`` at the block midpoints ``u = (l - 1/2) / L``, rescaled to sum to T; the shapes span a ratio of 4 (1 to 1/4):
 
-    fine_ends     small steps at both ends, large in the middle (the bottleneck's fast jumps in and out)
+    fine_ends     small steps at both ends, large in the middle (the bottleneck's fast jumps in and out); the
+                  best on the tuning tasks, shipped as ``rules.fine_ends`` / ``steps="fine_ends"``
     fine_middle   large steps at both ends, small in the middle
     fine_start    small steps first, rising (the profile ``equal_distance`` settles into on the family)
     fine_end      large steps first, falling
@@ -30,6 +31,7 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor
 
+from .. import rules
 from ..rules import Rule, equal_distance
 
 __all__ = ["CANDIDATES", "PRESERVING", "preserves", "PROFILES", "profile_steps", "smooth_neighbours", "smoothed_distance", "resolve"]
@@ -68,6 +70,8 @@ def profile_steps(name: str, depth: int, total_time: float = 1.0) -> Tensor:
         raise ValueError(f"profile must be one of {PROFILES}, got {name!r}")
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
+    if name == "fine_ends":
+        return rules.fine_ends(depth, total_time)  # the one the library ships (steps="fine_ends")
     u = (torch.arange(depth, dtype=torch.float64) + 0.5) / depth
     w = _PROFILE_SHAPES[name](u)
     return total_time * w / w.sum()
