@@ -68,7 +68,8 @@ def test_a_candidate_runs_through_the_plugin_and_the_experiments():
 @pytest.mark.parametrize("name", candidates.PROFILES)
 def test_fixed_profiles_are_their_shape_at_the_block_midpoints_summing_to_t(name, depth):
     shape = {"fine_ends": lambda u: 1 - 0.75 * abs(2 * u - 1), "fine_middle": lambda u: 0.25 + 0.75 * abs(2 * u - 1),
-             "fine_start": lambda u: 0.25 + 0.75 * u, "fine_end": lambda u: 1 - 0.75 * u}[name]
+             "fine_start": lambda u: 0.25 + 0.75 * u, "fine_end": lambda u: 1 - 0.75 * u,
+             "fine_ends_2": lambda u: 1 - 0.5 * abs(2 * u - 1), "fine_ends_8": lambda u: 1 - 0.875 * abs(2 * u - 1)}[name]
     w = [shape((l + 0.5) / depth) for l in range(depth)]
     got = candidates.profile_steps(name, depth, total_time=2.5)
     assert got.dtype == torch.float64

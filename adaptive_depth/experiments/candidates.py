@@ -17,6 +17,7 @@ task with hindsight, gains over uniform steps bounds what a rule that sets a pro
     fine_middle   large steps at both ends, small in the middle
     fine_start    small steps first, rising (the profile ``equal_distance`` settles into on the family)
     fine_end      large steps first, falling
+    fine_ends_2, fine_ends_8   ``fine_ends`` at ratios 2 and 8 (its strength, tuned on the tuning tasks)
 
 Function-preserving moves (``PRESERVING``): ``equal_distance_preserving`` is ``equal_distance`` whose every
 change of the steps is followed by ``mechanism.preserve_function_`` (the branch weights, biases and read-out
@@ -60,18 +61,22 @@ _PROFILE_SHAPES: Dict[str, Callable[[Tensor], Tensor]] = {
     "fine_start": lambda u: 0.25 + 0.75 * u,
     "fine_end": lambda u: 1 - 0.75 * u,
 }
+#: ``fine_ends`` at other strengths (end step : middle step = 1 : r), to tune r on the tuning tasks
+_FINE_ENDS_RATIOS = {"fine_ends_2": 2.0, "fine_ends_8": 8.0}
 #: the fixed profiles' names (``RunConfig.rule`` takes them like ``"uniform"``)
-PROFILES = tuple(_PROFILE_SHAPES)
+PROFILES = tuple(_PROFILE_SHAPES) + tuple(_FINE_ENDS_RATIOS)
 
 
 def profile_steps(name: str, depth: int, total_time: float = 1.0) -> Tensor:
     """The ``depth`` steps of fixed profile ``name`` (float64, summing to ``total_time``)."""
-    if name not in _PROFILE_SHAPES:
+    if name not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {name!r}")
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     if name == "fine_ends":
         return rules.fine_ends(depth, total_time)  # the one the library ships (steps="fine_ends")
+    if name in _FINE_ENDS_RATIOS:
+        return rules.fine_ends(depth, total_time, ratio=_FINE_ENDS_RATIOS[name])
     u = (torch.arange(depth, dtype=torch.float64) + 0.5) / depth
     w = _PROFILE_SHAPES[name](u)
     return total_time * w / w.sum()
