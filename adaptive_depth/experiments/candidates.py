@@ -55,16 +55,15 @@ def smoothed_distance(speed: Tensor, rho: Tensor, total_time: float, min_step: f
     return equal_distance(monitor, rho, total_time, min_step, max_step, damping=damping, floor=floor)
 
 
+#: ``fine_ends`` (``rules.fine_ends``, the one the library ships) at its strengths, end step : middle step = 1 : r
+_FINE_ENDS_RATIOS = {"fine_ends": 4.0, "fine_ends_2": 2.0, "fine_ends_8": 8.0}
 _PROFILE_SHAPES: Dict[str, Callable[[Tensor], Tensor]] = {
-    "fine_ends": lambda u: 1 - 0.75 * (2 * u - 1).abs(),
     "fine_middle": lambda u: 0.25 + 0.75 * (2 * u - 1).abs(),
     "fine_start": lambda u: 0.25 + 0.75 * u,
     "fine_end": lambda u: 1 - 0.75 * u,
 }
-#: ``fine_ends`` at other strengths (end step : middle step = 1 : r), to tune r on the tuning tasks
-_FINE_ENDS_RATIOS = {"fine_ends_2": 2.0, "fine_ends_8": 8.0}
 #: the fixed profiles' names (``RunConfig.rule`` takes them like ``"uniform"``)
-PROFILES = tuple(_PROFILE_SHAPES) + tuple(_FINE_ENDS_RATIOS)
+PROFILES = tuple(_FINE_ENDS_RATIOS) + tuple(_PROFILE_SHAPES)
 
 
 def profile_steps(name: str, depth: int, total_time: float = 1.0) -> Tensor:
@@ -73,8 +72,6 @@ def profile_steps(name: str, depth: int, total_time: float = 1.0) -> Tensor:
         raise ValueError(f"profile must be one of {PROFILES}, got {name!r}")
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    if name == "fine_ends":
-        return rules.fine_ends(depth, total_time)  # the one the library ships (steps="fine_ends")
     if name in _FINE_ENDS_RATIOS:
         return rules.fine_ends(depth, total_time, ratio=_FINE_ENDS_RATIOS[name])
     u = (torch.arange(depth, dtype=torch.float64) + 0.5) / depth
@@ -96,4 +93,5 @@ def preserves(name: str) -> bool:
 
 def resolve(name: str):
     """``name`` as ``AdaptiveSteps`` takes it: a candidate's ``Rule``, else the name itself."""
-    return CANDIDATES.get(PRESERVING.get(name, name), PRESERVING.get(name, name))
+    name = PRESERVING.get(name, name)
+    return CANDIDATES.get(name, name)

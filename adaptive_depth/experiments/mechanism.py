@@ -40,7 +40,12 @@ def rescaled_coefficients(model: LeakyMLP):
         raise TypeError(f"model must be a LeakyMLP (its branch W relu(x) + beta is what makes the identity exact), "
                         f"got {type(model).__name__}")
     with torch.no_grad():
-        a, b = (t.detach().double().cpu() for t in model.net.steps.coefficients())
+        return _rescaled(model.net.steps.coefficients())
+
+
+def _rescaled(coefficients):
+    """``(c, s, out_scale)`` from a group's ``(a, b)``, float64 (see ``rescaled_coefficients``)."""
+    a, b = (t.detach().double().cpu() for t in coefficients)
     if not bool((a > 0).all()):
         raise ValueError("every a_l = 1 - rho_l Lt must be > 0 (euler with rho_l Lt >= 1 has no rescaling)")
     s = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 / a, 0)[:-1]])
@@ -85,10 +90,7 @@ def preserve_function_(model: LeakyMLP, old_coefficients, optimizer=None) -> Non
     is divided by the parameter's factor and the squared state (``exp_avg_sq``) by its square, so the
     normalised update stays what it was."""
     c_new, s_new, out_new = rescaled_coefficients(model)
-    a, b = (t.detach().double().cpu() for t in old_coefficients)
-    c_old = b / a
-    s_old = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 / a, 0)[:-1]])
-    out_old = float(torch.prod(a))
+    c_old, s_old, out_old = _rescaled(old_coefficients)
     pairs = []
     for l, blk in enumerate(model.blocks):
         lin = blk.block.linear
