@@ -437,22 +437,25 @@ def tune2(task_name: str, settings: Dict, *, slack: float, eval_every: int, seed
     full_hold = max((k for k in finals if k[0] == bn), key=lambda k: (sign * finals[k], -k[1]))[1]
     ref = finals[(bn, full_hold)]
     target = ref - slack if higher else ref * (1 + slack)
-    # B: shape x lr after growth
     scores: Dict[str, Dict] = {}
-    for at in SHAPES:
-        for mode in LR_MODES:
-            kw = dict(at=at, branch_norm=bn, **_lr_mode(mode, at))
-            got = batch("uniform", **kw)
-            scores[json.dumps(kw)] = {"cpu_to_target": _cpu_score(got, target, higher),
-                                      "final": statistics.median(r["final"] for r in got), "kw": kw}
-    best = min(scores.values(), key=lambda v: (v["cpu_to_target"], -sign * v["final"]))
-    # C: the new blocks' init
-    for init in INIT_CHOICES[1:]:
-        kw = dict(best["kw"], init=init)
+
+    def score(kw: Dict) -> None:
         got = batch("uniform", **kw)
         scores[json.dumps(kw)] = {"cpu_to_target": _cpu_score(got, target, higher),
                                   "final": statistics.median(r["final"] for r in got), "kw": kw}
-    best = min(scores.values(), key=lambda v: (v["cpu_to_target"], -sign * v["final"]))
+
+    def best_so_far() -> Dict:
+        return min(scores.values(), key=lambda v: (v["cpu_to_target"], -sign * v["final"]))
+
+    # B: shape x lr after growth
+    for at in SHAPES:
+        for mode in LR_MODES:
+            score(dict(at=at, branch_norm=bn, **_lr_mode(mode, at)))
+    # C: the new blocks' init, on the best of B
+    chosen = best_so_far()["kw"]
+    for init in INIT_CHOICES[1:]:
+        score(dict(chosen, init=init))
+    best = best_so_far()
     choice = dict({"init": "copy", "state": "fresh"}, **best["kw"], full_hold=full_hold, target=target,
                   full_finals={f"branch_norm={k[0]}/hold={k[1]}": v for k, v in finals.items()},
                   scores={k: {"cpu_to_target": v["cpu_to_target"], "final": v["final"]} for k, v in scores.items()})

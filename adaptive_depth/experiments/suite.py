@@ -181,14 +181,19 @@ def _merge_existing_records(old: List[Dict], new: List[Dict], extend: bool = Fal
         before = {key(r): r for r in old}
         new = [_union(before[key(r)], r) if key(r) in before else r for r in new]
         extra = {key(s): s for s in searches if key(s) in before and key(s) not in done}
-        old = [_union(r, {**r, "val_loss": math.inf, **extra[key(r)]}) if key(r) in extra else r for r in old]
+        old = [{**r, "lr_search": _joined_search(r, extra[key(r)])} if key(r) in extra else r for r in old]
     return [r for r in old if key(r) not in done] + new, done
 
 
 def _union(a: Dict, b: Dict) -> Dict:
     best = min((a, b), key=lambda r: (r["val_loss"], r["lr"]))
+    return {**best, "lr_search": _joined_search(a, b)}
+
+
+def _joined_search(a: Dict, b: Dict) -> List[Dict]:
+    """The two records' lr searches as one, by lr (``b``'s entry where both tried an lr)."""
     seen = {s["lr"]: s for s in a.get("lr_search", []) + b.get("lr_search", [])}
-    return {**best, "lr_search": [seen[lr] for lr in sorted(seen)]}
+    return [seen[lr] for lr in sorted(seen)]
 
 
 def _merge_existing(path: str, records: List[Dict], extend: bool = False, searches: Sequence[Dict] = ()):
