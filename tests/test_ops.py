@@ -419,6 +419,18 @@ class _Launches(torch.utils._python_dispatch.TorchDispatchMode):
         names, self.names = self.names, []
         return names
 
+    def counting(self, real):
+        """``InterpretedFunction.run`` that records one launch per call; the interpreter's own tensor copies
+        are not counted."""
+        def run(fn, *args, **kwargs):
+            self.names.append("triton:" + fn.fn.__name__)
+            self.paused = True
+            try:
+                return real(fn, *args, **kwargs)
+            finally:
+                self.paused = False
+        return run
+
 
 @pytest.fixture
 def launches(monkeypatch):
@@ -429,16 +441,7 @@ def launches(monkeypatch):
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:
         return mode
-    real = InterpretedFunction.run
-
-    def run(self, *args, **kwargs):  # one launch; the interpreter's own tensor copies are not counted
-        mode.names.append("triton:" + self.fn.__name__)
-        mode.paused = True
-        try:
-            return real(self, *args, **kwargs)
-        finally:
-            mode.paused = False
-    monkeypatch.setattr(InterpretedFunction, "run", run)
+    monkeypatch.setattr(InterpretedFunction, "run", mode.counting(InterpretedFunction.run))
     return mode
 
 

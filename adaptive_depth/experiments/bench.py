@@ -41,6 +41,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from . import candidates
 from .data import TASKS, get_task
 from .suite import add_suite_arguments, run_from_args as run_suite_from_args
 from .train import RunConfig, format_table, run as train_run
@@ -65,8 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES),
                    help="rules compared: fixed profiles "
                         "'uniform', 'irregular' or plugin rules 'equal_distance', 'paper', 'weight_norm', "
-                        "'learned', or candidates under test (experiments.candidates: 'smoothed_distance'; "
-                        "fixed profiles 'fine_ends', 'fine_middle', 'fine_start', 'fine_end'; 'equal_distance_preserving')")
+                        "'learned', or candidates under test (experiments.candidates: "
+                        + ", ".join(repr(n) for n in (*candidates.CANDIDATES, *candidates.PRESERVING))
+                        + "; fixed profiles " + ", ".join(repr(n) for n in candidates.PROFILES) + ")")
     p.add_argument("--baseline", default="uniform", help="the rule paired ratios divide by")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="model seeds")
     p.add_argument("--data-seeds", nargs="+", type=int, default=None,
