@@ -279,12 +279,12 @@ def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] 
     base = RealConfig(task=_check_task(task), steps=steps, rescaled_gain=rescaled_gain, lt_warmup=lt_warmup, lt=lt)
     _lt_ramp_check(lt_warmup)
     lrs = list(lrs or TASKS[task]["lrs"])
-    run = lambda c: c.canonical()  # noqa: E731
-    tune = [run(replace(base, arm=a, lr=lr, seed=s, validation=True)) for a in arms for lr in lrs for s in tune_seeds]
+    canon = lambda c: c.canonical()  # noqa: E731
+    tune = [canon(replace(base, arm=a, lr=lr, seed=s, validation=True)) for a in arms for lr in lrs for s in tune_seeds]
     tuned = _map(tune, workers, log, logged_only)
     chosen = {a: _best_lr(tuned, a, lrs) for a in arms}
     # seed-major order: a run cut short still leaves every arm with the same seeds
-    report = [run(replace(base, arm=a, lr=chosen[a], seed=s)) for s in report_seeds for a in arms]
+    report = [canon(replace(base, arm=a, lr=chosen[a], seed=s)) for s in report_seeds for a in arms]
     return dict(task=task, spec=TASKS[task], lrs=lrs, steps=steps, tune_seeds=list(tune_seeds),
                 report_seeds=list(report_seeds), chosen_lr=chosen, tuning=tuned,
                 report=_map(report, workers, log, logged_only), rescaled_gain=rescaled_gain, lt_warmup=lt_warmup,
