@@ -9,6 +9,12 @@ must grow to the scale Lt to balance the leak, move at a rate proportional to Lt
     groups = bottleneck_param_groups(model, lr=1e-3, io_decay=0.1 / Lt, branch_lr_scale="lt")
     opt = AdaptiveSteps(torch.optim.Adam(groups, lr=1e-3), model, weight_decay=0.1 / Lt)
     ranks = representation_ranks(model, x)      # one rank per layer; the middle one is the bottleneck
+
+The large-Lt identity recipe (``docs/large_lt.md``): blocks built with ``branch_identity=True`` carry
+``Lt * r * x`` in their branch; ``identity_param_groups`` trains each ``r`` at lr / Lt, so the leak it leaves,
+``Lt (1 - r)``, moves like any other weight under Adam.
+
+    opt = torch.optim.AdamW(identity_param_groups(model, lr=1e-2), lr=1e-2)
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from torch import Tensor, nn
 
 from .steps import step_groups
 
-__all__ = ["bottleneck_param_groups", "representation_ranks", "middle_rank"]
+__all__ = ["bottleneck_param_groups", "identity_param_groups", "representation_ranks", "middle_rank"]
 
 
 def bottleneck_param_groups(model: nn.Module, *, lr: float, io_decay: float = 0.0,
@@ -56,6 +62,25 @@ def bottleneck_param_groups(model: nn.Module, *, lr: float, io_decay: float = 0.
            {"params": branches, "lr": lr * scale, "weight_decay": 0.0},
            {"params": steps, "weight_decay": 0.0}]
     return [g for g in out if g["params"]]
+
+
+def identity_param_groups(model: nn.Module, *, lr: float) -> List[Dict]:
+    """Optimizer groups for blocks built with ``branch_identity=True``: every identity coefficient ``r`` at
+    ``lr / Lt`` of its block's group (one group per Lt; at Lt = 0 the term is absent and ``r`` stays with the
+    rest), everything else in one group at the optimizer's lr. Pass the result to any optimizer."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    by_lt: Dict[float, List[nn.Parameter]] = {}
+    for m in model.modules():
+        r = getattr(m, "identity", None)
+        group = m.__dict__.get("_group")
+        if isinstance(r, nn.Parameter) and group is not None and float(group.effective_depth) > 0:
+            by_lt.setdefault(float(group.effective_depth), []).append(r)
+    if not any(isinstance(getattr(m, "identity", None), nn.Parameter) for m in model.modules()):
+        raise ValueError("model has no identity coefficients: build its LeakyResNet with branch_identity=True")
+    apart = {id(r) for rs in by_lt.values() for r in rs}
+    rest = [p for p in model.parameters() if id(p) not in apart]
+    return [{"params": rest}] + [{"params": rs, "lr": lr / lt} for lt, rs in sorted(by_lt.items())]
 
 
 def _lr_scale(value: Union[float, str], groups) -> float:

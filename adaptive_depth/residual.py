@@ -178,48 +178,58 @@ class LeakyResidual(StepsOwner):
 
     def __init__(self, block: nn.Module, *, effective_depth: float = 0.0, step: float = 1.0,
                  scheme: str = "euler", activation: Optional[str] = None, backend: Optional[str] = None,
-                 branch_norm: bool = False, branch_gain: BranchGain = None):
+                 branch_norm: bool = False, branch_gain: BranchGain = None, branch_identity: bool = False):
         super().__init__()
         _check_block(block, "block")
         norm, gain = _check_branch_options(branch_norm, branch_gain, effective_depth)
+        _check_flag(branch_identity, "branch_identity")
         self.block = block
         self.activation = check_activation(activation)
         self.backend = check_backend(backend)
         self.steps, self._steps_init = build_steps(1, total_time=step, effective_depth=effective_depth,
                                                    scheme=scheme, min_step=step, max_step=step)
-        self._set_branch_scaling(norm, gain)
+        self._set_branch_scaling(norm, gain, branch_identity)
         self._link(self.steps, 0)
         self.steps.bind([self])
 
     @classmethod
     def _linked(cls, block: nn.Module, steps: StepSizes, index: int, activation: Optional[str],
-                backend: str, branch_norm: bool = False, gain: Optional[float] = None) -> "LeakyResidual":
+                backend: str, branch_norm: bool = False, gain: Optional[float] = None,
+                identity: bool = False) -> "LeakyResidual":
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.block, self.activation, self.backend = block, activation, backend
-        self._set_branch_scaling(branch_norm, gain)
+        self._set_branch_scaling(branch_norm, gain, identity)
         self._link(steps, index)
         return self
 
-    def _set_branch_scaling(self, branch_norm: bool, gain: Optional[float]) -> None:
+    def _set_branch_scaling(self, branch_norm: bool, gain: Optional[float], identity: bool = False) -> None:
         self.branch_norm = branch_norm
         dtype = next((p.dtype for p in self.block.parameters() if p.is_floating_point()), torch.float32)
         device = next((p.device for p in self.block.parameters()), None)
         self.gain = None if gain is None else nn.Parameter(torch.tensor(gain, dtype=dtype, device=device))
+        # branch_identity: the branch carries Lt * identity * x with identity learned from 1, which cancels
+        # the leak at initialisation (the block starts as a plain residual block); training decides how much
+        # of the leak to keep (identity -> 0: all of it)
+        self.identity = nn.Parameter(torch.tensor(1.0, dtype=dtype, device=device)) if identity else None
 
     def _link(self, steps: StepSizes, index: int) -> None:
         self.__dict__["_group"] = steps  # not registered: the owner of the group registers it once
         self.index = index
-        plain = not self.branch_norm and self.gain is None
+        plain = not self.branch_norm and self.gain is None and self.identity is None
         self._fused = plain and getattr(self.block, "leaky_step", None) is not None
 
     def branch(self, x: Tensor) -> Tensor:
         """The branch as the update sees it: ``f(x)``, RMS-normalised per example if ``branch_norm``, times
-        ``gain`` if there is one."""
+        ``gain`` if there is one, plus ``Lt * identity * x`` with ``branch_identity``."""
         f = self.block(x)
         if self.branch_norm:
             f = rms_normalise(f)
-        return f if self.gain is None else f * self.gain
+        if self.gain is not None:
+            f = f * self.gain
+        if self.identity is not None and f.shape == x.shape:  # a wrong shape is refused by the update
+            f = f + (self._group.effective_depth.to(f.dtype) * self.identity) * x
+        return f
 
     def branch_parameters(self):
         return self.block.parameters()
@@ -254,7 +264,8 @@ class LeakyResidual(StepsOwner):
         raise torchscript_error(type(self).__name__)
 
     def extra_repr(self) -> str:
-        extra = ", branch_norm=True" if self.branch_norm else ""
+        extra = (", branch_norm=True" if self.branch_norm else "") + \
+            (", branch_identity=True" if self.identity is not None else "")
         return f"index={self.index}, activation={self.activation!r}{extra}"
 
 
@@ -279,6 +290,10 @@ class LeakyResNet(StepsOwner):
             block multiplying the branch, initialised at ``balanced_gain(Lt) = max(1, Lt)`` (or the number).
             With ``branch_norm`` this is the large-Lt recipe: at Lt >= 1 the update starts as the balanced
             ``a x + (1 - a) f(x) / |f(x)|`` instead of a leak that shrinks the signal by ~exp(-rho Lt) per block.
+        branch_identity: the branch gets a learned linear term ``Lt * r * x`` (one scalar ``r`` per block, from
+            1): the update starts as ``x + b f(x)``, a plain residual block whatever Lt, and training decides
+            how much of the leak to keep (``r -> 0``: all of it; weight decay on ``r`` pulls that way). The
+            general form of ``LeakyMLP``'s near-identity init, for any block (docs/large_lt.md).
 
     Example:
         >>> blocks = [nn.Sequential(nn.ReLU(), nn.Linear(64, 64)) for _ in range(12)]
@@ -289,7 +304,8 @@ class LeakyResNet(StepsOwner):
     def __init__(self, blocks: Iterable[nn.Module], *, effective_depth: float = 0.0, total_time: float = 1.0,
                  steps: StepsInit = "uniform", scheme: str = "euler", activation: Optional[str] = None,
                  min_step: Optional[float] = None, max_step: Optional[float] = None,
-                 backend: Optional[str] = None, branch_norm: bool = False, branch_gain: BranchGain = None):
+                 backend: Optional[str] = None, branch_norm: bool = False, branch_gain: BranchGain = None,
+                 branch_identity: bool = False):
         super().__init__()
         if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
             raise TypeError("blocks must be an iterable of modules (e.g. a list), got a single "
@@ -302,10 +318,12 @@ class LeakyResNet(StepsOwner):
         activation = check_activation(activation)
         backend = check_backend(backend)
         norm, gain = _check_branch_options(branch_norm, branch_gain, effective_depth)
+        _check_flag(branch_identity, "branch_identity")
         self.steps, self._steps_init = build_steps(len(blocks), total_time=total_time,
                                                    effective_depth=effective_depth, scheme=scheme, init=steps,
                                                    min_step=min_step, max_step=max_step)
-        self.blocks = nn.ModuleList(LeakyResidual._linked(b, self.steps, i, activation, backend, norm, gain)
+        self.blocks = nn.ModuleList(LeakyResidual._linked(b, self.steps, i, activation, backend, norm, gain,
+                                                          branch_identity)
                                     for i, b in enumerate(blocks))
         self.steps.bind(list(self.blocks))
         _warn_euler_headroom(self.steps, effective_depth)
@@ -505,9 +523,13 @@ def balanced_gain(effective_depth: float) -> float:
     return max(1.0, lt)
 
 
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_branch_options(branch_norm, branch_gain: BranchGain, effective_depth) -> tuple:
-    if not isinstance(branch_norm, bool):
-        raise TypeError(f"branch_norm must be True or False, got {branch_norm!r}")
+    _check_flag(branch_norm, "branch_norm")
     if branch_gain is None:
         return branch_norm, None
     if isinstance(branch_gain, str):

@@ -141,6 +141,16 @@ def test_convnet_branch_norm_builds_the_recipe():
     assert net(torch.randn(3, 1, 40)).shape == (3, 10)
 
 
+def test_convnet_lt_builds_the_large_lt_recipe_and_bad_lt_is_named():
+    net = ConvNet(1, 1, 8, 2, 10, branch_norm=True, lt=8.0)
+    assert net.body.effective_depth == 8.0 and net.body.scheme == "exponential"
+    assert all(float(b.gain) == 8.0 for b in net.body.blocks)  # the balanced gain at Lt = 8
+    task = get_task("digits", 100)
+    for bad, kw in ((-1.0, dict(branch_norm=True)), (float("nan"), dict(branch_norm=True)), (2.0, {})):
+        with pytest.raises(ValueError, match="lt"):
+            growth.make_model(task, 2, 4, lt=bad, **kw)
+
+
 # ------------------------------------------------------------------------------------------ search and CLI
 def test_tune2_stages_and_choice():
     settings = dict(growth.SETTINGS["digits"], steps=4, width=4, batch=8)
@@ -180,6 +190,7 @@ def test_cli_growth2_options_and_tuned_choice(tmp_path):
     full, uni, shallow = data["runs"]
     assert (full["hold"], full["branch_norm"], full["start_depth"]) == (0.25, True, 8)
     assert (uni["at"], uni["init"], uni["rewarm"], uni["hold"]) == ([0.5], "zero", 1, 0.5)  # --rewarm wins
+    assert full["lt"] == uni["lt"] == 0.0
     assert shallow["start_depth"] == 4 and shallow["block_steps"] == 24
     md = (tmp_path / "g.md").read_text()
     assert "CPU time / full's" in md and "| digits | shallow |" in md
@@ -212,3 +223,13 @@ def test_paired_summary_by_hand():
     assert uni["equal_time_minus_full"]["min"] == pytest.approx(0.88 - 0.89)
     assert uni["equal_time_minus_full"]["max"] == pytest.approx(0.83 - 0.79)
     assert "| digits | uniform |" in table(summarize(runs, slack=0.0))
+
+
+def test_cli_lt_runs_every_arm_at_that_effective_depth(tmp_path):
+    out = tmp_path / "lt.json"
+    assert cli_main(["grow", "--tasks", "digits", "--arms", "full", "adaptive", "--seeds", "100", "--steps", "4",
+                     "--eval-every", "2", "--branch-norm", "on", "--lt", "4", "--at", "0.5",
+                     "--json", str(out)]) == 0
+    full, adaptive = json.loads(out.read_text())["runs"]
+    assert full["lt"] == adaptive["lt"] == 4.0 and adaptive["start_depth"] == 4
+    assert "--lt 4.0" in json.loads(out.read_text())["meta"]["command"]

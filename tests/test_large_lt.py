@@ -22,20 +22,31 @@ def conv_blocks(n, channels=16, seed=0):
     return [nn.Sequential(nn.ReLU(), nn.Conv1d(channels, channels, 3, padding=1)) for _ in range(n)]
 
 
-def reference(blocks, x, steps, lt, scheme, gain=None, norm=False):
-    """The update written out in float64: x <- a x + b g f(x)/rms(f(x))."""
+def reference(blocks, x, steps, lt, scheme, gain=None, norm=False, r=None):
+    """The update written out in float64: x <- a x + b (g f(x)/rms(f(x)) + Lt r_l x)."""
     h = x.double()
-    for blk, rho in zip(copy.deepcopy(blocks), steps):
+    for l, (blk, rho) in enumerate(zip(copy.deepcopy(blocks), steps)):
         f = blk.double()(h)
         if norm:
             f = f / torch.sqrt((f ** 2).flatten(1).mean(1) + 1e-6).view(-1, *[1] * (f.dim() - 1))
         if gain is not None:
             f = gain * f
+        if r is not None:
+            f = f + lt * r[l] * h
         if scheme == "euler":
             h = h + rho * (f - lt * h)
         else:
             h = math.exp(-rho * lt) * h + (1 - math.exp(-rho * lt)) / lt * f
     return h
+
+
+def reloaded(net, fresh):
+    """``fresh`` after loading ``net``'s state_dict through a saved checkpoint."""
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf))
+    return fresh
 
 
 @pytest.mark.parametrize("scheme", ["euler", "exponential"])
@@ -94,12 +105,8 @@ def test_gain_is_a_learned_parameter_that_round_trips():
     assert all(blk.gain.grad is not None and blk.gain.grad.abs() > 0 for blk in net.blocks)
     with torch.no_grad():
         net.blocks[1].gain.fill_(7.0)
-    buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
-    buf.seek(0)
-    fresh = LeakyResNet(conv_blocks(3, seed=5), effective_depth=4.0, scheme="exponential", branch_norm=True,
-                        branch_gain=2.5)
-    fresh.load_state_dict(torch.load(buf))
+    fresh = reloaded(net, LeakyResNet(conv_blocks(3, seed=5), effective_depth=4.0, scheme="exponential",
+                                      branch_norm=True, branch_gain=2.5))
     x = torch.randn(2, 16, 7)
     assert float(fresh.blocks[1].gain.detach()) == 7.0 and torch.equal(fresh(x), net(x))
 
@@ -217,3 +224,119 @@ def test_large_lt_trains_as_far_as_lt_zero_with_the_recipe():
     plain, raw, recipe = fit(0.0, True), fit(8.0, False), fit(8.0, True)
     assert raw < plain - 0.1  # the leak starves the ordinary block
     assert recipe >= plain - 0.02
+
+
+@pytest.mark.parametrize("scheme", ["euler", "exponential"])
+@pytest.mark.parametrize("make, shape", [(conv_blocks, (3, 16, 11)),
+                                         (lambda n: [MLPBranch(8) for _ in range(n)], (5, 8)),
+                                         (lambda n: [nn.Sequential(nn.Tanh(), nn.Linear(6, 6)) for _ in range(n)],
+                                          (2, 3, 6))])
+@pytest.mark.parametrize("norm", [False, True])
+def test_branch_identity_matches_float64(scheme, make, shape, norm):
+    torch.manual_seed(2)
+    blocks = make(4)
+    steps = [0.05, 0.1, 0.05, 0.1] if scheme == "euler" else [0.3, 0.2, 0.3, 0.2]
+    lt = 3.0
+    net = LeakyResNet(copy.deepcopy(blocks), effective_depth=lt, steps=steps, total_time=sum(steps), scheme=scheme,
+                      branch_norm=norm, branch_gain=1.5 if norm else None, branch_identity=True)
+    r = torch.rand(4).tolist()  # away from the init too
+    with torch.no_grad():
+        for blk, r_l in zip(net.blocks, r):
+            blk.identity.fill_(r_l)
+    x = torch.randn(shape)
+    want = reference(blocks, x, steps, lt, scheme, gain=1.5 if norm else None, norm=norm, r=r)
+    assert torch.allclose(net(x).double(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "exponential"])
+def test_branch_identity_starts_as_a_plain_residual_block(scheme):
+    """At r = 1 the leak cancels: x <- x + b f(x) (b = rho under euler, (1 - exp(-rho Lt))/Lt otherwise)."""
+    blocks = conv_blocks(4, channels=4)
+    steps = [0.1, 0.2, 0.1, 0.2]
+    net = LeakyResNet(copy.deepcopy(blocks), effective_depth=2.0, steps=steps, total_time=0.6, scheme=scheme,
+                      branch_identity=True)
+    x = torch.randn(3, 4, 9)
+    h = x.double()
+    for blk, rho in zip(copy.deepcopy(blocks), steps):
+        b = rho if scheme == "euler" else (1 - math.exp(-2.0 * rho)) / 2.0
+        h = h + b * blk.double()(h)
+    assert torch.allclose(net(x).double(), h, atol=1e-5)
+    # it keeps the signal where the same net without it shrinks it
+    deep = LeakyResNet(conv_blocks(8), effective_depth=8.0, scheme="exponential", branch_identity=True)
+    raw = LeakyResNet(conv_blocks(8), effective_depth=8.0, scheme="exponential")
+    x = torch.randn(16, 16, 20)
+    with torch.no_grad():
+        assert float(deep(x).norm() / x.norm()) > 0.5 > 0.05 > float(raw(x).norm() / x.norm())
+
+
+def test_branch_identity_is_a_learned_parameter_that_round_trips_and_is_off_by_default():
+    assert all(blk.identity is None for blk in LeakyResNet(conv_blocks(2)).blocks)
+    net = LeakyResNet(conv_blocks(3), effective_depth=4.0, scheme="exponential", branch_identity=True)
+    assert {"blocks.0.identity", "blocks.2.identity"} <= {n for n, _ in net.named_parameters()}
+    assert "branch_identity=True" in repr(net.blocks[0]) and not net.blocks[0]._fused
+    net(torch.randn(2, 16, 7)).pow(2).sum().backward()
+    assert all(blk.identity.grad is not None and blk.identity.grad.abs() > 0 for blk in net.blocks)
+    with torch.no_grad():
+        net.blocks[1].identity.fill_(0.25)
+    fresh = reloaded(net, LeakyResNet(conv_blocks(3, seed=5), effective_depth=4.0, scheme="exponential",
+                                      branch_identity=True))
+    x = torch.randn(2, 16, 7)
+    assert float(fresh.blocks[1].identity.detach()) == 0.25 and torch.equal(fresh(x), net(x))
+    # standalone block, and Lt = 0 where the term vanishes
+    lin = nn.Linear(5, 5)
+    blk = LeakyResidual(lin, effective_depth=0.0, step=0.3, branch_identity=True)
+    x = torch.randn(4, 5)
+    assert torch.allclose(blk(x), x + 0.3 * lin(x), atol=1e-6)
+
+
+def test_branch_identity_follows_a_changed_lt():
+    net = LeakyResNet(conv_blocks(3, channels=4), effective_depth=4.0, scheme="exponential", branch_identity=True)
+    net.set_effective_depth(6.0)
+    blocks = [blk.block for blk in net.blocks]
+    x = torch.randn(2, 4, 5)
+    want = reference(blocks, x, net.step_sizes().tolist(), 6.0, "exponential", r=[1.0] * 3)
+    assert torch.allclose(net(x).double(), want, atol=1e-5)
+
+
+def test_bad_branch_identity_and_a_wrong_shape_are_clear_errors():
+    with pytest.raises(TypeError, match="branch_identity"):
+        LeakyResNet(conv_blocks(2), branch_identity=1)
+    with pytest.raises(TypeError, match="branch_identity"):
+        LeakyResidual(nn.Linear(3, 3), step=0.1, branch_identity="yes")
+    # a branch output that broadcasts against x is still refused
+    net = LeakyResNet([nn.Linear(4, 1)], effective_depth=1.0, scheme="exponential", branch_identity=True)
+    with pytest.raises(ValueError, match="keep the shape"):
+        net(torch.randn(2, 4))
+
+
+def test_refine_copies_the_identity_and_refuses_the_inexact_zero_init():
+    from adaptive_depth import refine
+    net = LeakyResNet(conv_blocks(2, channels=4), effective_depth=4.0, scheme="exponential", branch_norm=True,
+                      branch_gain=1.0, branch_identity=True)
+    with torch.no_grad():
+        net.blocks[0].identity.fill_(0.5)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match="branch_identity"):
+        refine(net, init="zero")
+    assert net.depth == 2 and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    refine(net, init="copy")
+    assert net.depth == 4 and [float(b.identity.detach()) for b in net.blocks] == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_identity_param_groups_put_r_at_lr_over_lt_of_its_group():
+    from adaptive_depth.recipes import identity_param_groups
+    a = LeakyResNet(conv_blocks(2, channels=4), effective_depth=8.0, scheme="exponential", branch_identity=True)
+    b = LeakyResNet(conv_blocks(3, channels=4), effective_depth=2.0, scheme="exponential", branch_identity=True)
+    zero = LeakyResNet(conv_blocks(1, channels=4), branch_identity=True)  # Lt = 0: r has no effect
+    model = nn.Sequential(nn.Conv1d(1, 4, 1), a, b, zero)
+    groups = identity_param_groups(model, lr=0.04)
+    assert [g.get("lr") for g in groups] == [None, 0.02, 0.005]
+    assert [id(p) for p in groups[1]["params"]] == [id(blk.identity) for blk in b.blocks]
+    assert [id(p) for p in groups[2]["params"]] == [id(blk.identity) for blk in a.blocks]
+    assert id(zero.blocks[0].identity) in {id(p) for p in groups[0]["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    torch.optim.AdamW(groups, lr=0.04)  # a valid grouping: no parameter twice
+    with pytest.raises(ValueError, match="branch_identity=True"):
+        identity_param_groups(LeakyResNet(conv_blocks(2)), lr=0.1)
+    with pytest.raises(ValueError, match="lr must be a number > 0"):
+        identity_param_groups(model, lr=0.0)

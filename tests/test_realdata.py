@@ -294,3 +294,36 @@ def test_lt_sets_the_large_lt_arms_only_and_keeps_the_plain_runs_reusable(tmp_pa
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="lt .* must be a finite number > 0"):
             rd.run_protocol("digits-conv", ["uniform"], lt=bad, **kwargs)
+
+
+def test_identity_builds_the_cancelled_leak_and_trains_r_at_lr_over_lt(tmp_path):
+    x, y, _, _ = rd.load("digits-conv")
+    cfg = rd.RealConfig(task="digits-conv", arm="uniform", lr=1e-2, identity=True, steps=4, eval_every=2,
+                        validation=True)
+    model = rd.build_model(cfg, x.shape[1:], 10)
+    blocks = model.net.blocks
+    assert all(float(b.identity.detach()) == 1.0 and float(b.gain.detach()) == 1.0 and b.branch_norm
+               for b in blocks)
+    groups = rd._param_groups(model, cfg)
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(cfg.lr / 6.0)
+    assert {id(p) for p in groups[1]["params"]} == {id(b.identity) for b in blocks}
+    assert len(groups[0]["params"]) + len(blocks) == len(list(model.parameters()))
+    # the r group moves by ~lr / Lt in the first AdamW step (sign step of size lr / Lt, plus the decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
+    grads = [float(b.identity.grad) for b in blocks]
+    opt.step()
+    lr_r = cfg.lr / 6.0
+    for b, g in zip(blocks, grads):
+        assert float(b.identity.detach()) == pytest.approx((1 - lr_r * cfg.weight_decay) - lr_r * g / (abs(g) + 1e-8),
+                                                           abs=1e-6)
+    run = rd.train_one(cfg)
+    assert len(run["final_identity"]) == len(blocks) and run["final_identity"] != [1.0] * len(blocks)
+    # the plain arm ignores it (Lt = 0) and reuses its runs; the MLP task refuses it
+    plain = dataclasses.replace(cfg, arm="plain")
+    assert plain.canonical() == dataclasses.replace(plain, identity=False)
+    assert "final_identity" not in rd.train_one(plain.canonical())
+    with pytest.raises(ValueError, match="identity applies to the conv tasks"):
+        rd.run_protocol("mnist1d-mlp", ["uniform"], identity=True, lrs=[1e-3], tune_seeds=[0], report_seeds=[])
+    with pytest.raises(TypeError, match="identity must be True or False"):
+        rd.run_protocol("digits-conv", ["uniform"], identity=1, lrs=[1e-3], tune_seeds=[0], report_seeds=[])

@@ -93,13 +93,16 @@ class ConvNet(nn.Module):
     """stem conv -> a Leaky ResNet of ``relu -> conv -> GroupNorm`` blocks (Lt = 0) -> pool -> linear.
 
     ``branch_norm=True``: the normalised branch of docs/large_lt.md (RMS-normalised, a learned gain, 1 at
-    Lt = 0)."""
+    Lt = 0). ``lt`` > 0: that effective depth under the exponential scheme (needs ``branch_norm``)."""
 
-    def __init__(self, dims: int, in_ch: int, width: int, depth: int, classes: int, branch_norm: bool = False):
+    def __init__(self, dims: int, in_ch: int, width: int, depth: int, classes: int, branch_norm: bool = False,
+                 lt: float = 0.0):
         super().__init__()
         conv = nn.Conv1d if dims == 1 else nn.Conv2d
         self.stem = conv(in_ch, width, 3, padding=1)
         extra = dict(branch_norm=True, branch_gain="balanced") if branch_norm else {}
+        if lt > 0:
+            extra.update(effective_depth=lt, scheme="exponential")
         self.body = LeakyResNet([_conv_block(conv, width) for _ in range(depth)], total_time=1.0, **extra)
         self.head = nn.Linear(width, classes)
 
@@ -108,11 +111,15 @@ class ConvNet(nn.Module):
         return self.head(h.flatten(2).mean(2))
 
 
-def make_model(task: Task, depth: int, width: int, branch_norm: bool = False) -> nn.Module:
+def make_model(task: Task, depth: int, width: int, branch_norm: bool = False, lt: float = 0.0) -> nn.Module:
+    if not (isinstance(lt, (int, float)) and not isinstance(lt, bool) and math.isfinite(lt) and lt >= 0):
+        raise ValueError(f"lt (the conv nets' effective depth) must be a finite number >= 0, got {lt!r}")
+    if lt > 0 and (task.name == "teacher" or not branch_norm):
+        raise ValueError("lt > 0 needs a conv task (mnist1d, digits) with branch_norm=True (the large-Lt recipe)")
     if task.name == "mnist1d":
-        return ConvNet(1, 1, width, depth, 10, branch_norm)
+        return ConvNet(1, 1, width, depth, 10, branch_norm, lt)
     if task.name == "digits":
-        return ConvNet(2, 1, width, depth, 10, branch_norm)
+        return ConvNet(2, 1, width, depth, 10, branch_norm, lt)
     if branch_norm:
         raise ValueError("branch_norm applies to the conv tasks (mnist1d, digits), not the teacher's LeakyMLP")
     return LeakyMLP(task.in_dim, task.out_dim, width=width, depth=depth, effective_depth=2.0,
@@ -184,20 +191,20 @@ def _check_variant(arm: str, init: str, rewarm: int, hold: float) -> None:
 
 def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str = "fresh",
               eval_every: int = 50, settings: Optional[Dict] = None, init: str = "copy", rewarm: int = 0,
-              hold: float = 0.0, branch_norm: bool = False) -> Dict:
+              hold: float = 0.0, branch_norm: bool = False, lt: float = 0.0) -> Dict:
     """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric.
 
     ``arm``: ``"full"`` (``FINAL_DEPTH`` blocks throughout), ``"uniform"`` / ``"adaptive"`` (start at
     ``start_depth(at)`` and double at the fractions ``at`` of the budget) or ``"shallow"`` (the growth arms'
     start depth throughout, a control). ``init``/``state``: the new blocks (``refine``). ``rewarm``, ``hold``:
     the learning-rate schedule (``lr_multiplier``; the defaults are a plain cosine decay). ``branch_norm``:
-    the normalised branch with a learned gain (conv tasks).
+    the normalised branch with a learned gain (conv tasks); ``lt``: its effective depth (exponential scheme).
     """
     _check_variant(arm, init, rewarm, hold)
     s = dict(SETTINGS[task.name] if settings is None else settings)
     torch.manual_seed(seed)
     depth = FINAL_DEPTH if arm == "full" else start_depth(at)
-    model = make_model(task, depth, s["width"], branch_norm)
+    model = make_model(task, depth, s["width"], branch_norm, lt)
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=1e-4)
     grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm in ("uniform", "adaptive") else []
     if rewarm == 0 and hold == 0:
@@ -234,7 +241,7 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
             curve.append((step, wall, block_steps, _metric(model, task), cpu))
     profile = [g.rho.detach().double().tolist() for g in _groups(model)]
     return {"task": task.name, "arm": arm, "seed": seed, "at": list(at), "state": state, "init": init,
-            "rewarm": rewarm, "hold": hold, "branch_norm": branch_norm, "settings": s,
+            "rewarm": rewarm, "hold": hold, "branch_norm": branch_norm, "lt": lt, "settings": s,
             "start_depth": depth, "curve": curve, "final": curve[-1][3], "wall_s": wall, "cpu_s": cpu,
             "block_steps": block_steps, "steps_profile": profile, "lr_trace": lr_trace}
 
@@ -374,6 +381,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--hold, --full-hold, --branch-norm) are read from")
     p.add_argument("--slack", type=float, default=0.01,
                    help="target: full arm's median final accuracy minus this (or its test MSE times 1 + this)")
+    p.add_argument("--lt", type=float, default=None, help="held-out runs: the conv nets' effective depth "
+                   "(exponential scheme, normalised branch; default 0)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--steps", type=int, default=None, help="override every task's budget (smoke tests)")
     p.add_argument("--width", type=int, default=None, help="override every task's width (channels or units): "
@@ -482,7 +491,8 @@ def _variant(args, tuned: Dict) -> Dict:
     return {"at": tuple(args.at) if args.at else tuple(tuned.get("at", (1 / 3, 2 / 3))),
             "state": pick("state", "fresh"), "init": pick("init", "copy"), "rewarm": pick("rewarm", 0),
             "hold": pick("hold", 0.0), "full_hold": pick("full_hold", 0.0),
-            "branch_norm": bool(tuned.get("branch_norm", False)) if bn is None else bn == "on"}
+            "branch_norm": bool(tuned.get("branch_norm", False)) if bn is None else bn == "on",
+            "lt": getattr(args, "lt", None) or 0.0}
 
 
 def tune2_table(result: Dict) -> str:

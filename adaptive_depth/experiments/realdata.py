@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import AdaptiveSteps
+from ..recipes import identity_param_groups
 from ..residual import LeakyMLP, LeakyResNet, balanced_gain
 from ..schedule import EffectiveDepthScheduler
 
@@ -71,6 +72,7 @@ class RealConfig:
     rescaled_gain: bool = False  # Adam on g / balanced_gain(Lt): the gains' lr x that factor, weight decay / it
     lt_warmup: float = 0.0  # fraction of the budget over which Lt rises linearly from 0 (EffectiveDepthScheduler)
     lt: Optional[float] = None  # the large-Lt arms' effective depth; None: the task's
+    identity: bool = False  # conv arms: branch_identity=True, gain 1, the identity coefficients at lr / Lt
 
     def budget(self) -> int:
         return self.steps if self.steps is not None else TASKS[self.task]["steps"]
@@ -85,7 +87,7 @@ class RealConfig:
         protocol with those options reuses the plain runs of one without them."""
         if self.effective_depth() > 0:
             return self
-        return replace(self, rescaled_gain=False, lt_warmup=0.0, lt=None)
+        return replace(self, rescaled_gain=False, lt_warmup=0.0, lt=None, identity=False)
 
 
 @dataclass
@@ -146,13 +148,15 @@ class ConvNet(nn.Module):
     ``dims=1``: MNIST-1D signals ``(N, 40)``; ``dims=2``: images ``(N, 1, H, W)``."""
 
     def __init__(self, length: int, classes: int, width: int, depth: int, *, dims: int, effective_depth: float,
-                 recipe: bool):
+                 recipe: bool, identity: bool = False):
         super().__init__()
         conv = nn.Conv1d if dims == 1 else nn.Conv2d
         self.dims = dims
         self.stem = conv(1, width, 5 if dims == 1 else 3, padding="same")
         blocks = [nn.Sequential(nn.ReLU(), conv(width, width, 3, padding="same")) for _ in range(depth)]
         options = dict(branch_norm=True, branch_gain="balanced") if recipe else {}
+        if identity:  # the leak cancelled at init: the block starts as x + b f(x)/rms with a plain branch weight
+            options.update(branch_gain=1.0, branch_identity=True)
         self.net = LeakyResNet(blocks, effective_depth=effective_depth, scheme="exponential", **options)
         self.head = nn.Linear(width * length, classes)
 
@@ -172,7 +176,8 @@ def build_model(config: RealConfig, in_shape: Sequence[int], classes: int) -> nn
         return LeakyMLP(in_shape[0], classes, width=width, depth=depth, effective_depth=lt, scheme="exponential")
     dims = 1 if spec["data"] == "mnist1d" else 2
     length = math.prod(in_shape[-dims:])
-    return ConvNet(length, classes, width, depth, dims=dims, effective_depth=lt, recipe=config.arm != "raw-uniform")
+    return ConvNet(length, classes, width, depth, dims=dims, effective_depth=lt, recipe=config.arm != "raw-uniform",
+                   identity=config.identity)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -227,18 +232,28 @@ def train_one(config: RealConfig, split: Optional[Split] = None) -> dict:
 
 
 def _param_groups(model: nn.Module, config: RealConfig) -> List[dict]:
-    """One group of every weight; with ``rescaled_gain`` the branch gains apart, at lr x k and weight decay / k
-    with ``k = balanced_gain(Lt)``: AdamW on ``g / k`` (which starts at 1) written in ``g`` (RESEARCH.md 1:
-    Adam moves a weight by ~lr per step, and the balanced gains live at scale Lt)."""
-    if not config.rescaled_gain:
-        return [dict(params=list(model.parameters()))]
-    gains = [b.gain for b in getattr(model.net, "blocks", []) if getattr(b, "gain", None) is not None]
-    if not gains:
-        raise ValueError(f"rescaled_gain needs branch gains: arm {config.arm!r} of task {config.task!r} has none")
-    k = balanced_gain(config.effective_depth())
-    ids = {id(g) for g in gains}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    return [dict(params=rest), dict(params=gains, lr=config.lr * k, weight_decay=config.weight_decay / k)]
+    """One group of every weight, except:
+
+    - ``rescaled_gain``: the branch gains apart, at lr x k and weight decay / k with ``k = balanced_gain(Lt)``:
+      AdamW on ``g / k`` (which starts at 1) written in ``g`` (RESEARCH.md 1: Adam moves a weight by ~lr per
+      step, and the balanced gains live at scale Lt);
+    - ``identity``: the blocks' identity coefficients ``r`` apart, at lr / Lt: the leak they leave,
+      ``Lt (1 - r)``, then moves by ~lr per step like any other weight instead of Lt x lr."""
+    blocks = getattr(model.net, "blocks", [])
+    groups, apart = [], set()
+    if config.rescaled_gain:
+        gains = [b.gain for b in blocks if getattr(b, "gain", None) is not None]
+        if not gains:
+            raise ValueError(f"rescaled_gain needs branch gains: arm {config.arm!r} of task {config.task!r} has none")
+        k = balanced_gain(config.effective_depth())
+        groups.append(dict(params=gains, lr=config.lr * k, weight_decay=config.weight_decay / k))
+        apart |= {id(g) for g in gains}
+    rest = [p for p in model.parameters() if id(p) not in apart]
+    if config.identity and config.effective_depth() > 0:
+        first, *identity = identity_param_groups(model, lr=config.lr)
+        keep = {id(p) for p in first["params"]}
+        return [dict(params=[p for p in rest if id(p) in keep])] + groups + identity
+    return [dict(params=rest)] + groups
 
 
 def _lt_ramp(model: nn.Module, config: RealConfig) -> Optional[EffectiveDepthScheduler]:
@@ -257,26 +272,35 @@ def _lt_ramp_check(lt_warmup: float) -> None:
 
 def _result(config, model, split, curve, reached, seconds, diverged=None) -> dict:
     steps = model.net.step_sizes().tolist()
+    extra = {}
+    if getattr(model.net.blocks[0], "identity", None) is not None:  # the leak each block kept: Lt (1 - r)
+        extra["final_identity"] = [round(b.identity.item(), 4) for b in model.net.blocks]
     return dict(config=asdict(config), train_acc=_accuracy(model, split.x_train, split.y_train),
                 eval_acc=curve[-1][2] if curve else float("nan"), curve=curve,
                 reached_step=reached[0] if reached else None, reached_seconds=reached[1] if reached else None,
-                seconds=round(seconds, 2), final_steps=steps, diverged_at=diverged)
+                seconds=round(seconds, 2), final_steps=steps, diverged_at=diverged, **extra)
 
 
 # ---------------------------------------------------------------------------------------- protocol
 def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] = None, *, tune_seeds=TUNE_SEEDS,
                  report_seeds=REPORT_SEEDS, steps: Optional[int] = None, workers: int = 1,
                  log: Optional[str] = None, logged_only: bool = False, rescaled_gain: bool = False,
-                 lt_warmup: float = 0.0, lt: Optional[float] = None) -> dict:
+                 lt_warmup: float = 0.0, lt: Optional[float] = None, identity: bool = False) -> dict:
     """Pick each arm's lr on validation (tuning seeds), then train the report seeds on train, score on test.
 
     ``log``: a JSON-lines file; each finished run is appended, and runs already in it are reused (resume).
     ``logged_only``: train nothing, tabulate what the log holds (missing runs are left out).
     ``rescaled_gain``, ``lt_warmup``: the large-Lt options of ``RealConfig`` for every arm (no-ops at Lt = 0).
-    ``lt``: the large-Lt arms' effective depth (None: the task's)."""
+    ``lt``: the large-Lt arms' effective depth (None: the task's). ``identity``: conv arms use
+    ``branch_identity=True`` with gain 1 (``RealConfig.identity``)."""
+    if not isinstance(identity, bool):
+        raise TypeError(f"identity must be True or False, got {identity!r}")
+    if identity and task == "mnist1d-mlp":
+        raise ValueError("identity applies to the conv tasks; the MLP task has LeakyMLP's own near-identity init")
     if lt is not None and not (math.isfinite(lt) and lt > 0):
         raise ValueError(f"lt (the large-Lt arms' effective depth) must be a finite number > 0, got {lt!r}")
-    base = RealConfig(task=_check_task(task), steps=steps, rescaled_gain=rescaled_gain, lt_warmup=lt_warmup, lt=lt)
+    base = RealConfig(task=_check_task(task), steps=steps, rescaled_gain=rescaled_gain, lt_warmup=lt_warmup, lt=lt,
+                      identity=identity)
     _lt_ramp_check(lt_warmup)
     lrs = list(lrs or TASKS[task]["lrs"])
     canon = lambda c: c.canonical()  # noqa: E731
@@ -288,7 +312,7 @@ def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] 
     return dict(task=task, spec=TASKS[task], lrs=lrs, steps=steps, tune_seeds=list(tune_seeds),
                 report_seeds=list(report_seeds), chosen_lr=chosen, tuning=tuned,
                 report=_map(report, workers, log, logged_only), rescaled_gain=rescaled_gain, lt_warmup=lt_warmup,
-                lt=lt)
+                lt=lt, identity=identity)
 
 
 def _best_lr(runs: List[dict], arm: str, lrs: Sequence[float]) -> float:
@@ -411,6 +435,9 @@ def _options_line(result: dict) -> str:
     parts = []
     if result.get("rescaled_gain"):
         parts.append("branch gains trained as g / Lt (lr x Lt, weight decay / Lt)")
+    if result.get("identity"):
+        parts.append("branch_identity=True with branch gain 1 (the leak cancelled at initialisation, "
+                     "Lt * r * x learned from r = 1, r at lr / Lt)")
     if result.get("lt_warmup"):
         parts.append(f"Lt raised linearly from 0 over the first {100 * result['lt_warmup']:g}% of the steps")
     return f" Large-Lt arms: {'; '.join(parts)} (no-ops at Lt = 0)." if parts else ""
@@ -466,6 +493,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "this fraction of the budget (default 0: no warm-up)")
     parser.add_argument("--lt", type=float, default=None, help="the large-Lt arms' effective depth (default: the "
                         "task's); the plain arm stays at 0")
+    parser.add_argument("--identity", action="store_true", help="conv large-Lt arms: branch_identity=True with "
+                        "branch gain 1, the identity coefficients at lr / Lt (the leak cancelled at initialisation; "
+                        "docs/large_lt.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -475,7 +505,8 @@ def run(args: argparse.Namespace) -> int:
     report_seeds = [] if args.tune_only else args.report_seeds
     result = run_protocol(args.task, args.arms, args.lrs, tune_seeds=args.tune_seeds, report_seeds=report_seeds,
                           steps=args.steps, workers=args.workers, log=args.log, logged_only=args.logged_only,
-                          rescaled_gain=args.rescaled_gain, lt_warmup=args.lt_warmup, lt=args.lt)
+                          rescaled_gain=args.rescaled_gain, lt_warmup=args.lt_warmup, lt=args.lt,
+                          identity=args.identity)
     command = _command(args)
     md = to_markdown(result, command)
     print(md)
