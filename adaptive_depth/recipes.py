@@ -23,6 +23,7 @@ from typing import Dict, List, Union
 import torch
 from torch import Tensor, nn
 
+from .residual import LeakyResidual
 from .steps import step_groups
 
 __all__ = ["bottleneck_param_groups", "identity_param_groups", "representation_ranks", "middle_rank"]
@@ -71,13 +72,16 @@ def identity_param_groups(model: nn.Module, *, lr: float) -> List[Dict]:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a number > 0, got {lr!r}")
     by_lt: Dict[float, List[nn.Parameter]] = {}
-    for m in model.modules():
-        r = getattr(m, "identity", None)
-        group = m.__dict__.get("_group")
-        if isinstance(r, nn.Parameter) and group is not None and float(group.effective_depth) > 0:
+    found = False
+    for m in model.modules():  # a LeakyResidual's .identity, or a wrapped block's leaky_identity
+        r = m._parameters.get("identity") if isinstance(m, LeakyResidual) else m._parameters.get("leaky_identity")
+        group = m.__dict__.get("_group", m.__dict__.get("_leaky_group"))
+        found = found or r is not None
+        if r is not None and group is not None and float(group.effective_depth) > 0:
             by_lt.setdefault(float(group.effective_depth), []).append(r)
-    if not any(isinstance(getattr(m, "identity", None), nn.Parameter) for m in model.modules()):
-        raise ValueError("model has no identity coefficients: build its LeakyResNet with branch_identity=True")
+    if not found:
+        raise ValueError("model has no identity coefficients: build its LeakyResNet with branch_identity=True "
+                         "(or wrap(..., branch_identity=True))")
     apart = {id(r) for rs in by_lt.values() for r in rs}
     rest = [p for p in model.parameters() if id(p) not in apart]
     return [{"params": rest}] + [{"params": rs, "lr": lr / lt} for lt, rs in sorted(by_lt.items())]

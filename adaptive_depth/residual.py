@@ -48,12 +48,15 @@ def _coefficients(steps: StepSizes, x: Tensor):
 
 
 def _update(x: Tensor, f: Tensor, a: Tensor, b: Tensor, lt: Tensor, relu: bool, stats: bool, backend: str,
-            index: int, name: str, select: bool = False):
+            index: int, name: str, select: bool = False, identity: Optional[Tensor] = None):
     """``fused_update`` after the shape check; an FX leaf (the check and the backend choice read tensors).
-    ``select``: a and b are the group's vectors, entry ``index`` is this block's (read by the kernel)."""
+    ``select``: a and b are the group's vectors, entry ``index`` is this block's (read by the kernel).
+    ``identity``: ``branch_identity``'s r, adding ``Lt r x`` to the branch."""
     if f.shape != x.shape:
         raise ValueError(f"block {index} ({name}) returned shape {tuple(f.shape)} for an input of shape "
                          f"{tuple(x.shape)}; a residual branch must keep the shape")
+    if identity is not None:
+        f = with_identity(f, x, lt, identity)
     return fused_update(x, f, a, b, lt, relu=relu, stats=stats, backend=backend, index=index if select else None)
 
 
@@ -221,15 +224,12 @@ class LeakyResidual(StepsOwner):
 
     def branch(self, x: Tensor) -> Tensor:
         """The branch as the update sees it: ``f(x)``, RMS-normalised per example if ``branch_norm``, times
-        ``gain`` if there is one, plus ``Lt * identity * x`` with ``branch_identity``."""
+        ``gain`` if there is one (``branch_identity``'s ``Lt r x`` is added inside the update, after its shape
+        check)."""
         f = self.block(x)
         if self.branch_norm:
             f = rms_normalise(f)
-        if self.gain is not None:
-            f = f * self.gain
-        if self.identity is not None and f.shape == x.shape:  # a wrong shape is refused by the update
-            f = f + (self._group.effective_depth.to(f.dtype) * self.identity) * x
-        return f
+        return f if self.gain is None else f * self.gain
 
     def branch_parameters(self):
         return self.block.parameters()
@@ -258,7 +258,7 @@ class LeakyResidual(StepsOwner):
                 a, b = a[self.index], b[self.index]
             return _fused_step(self.block, x, a, b, lt, relu, record, self.backend)
         return _update(x, self.branch(x), a, b, lt, relu, record, self.backend, self.index,
-                       type(self.block).__name__, select)
+                       type(self.block).__name__, select, self.identity)
 
     def __prepare_scriptable__(self):
         raise torchscript_error(type(self).__name__)
@@ -502,6 +502,11 @@ def _check_block(block, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------- large Lt helpers
+def with_identity(f: Tensor, x: Tensor, effective_depth: Tensor, identity: Tensor) -> Tensor:
+    """``f + Lt r x``: the branch of a ``branch_identity`` block (0-dim factors: ``f`` keeps its dtype)."""
+    return f + x * (effective_depth * identity)
+
+
 def rms_normalise(f: Tensor, eps: float = 1e-6) -> Tensor:
     """``f / sqrt(mean(f^2) + eps)`` with the mean over every dim but the first (one scale per example)."""
     if f.dim() < 2:

@@ -255,7 +255,6 @@ class StepSizes(nn.Module):
 
     # ---------------------------------------------------------------------------------- statistics
     @torch.no_grad()
-    @torch.no_grad()
     def resize_(self, values: Tensor) -> None:
         """Give the group a new depth ``len(values)`` (depth growth, ``adaptive_depth.depth``): the steps become
         ``values`` (their sum is still ``total_time``; a learned ``rho`` stays the same ``Parameter``), the bounds

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import rules
 from .ops import check_backend, check_effective_depth, check_scheme, fused_update
-from .residual import StepsOwner, build_steps, refuse_torchscript_trace, torchscript_error
+from .residual import StepsOwner, build_steps, refuse_torchscript_trace, torchscript_error, with_identity
 from .steps import StepSizes
 
 __all__ = ["wrap", "unwrap", "register_adapter", "unregister_adapter", "Adapter", "StepGroups",
@@ -187,11 +187,13 @@ class _LeakyBlock(nn.Module):
         d = self.__dict__
         refuse_torchscript_trace(type(self).__name__)
         shortcut, f = d["_leaky_adapter"].split(self, x)
+        # branch_identity's r (getattr: under FX tracing a get_attr of the live parameter)
+        r = getattr(self, IDENTITY_NAME) if IDENTITY_NAME in self._parameters else None
         activation = d["_leaky_adapter"].activation
         act = None if activation is None else getattr(self, activation)
         relu = type(act) is nn.ReLU
         y = _leaky_block_update(d["_leaky_group"], d["_leaky_index"], shortcut, f, relu, self.training,
-                                d["_leaky_backend"], type(self).__name__)
+                                d["_leaky_backend"], type(self).__name__, r)
         return y if act is None or relu else act(y)
 
     def __prepare_scriptable__(self):
@@ -201,7 +203,15 @@ class _LeakyBlock(nn.Module):
         """Parameters of the residual branch (all but the shortcut's), for the rho-scaled weight decay."""
         skip = {id(p) for name in self.__dict__["_leaky_adapter"].shortcut
                 if isinstance(getattr(self, name, None), nn.Module) for p in getattr(self, name).parameters()}
+        skip.add(id(self._parameters.get(IDENTITY_NAME)))
         return [p for p in self.parameters() if id(p) not in skip]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # a checkpoint of the plain model (or one wrapped without branch_identity) leaves r at its value
+        missing = args[2]  # (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        before = len(missing)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        missing[before:] = [k for k in missing[before:] if k != prefix + IDENTITY_NAME]
 
     def __reduce_ex__(self, protocol):
         # the class is made at run time; pickle (and deepcopy) rebuild it from the original block class
@@ -229,12 +239,14 @@ def _rebuild(cls: type) -> nn.Module:
     return leaky.__new__(leaky)
 
 
+#: the learned identity coefficient r of a block wrapped with ``branch_identity=True``
+IDENTITY_NAME = "leaky_identity"
 _LEAKY_ATTRS = ("_leaky_adapter", "_leaky_group", "_leaky_group_name", "_leaky_index", "_leaky_backend")
 
 
 # ------------------------------------------------------------------------------------------ update
 def _leaky_block_update(group: StepSizes, index: int, shortcut: Tensor, f: Tensor, relu: bool, training: bool,
-                        backend: str, name: str) -> Tensor:
+                        backend: str, name: str, identity: Optional[Tensor] = None) -> Tensor:
     """``act(a x + b f)`` of block ``index`` of ``group``, from the group's live steps.
 
     The coefficients are computed at every call from ``rho`` and ``Lt`` (a handful of scalar ops): a cache
@@ -246,6 +258,8 @@ def _leaky_block_update(group: StepSizes, index: int, shortcut: Tensor, f: Tenso
     if f.shape != shortcut.shape:
         raise ValueError(f"{name}: the residual branch gives shape {tuple(f.shape)} but the shortcut gives "
                          f"{tuple(shortcut.shape)}; check the block's adapter")
+    if identity is not None:  # branch_identity: + Lt r shortcut
+        f = with_identity(f, shortcut, group.effective_depth, identity)
     a, b = group.coefficients()
     record = group.recording and training
     y, s = fused_update(shortcut, f, a, b, group.effective_depth, relu=relu, stats=record, backend=backend,
@@ -375,7 +389,7 @@ def _check_model(model) -> None:
 # ------------------------------------------------------------------------------------------- wrap
 def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler", groups: Groups = "stage",
          inplace: bool = True, total_time: Optional[float] = None, steps: str = "uniform",
-         backend: Optional[str] = None) -> nn.Module:
+         backend: Optional[str] = None, branch_identity: bool = False) -> nn.Module:
     """Make every residual block of ``model`` a leaky one with adaptive step sizes.
 
         y = act(a_l * shortcut_l(x) + b_l * branch_l(x))    euler: a = 1 - rho_l Lt, b = rho_l
@@ -398,6 +412,11 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
             which makes the steps 1 and the wrapped model equal to the original at Lt = 0.
         steps: initial steps, ``"uniform"``, ``"irregular"`` (the paper's fixed profile) or ``"fine_ends"``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for ``ops.fused_update``.
+        branch_identity: give every block a learned scalar ``leaky_identity`` (r, from 1) and add
+            ``Lt * r * shortcut(x)`` to its branch: the leak is cancelled at initialisation, so at any Lt the
+            wrapped model starts as the original with its branches scaled by ``b`` (exactly the original under
+            euler with unit steps). Train r at lr / Lt (``recipes.identity_param_groups``); ``docs/large_lt.md``.
+            A checkpoint without the coefficients loads and leaves them at 1.
 
     Returns:
         The wrapped model (``model`` itself when ``inplace``). Its groups are ``model.leaky_steps`` (one
@@ -415,6 +434,8 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
     backend = check_backend(backend)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if not isinstance(branch_identity, bool):
+        raise TypeError(f"branch_identity must be True or False, got {branch_identity!r}")
     if not isinstance(steps, str) or steps not in rules.PROFILES:
         raise ValueError(f"steps must be one of {sorted(rules.PROFILES)}, got {steps!r}")
     if total_time is not None and (isinstance(total_time, bool) or not isinstance(total_time, (int, float))
@@ -452,6 +473,9 @@ def wrap(model: nn.Module, *, effective_depth: float = 0.0, scheme: str = "euler
             block.__class__ = _leaky_class(type(block))
             block.__dict__.update(_leaky_adapter=adapter, _leaky_group=group, _leaky_group_name=key,
                                   _leaky_index=index, _leaky_backend=backend)
+            if branch_identity:
+                dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
+                block.register_parameter(IDENTITY_NAME, nn.Parameter(torch.ones((), dtype=dtype, device=device)))
             layers.append(block)
         group.bind(layers)
         container[key] = group
@@ -477,6 +501,7 @@ def unwrap(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         if isinstance(module, _LeakyBlock):
             for attr in _LEAKY_ATTRS:
                 module.__dict__.pop(attr, None)
+            module._parameters.pop(IDENTITY_NAME, None)
             module.__class__ = type(module).leaky_base
     del model._modules[STEPS_NAME]
     return model

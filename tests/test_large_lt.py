@@ -340,3 +340,82 @@ def test_identity_param_groups_put_r_at_lr_over_lt_of_its_group():
         identity_param_groups(LeakyResNet(conv_blocks(2)), lr=0.1)
     with pytest.raises(ValueError, match="lr must be a number > 0"):
         identity_param_groups(model, lr=0.0)
+
+
+def _small_resnet():
+    torch.manual_seed(0)
+    return tv.resnet18(num_classes=5).eval()
+
+
+def test_wrapped_branch_identity_starts_as_the_original_model():
+    x = torch.randn(2, 3, 32, 32)
+    original = _small_resnet()
+    with torch.no_grad():
+        want = original(x)
+        # euler with unit steps: a s + (f + Lt s) = s + f, the original block, at any Lt < 1
+        euler = wrap(copy.deepcopy(original), effective_depth=0.5, branch_identity=True)
+        assert torch.allclose(euler(x), want, atol=1e-4)
+        # exponential at Lt = 8: s + b f with b = (1 - exp(-8)) / 8, i.e. the original with bn2 scaled by b
+        b = (1 - math.exp(-8.0)) / 8.0
+        scaled = copy.deepcopy(original)
+        for blk in [m for m in scaled.modules() if isinstance(m, tv.resnet.BasicBlock)]:
+            blk.bn2.weight.mul_(b), blk.bn2.bias.mul_(b)
+        expo = wrap(copy.deepcopy(original), effective_depth=8.0, scheme="exponential", branch_identity=True)
+        assert torch.allclose(expo(x), scaled(x), atol=1e-4)
+        assert not torch.allclose(expo(x), want, atol=1e-2)  # the reference is not trivially the original
+        # without the term the leak shrinks the signal instead
+        leak = wrap(copy.deepcopy(original), effective_depth=8.0, scheme="exponential")
+        assert not torch.allclose(leak(x), scaled(x), atol=1e-2)
+
+
+def test_wrapped_branch_identity_checkpoints_groups_and_unwrap():
+    from adaptive_depth import refine, unwrap
+    from adaptive_depth.recipes import identity_param_groups
+    plain = _small_resnet()
+    model = wrap(copy.deepcopy(plain), effective_depth=4.0, scheme="exponential", branch_identity=True)
+    rs = [m.leaky_identity for m in model.modules() if "leaky_identity" in m._parameters]
+    assert len(rs) == 8 and all(float(r.detach()) == 1.0 for r in rs)
+    assert "layer1.0.leaky_identity" in model.state_dict()
+    # not part of the branch the plugin's rho-scaled decay acts on
+    blk = model.layer1[0]
+    assert id(blk.leaky_identity) not in {id(p) for p in blk.branch_parameters()}
+    # a plain checkpoint loads strictly and leaves r alone; a wrapped one round-trips r
+    with torch.no_grad():
+        rs[3].fill_(0.5)
+    model.load_state_dict(plain.state_dict())  # strict: the plain model's checkpoint
+    missing = model.load_state_dict({k: v for k, v in model.state_dict().items() if "leaky_identity" not in k})
+    assert not missing.missing_keys and float(rs[3].detach()) == 0.5
+    fresh = reloaded(model, wrap(_small_resnet(), effective_depth=4.0, scheme="exponential", branch_identity=True))
+    assert float(fresh.layer2[1].leaky_identity.detach()) == float(model.layer2[1].leaky_identity.detach()) == 0.5
+    groups = identity_param_groups(model, lr=0.04)
+    assert [g.get("lr") for g in groups] == [None, 0.01] and len(groups[1]["params"]) == 8
+    torch.optim.SGD(groups, lr=0.04)
+    with pytest.raises(ValueError, match="branch_identity"):
+        refine(model, init="zero")
+    assert sum(1 for m in model.modules() if "leaky_identity" in m._parameters) == 8
+    net = unwrap(model)
+    assert not any("leaky_identity" in k for k in net.state_dict()) and type(net.layer1[0]) is tv.resnet.BasicBlock
+    with pytest.raises(TypeError, match="branch_identity"):
+        wrap(_small_resnet(), branch_identity="yes")
+
+
+def test_branch_identity_under_fx_and_inductor_follows_the_live_r_and_lt():
+    torch.manual_seed(0)
+    net = LeakyResNet([nn.Sequential(nn.ReLU(), nn.Linear(8, 8)) for _ in range(3)], effective_depth=3.0,
+                      scheme="exponential", branch_identity=True)
+    wrapped = wrap(_small_resnet(), effective_depth=4.0, scheme="exponential", branch_identity=True)
+    x, xi = torch.randn(4, 8), torch.randn(2, 3, 32, 32)
+    graphs = torch.fx.symbolic_trace(net), torch.fx.symbolic_trace(wrapped)
+    with torch.no_grad():
+        before = graphs[0](x), graphs[1](xi)
+        net.blocks[1].identity.fill_(0.3)
+        net.set_effective_depth(5.0)
+        wrapped.layer2[0].leaky_identity.fill_(0.2)
+        wrapped.leaky_steps["layer3"].set_effective_depth(6.0)
+        for graph, model, inp, old in zip(graphs, (net, wrapped), (x, xi), before):
+            torch.testing.assert_close(graph(inp), model(inp), rtol=0, atol=0)
+            assert (graph(inp) - old).abs().max() > 1e-3
+    compiled = torch.compile(net, backend="inductor")
+    torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-5)
+    compiled(x).sum().backward()
+    assert all(blk.identity.grad is not None for blk in net.blocks)
