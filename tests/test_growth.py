@@ -233,3 +233,18 @@ def test_cli_lt_runs_every_arm_at_that_effective_depth(tmp_path):
     full, adaptive = json.loads(out.read_text())["runs"]
     assert full["lt"] == adaptive["lt"] == 4.0 and adaptive["start_depth"] == 4
     assert "--lt 4.0" in json.loads(out.read_text())["meta"]["command"]
+
+
+def test_cli_growth_budget_shortens_the_growth_arms_only(tmp_path):
+    out = tmp_path / "gb.json"
+    assert cli_main(["grow", "--tasks", "digits", "--arms", "full", "uniform", "shallow", "--seeds", "100",
+                     "--steps", "8", "--eval-every", "2", "--at", "0.5", "--growth-budget", "0.5",
+                     "--json", str(out)]) == 0
+    full, uniform, shallow = json.loads(out.read_text())["runs"]
+    assert full["settings"]["steps"] == 8 and uniform["settings"]["steps"] == shallow["settings"]["steps"] == 4
+    assert uniform["curve"][-1][0] == 4 and uniform["block_steps"] == 2 * 4 + 2 * 8  # grew at step 2 of 4
+    for bad in ("0", "1.5"):
+        with pytest.raises(ValueError, match="--growth-budget must be a fraction"):
+            cli_main(["grow", "--tasks", "digits", "--arms", "full", "--seeds", "100", "--steps", "2",
+                      "--growth-budget", bad, "--json", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()

@@ -381,6 +381,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--hold, --full-hold, --branch-norm) are read from")
     p.add_argument("--slack", type=float, default=0.01,
                    help="target: full arm's median final accuracy minus this (or its test MSE times 1 + this)")
+    p.add_argument("--growth-budget", type=float, default=1.0, help="held-out runs: the growth and shallow arms "
+                   "train this fraction of the full arm's steps (default 1: the same budget)")
     p.add_argument("--lt", type=float, default=None, help="held-out runs: the conv nets' effective depth "
                    "(exponential scheme, normalised branch; default 0)")
     p.add_argument("--eval-every", type=int, default=25)
@@ -472,6 +474,14 @@ def tune2(task_name: str, settings: Dict, *, slack: float, eval_every: int, seed
     return {"runs": runs, "choice": {task_name: choice}}
 
 
+def _growth_budget(settings: Dict, fraction: float) -> Dict:
+    """The growth (and shallow) arms' settings with ``fraction`` of the full arm's steps; their growth times
+    and lr schedule are fractions of that shorter budget."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"--growth-budget must be a fraction of the full arm's steps in (0, 1], got {fraction!r}")
+    return dict(settings, steps=max(1, round(fraction * settings["steps"])))
+
+
 def _settings(args, task_name: str) -> Dict:
     s = dict(BUDGETS[getattr(args, "budget", "short")][task_name])
     for name in ("steps", "width"):
@@ -544,6 +554,7 @@ def _choose(runs: List[Dict]) -> Dict:
 
 
 def run(args) -> int:
+    _growth_budget({"steps": 1}, getattr(args, "growth_budget", 1.0))  # a bad value fails before any training
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     runs: List[Dict] = []
@@ -592,7 +603,8 @@ def run(args) -> int:
                 for arm in args.arms:  # interleaved per seed: the arms see the same machine load
                     kw = dict(v, hold=v["full_hold"] if arm == "full" else v["hold"])
                     del kw["full_hold"]
-                    runs.append(train_one(task, arm, seed, eval_every=args.eval_every, settings=settings, **kw))
+                    mine = settings if arm == "full" else _growth_budget(settings, getattr(args, "growth_budget", 1.0))
+                    runs.append(train_one(task, arm, seed, eval_every=args.eval_every, settings=mine, **kw))
                     _log(runs[-1])
                     _dump(args.json_out, {"runs": runs, "partial": True})
         summary = summarize(runs, args.slack)
