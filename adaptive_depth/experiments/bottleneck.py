@@ -33,23 +33,32 @@ RECIPES: Dict[str, Dict] = {
     "c0.1+io": {"c": 0.1, "io": "c", "scale": 1.0},
     "c0.01+io+lt": {"c": 0.01, "io": "c", "scale": "lt"},
     "c0.1+io+lt": {"c": 0.1, "io": "c", "scale": "lt"},
+    # the same, then a finishing phase with the penalty off (``--finish-steps``, ``--finish-lr``)
+    "c0.1+io+lt+finish": {"c": 0.1, "io": "c", "scale": "lt", "finish": True},
 }
 
 
-def recipe_config(name: str, lt: float, **kw) -> RunConfig:
-    """The ``RunConfig`` of recipe ``name`` at effective depth ``lt`` (other fields from ``kw``)."""
+def recipe_config(name: str, lt: float, *, finish_steps: Optional[int] = None, finish_lr: Optional[float] = None,
+                  **kw) -> RunConfig:
+    """The ``RunConfig`` of recipe ``name`` at effective depth ``lt`` (other fields from ``kw``). A ``finish``
+    recipe adds the penalty-free finishing phase: ``finish_steps`` (None: as many as ``kw["steps"]``) at
+    ``finish_lr`` (None: the first phase's lr)."""
     r = RECIPES[name]
     lam = None if r["c"] is None else (r["c"] / lt if lt > 0 else r["c"])
     io = None if r["io"] is None else (r["c"] if r["io"] == "c" else lam)
+    if r.get("finish"):
+        kw.update(finish_steps=kw.get("steps", RunConfig.steps) if finish_steps is None else finish_steps,
+                  finish_lr=finish_lr)
     return RunConfig(effective_depth=lt, weight_decay=lam, io_decay=io, branch_lr_scale=r["scale"], **kw)
 
 
 def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth: int, steps: int, lr: float,
             rule: str = "uniform", schedule: str = "cosine", optimizer: str = "adam",
-            plugin: Optional[Dict] = None) -> Dict:
+            plugin: Optional[Dict] = None, finish_steps: Optional[int] = None,
+            finish_lr: Optional[float] = None) -> Dict:
     """Train one network and return its losses, its rank profile and k*."""
     spec, task = draw(seed, split)
-    config = recipe_config(recipe, lt, data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
+    config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
                            scheme="exponential", seed=seed, data_seed=seed, n_train=spec.n_train,
                            n_test=spec.n_test, eval_every=steps, schedule=schedule, optimizer=optimizer,
                            plugin=dict(plugin or {}))
@@ -60,7 +69,8 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             "plugin": dict(plugin or {}),
             "train_loss": result.train_loss, "test_loss": result.test_loss, "val_loss": result.history["val_loss"][-1],
             "middle_rank": ranks[len(ranks) // 2], "min_rank": min(ranks[1:-1]), "ranks": ranks,
-            "middle_rank_1pct": ranks1[len(ranks1) // 2], "final_steps": result.final_steps}
+            "middle_rank_1pct": ranks1[len(ranks1) // 2], "final_steps": result.final_steps,
+            "steps": steps, "finish_steps": config.finish_steps, "finish_lr": config.finish_lr}
 
 
 def table(rows: List[Dict], recipe: str, lt: float, rules=("uniform", "equal_distance")) -> str:
@@ -114,6 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--plugin", default="{}", help="extra AdaptiveSteps keyword arguments as JSON")
+    p.add_argument("--finish-steps", type=int, default=None, help="the finish recipe's penalty-free last phase "
+                   "(default: as many steps as --steps)")
+    p.add_argument("--finish-lr", type=float, default=None, help="its lr (default: --lr)")
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
     args = p.parse_args(argv)
     if args.table:
@@ -135,7 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for rule in args.rules:
                     start = time.time()
                     r = measure(seed, args.split, lt, recipe, width=args.width, depth=args.depth, steps=args.steps,
-                                lr=args.lr, rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin))
+                                lr=args.lr, rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin),
+                                finish_steps=args.finish_steps, finish_lr=args.finish_lr)
                     rows.append(r)
                     print(f"seed {seed} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank {r['middle_rank']} "
                           f"(1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "

@@ -67,6 +67,10 @@ class RunConfig:
     branch_lr_scale: object = 1.0
     #: learning-rate schedule of the first phase: "constant" (default) or "cosine" (to 0 at its last step)
     schedule: str = "constant"
+    #: a finishing phase after the others: this many steps with the penalty off (the plugin's weight decay and
+    #: the io decay 0), a fresh optimizer of the same kind at ``finish_lr`` (None: ``lr``), the same schedule
+    finish_steps: int = 0
+    finish_lr: Optional[float] = None
 
     def decay(self) -> float:
         if self.weight_decay is not None:
@@ -187,10 +191,13 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
     x_val = getattr(task, "x_val", None)
     if x_val is not None:
         history["val_loss"] = []
-    phases = [(make_optimizer(config, model), config.steps)]
+    phases = [(make_optimizer(config, model), config.steps, config, config.schedule)]
     if config.sgd_steps:
-        phases.append((torch.optim.SGD(model.parameters(), lr=config.sgd_lr), config.sgd_steps))
-    total = sum(n for _, n in phases)
+        phases.append((torch.optim.SGD(model.parameters(), lr=config.sgd_lr), config.sgd_steps, config, "constant"))
+    if config.finish_steps:
+        fin = finishing_config(config)
+        phases.append((make_optimizer(fin, model), config.finish_steps, fin, config.schedule))
+    total = sum(n for _, n, _, _ in phases)
     bar = _progress(total, f"{config.rule} Lt={config.effective_depth:g}") if progress else None
     gen = torch.Generator().manual_seed(config.seed + 1)
     n = task.x_train.shape[0]
@@ -206,9 +213,9 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
         return tr
 
     record()
-    for phase, (inner, count) in enumerate(phases):
-        opt = _plugin(config, inner, model)
-        sched = _schedule(opt, config.schedule if phase == 0 else "constant", count)
+    for inner, count, phase_config, schedule in phases:
+        opt = _plugin(phase_config, inner, model)
+        sched = _schedule(opt, schedule, count)
         for _ in range(count):
             start = time.perf_counter()
             if config.batch_size and config.batch_size < n:
@@ -242,6 +249,16 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
         bar.close()
     return RunResult(config, history, model.step_sizes().tolist(), train_seconds / max(total, 1), reached,
                      model if keep_model else None)
+
+
+def finishing_config(config: RunConfig) -> RunConfig:
+    """The finishing phase's settings: the penalty off (plugin and io decay), lr ``finish_lr``."""
+    if isinstance(config.finish_steps, bool) or not isinstance(config.finish_steps, int) or config.finish_steps < 0:
+        raise ValueError(f"finish_steps must be an integer >= 0, got {config.finish_steps!r}")
+    if config.finish_lr is not None and not (isinstance(config.finish_lr, (int, float)) and config.finish_lr > 0):
+        raise ValueError(f"finish_lr must be None (the first phase's lr) or a number > 0, got {config.finish_lr!r}")
+    return dataclasses.replace(config, weight_decay=0.0, io_decay=None if config.io_decay is None else 0.0,
+                               lr=config.finish_lr or config.lr, plugin={**config.plugin, "weight_decay": 0.0})
 
 
 @torch.no_grad()
