@@ -9,6 +9,10 @@ must grow to the scale Lt to balance the leak, move at a rate proportional to Lt
     groups = bottleneck_param_groups(model, lr=1e-3, io_decay=0.1 / Lt, branch_lr_scale="lt")
     opt = AdaptiveSteps(torch.optim.Adam(groups, lr=1e-3), model, weight_decay=0.1 / Lt)
     ranks = representation_ranks(model, x)      # one rank per layer; the middle one is the bottleneck
+    # then a finishing phase: the penalty off, a fresh optimizer; the rank survives and the fit improves
+    opt = AdaptiveSteps(torch.optim.Adam(bottleneck_param_groups(model, lr=1e-3, io_decay=0.0,
+                                                                 branch_lr_scale="lt"), lr=1e-3),
+                        model, weight_decay=0.0)
 
 The large-Lt identity recipe (``docs/large_lt.md``): blocks built with ``branch_identity=True`` carry
 ``Lt * r * x`` in their branch; ``identity_param_groups`` trains each ``r`` at lr / Lt, so the leak it leaves,
