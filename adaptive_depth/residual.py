@@ -83,7 +83,7 @@ def _per_block(v: Tensor, n: int):
 
 
 # torch.fx.symbolic_trace (and torchvision's feature extraction) records these as opaque calls
-for _leaf in ("_coefficients", "_update", "_fused_step", "_record", "_record_all"):
+for _leaf in ("_coefficients", "_update", "_fused_step", "_record", "_record_all", "rms_normalise"):
     torch.fx.wrap(_leaf)
 
 

@@ -399,10 +399,12 @@ def test_wrapped_branch_identity_checkpoints_groups_and_unwrap():
         wrap(_small_resnet(), branch_identity="yes")
 
 
-def test_branch_identity_under_fx_and_inductor_follows_the_live_r_and_lt():
+@pytest.mark.parametrize("norm", [False, True])
+def test_branch_identity_under_fx_and_inductor_follows_the_live_r_and_lt(norm):
     torch.manual_seed(0)
     net = LeakyResNet([nn.Sequential(nn.ReLU(), nn.Linear(8, 8)) for _ in range(3)], effective_depth=3.0,
-                      scheme="exponential", branch_identity=True)
+                      scheme="exponential", branch_identity=True, branch_norm=norm,
+                      branch_gain=1.5 if norm else None)
     wrapped = wrap(_small_resnet(), effective_depth=4.0, scheme="exponential", branch_identity=True)
     x, xi = torch.randn(4, 8), torch.randn(2, 3, 32, 32)
     graphs = torch.fx.symbolic_trace(net), torch.fx.symbolic_trace(wrapped)
