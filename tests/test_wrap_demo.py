@@ -1,4 +1,6 @@
 """The wrap demo (``adaptive-depth wrap-demo``): its embedded shapes task and its run."""
+import math
+
 import pytest
 import torch
 
@@ -34,3 +36,20 @@ def test_wrap_demo_runs_and_prints_the_table(capsys, tmp_path):
     assert runs["uniform"]["steps"]["layer1"] == [1.0, 1.0]
     assert runs["adaptive"]["steps"]["layer1"] != [1.0, 1.0]
     assert wrap_demo.run(parser.parse_args(["--steps", "0"])) == 2
+
+
+@pytest.mark.parametrize("init", ["balanced", "identity"])
+def test_wrap_demo_large_lt_inits(capsys, tmp_path, init):
+    import argparse
+    import json
+    from adaptive_depth.experiments import wrap_demo
+    parser = argparse.ArgumentParser()
+    wrap_demo.add_arguments(parser)
+    out_json = tmp_path / "runs.json"
+    args = parser.parse_args(["--steps", "3", "--batch-size", "8", "--train-size", "32", "--test-size", "16",
+                              "--lt", "2", "--scheme", "exponential", "--init", init, "--json", str(out_json)])
+    assert wrap_demo.run(args) == 0
+    assert f"init {init}" in capsys.readouterr().out
+    runs = json.loads(out_json.read_text())["runs"]
+    assert all(math.isfinite(r["train_loss"]) for r in runs)
+    assert wrap_demo.run(parser.parse_args(["--init", "identity", "--lt", "0"])) == 2

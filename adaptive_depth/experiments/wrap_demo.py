@@ -97,7 +97,16 @@ def train_one(config: str, args, data) -> Dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = None
     if config != "plain":
-        wrap(model, effective_depth=0.0 if args.ramp else args.lt, scheme=args.scheme)
+        init = getattr(args, "init", "none")
+        wrap(model, effective_depth=0.0 if args.ramp else args.lt, scheme=args.scheme,
+             branch_identity=init == "identity")
+        if init == "balanced":
+            from ..residual import balance_branches_
+            balance_branches_(model)
+        elif init == "identity":  # r at lr / Lt (docs/large_lt.md)
+            from ..recipes import identity_param_groups
+            opt = torch.optim.AdamW(identity_param_groups(model, lr=args.lr), lr=args.lr,
+                                    weight_decay=args.weight_decay)
         if config == "adaptive":
             opt = AdaptiveSteps(opt, model, rule=args.rule, every=args.every)
         if args.ramp:
@@ -154,6 +163,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a small shared machine; raise it on an idle one)")
     p.add_argument("--plain", action="store_true", help="also train the unwrapped torchvision model (a third run)")
+    p.add_argument("--init", choices=["none", "balanced", "identity"], default="none",
+                   help="large Lt (docs/large_lt.md): 'balanced' scales each branch's last norm by max(1, Lt) "
+                        "(balance_branches_), 'identity' wraps with branch_identity=True (r at lr / Lt)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -163,6 +175,8 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.ramp < 0:
         raise ValueError(f"--ramp must be >= 0, got {args.ramp}")
+    if getattr(args, "init", "none") == "identity" and (args.ramp or args.lt <= 0):
+        raise ValueError("--init identity needs --lt > 0 and no --ramp (its r trains at lr / Lt)")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
 
@@ -184,7 +198,8 @@ def run(args) -> int:
     data = (x_train, y_train, x_test, y_test)
     print(f"shapes task: {len(CLASSES)} classes ({', '.join(CLASSES)}), 32x32, {args.train_size} train / "
           f"{args.test_size} test; torchvision resnet18, {args.steps} AdamW steps of {args.batch_size}, "
-          f"Lt={args.lt:g} ({args.scheme}{f', ramped over {args.ramp} steps' if args.ramp else ''}), "
+          f"Lt={args.lt:g} ({args.scheme}{f', ramped over {args.ramp} steps' if args.ramp else ''}, "
+          f"init {getattr(args, 'init', 'none')}), "
           f"adaptive rule {args.rule!r} every {args.every} steps, {args.threads} thread(s)")
     rows = []
     for config in (("plain",) if args.plain else ()) + ("uniform", "adaptive"):
