@@ -58,10 +58,10 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             finish_lr: Optional[float] = None) -> Dict:
     """Train one network and return its losses, its rank profile and k*."""
     spec, task = draw(seed, split)
-    config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
-                           scheme="exponential", seed=seed, data_seed=seed, n_train=spec.n_train,
-                           n_test=spec.n_test, eval_every=steps, schedule=schedule, optimizer=optimizer,
-                           plugin=dict(plugin or {}))
+    config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, data=spec.name, width=width,
+                           depth=depth, steps=steps, lr=lr, rule=rule, scheme="exponential", seed=seed,
+                           data_seed=seed, n_train=spec.n_train, n_test=spec.n_test, eval_every=steps,
+                           schedule=schedule, optimizer=optimizer, plugin=dict(plugin or {}))
     result = train_run(config, task, keep_model=True)
     ranks = representation_ranks(result.model, task.x_test)
     ranks1 = representation_ranks(result.model, task.x_test, threshold=0.01)
