@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .ops import step_coefficients
 from .steps import StepSizes, step_groups
+from .wrap import identity_coefficient
 
 __all__ = ["refine", "coarsen", "refine_plan", "coarsen_plan", "measure_distances", "depths", "DepthScheduler",
            "HOWS", "INITS", "STATES"]  # and DepthCallback (made on first use: it needs Lightning)
@@ -140,7 +141,7 @@ def _branch_scale_params(block: nn.Module) -> List[nn.Parameter]:
     """The parameters whose scaling scales the branch as the update sees it (``init="zero"``): the learned gain
     of a ``branch_norm`` block (the normalisation undoes any scaling of the branch's own layers), otherwise
     the weight and bias of the branch's last layer."""
-    if getattr(block, "identity", None) is not None or "leaky_identity" in block._parameters:
+    if identity_coefficient(block) is not None:
         raise ValueError("init='zero' is not exact on a block with branch_identity=True (its learned Lt * r * x "
                          "term is not scaled with the branch). Use init='copy'")
     if getattr(block, "branch_norm", False):

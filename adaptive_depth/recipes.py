@@ -27,8 +27,8 @@ from typing import Dict, List, Union
 import torch
 from torch import Tensor, nn
 
-from .residual import LeakyResidual
 from .steps import step_groups
+from .wrap import identity_coefficient
 
 __all__ = ["bottleneck_param_groups", "identity_param_groups", "representation_ranks", "middle_rank"]
 
@@ -78,7 +78,7 @@ def identity_param_groups(model: nn.Module, *, lr: float) -> List[Dict]:
     by_lt: Dict[float, List[nn.Parameter]] = {}
     found = False
     for m in model.modules():  # a LeakyResidual's .identity, or a wrapped block's leaky_identity
-        r = m._parameters.get("identity") if isinstance(m, LeakyResidual) else m._parameters.get("leaky_identity")
+        r = identity_coefficient(m)
         group = m.__dict__.get("_group", m.__dict__.get("_leaky_group"))
         found = found or r is not None
         if r is not None and group is not None and float(group.effective_depth) > 0:

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from . import rules
 from .ops import check_backend, check_effective_depth, check_scheme, fused_update
-from .residual import StepsOwner, build_steps, refuse_torchscript_trace, torchscript_error, with_identity
+from .residual import (LeakyResidual, StepsOwner, build_steps, refuse_torchscript_trace, torchscript_error,
+                       with_identity)
 from .steps import StepSizes
 
 __all__ = ["wrap", "unwrap", "register_adapter", "unregister_adapter", "Adapter", "StepGroups",
@@ -241,6 +242,11 @@ def _rebuild(cls: type) -> nn.Module:
 
 #: the learned identity coefficient r of a block wrapped with ``branch_identity=True``
 IDENTITY_NAME = "leaky_identity"
+
+
+def identity_coefficient(block: nn.Module) -> Optional[nn.Parameter]:
+    """The ``branch_identity`` coefficient r of a leaky block (a ``LeakyResidual`` or a wrapped block), or None."""
+    return block._parameters.get("identity" if isinstance(block, LeakyResidual) else IDENTITY_NAME)
 _LEAKY_ATTRS = ("_leaky_adapter", "_leaky_group", "_leaky_group_name", "_leaky_index", "_leaky_backend")
 
 

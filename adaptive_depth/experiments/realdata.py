@@ -248,12 +248,11 @@ def _param_groups(model: nn.Module, config: RealConfig) -> List[dict]:
         k = balanced_gain(config.effective_depth())
         groups.append(dict(params=gains, lr=config.lr * k, weight_decay=config.weight_decay / k))
         apart |= {id(g) for g in gains}
-    rest = [p for p in model.parameters() if id(p) not in apart]
     if config.identity and config.effective_depth() > 0:
-        first, *identity = identity_param_groups(model, lr=config.lr)
-        keep = {id(p) for p in first["params"]}
-        return [dict(params=[p for p in rest if id(p) in keep])] + groups + identity
-    return [dict(params=rest)] + groups
+        _, *identity = identity_param_groups(model, lr=config.lr)  # its first group is "everything else"
+        groups += identity
+        apart |= {id(r) for g in identity for r in g["params"]}
+    return [dict(params=[p for p in model.parameters() if id(p) not in apart])] + groups
 
 
 def _lt_ramp(model: nn.Module, config: RealConfig) -> Optional[EffectiveDepthScheduler]:
