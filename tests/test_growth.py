@@ -248,3 +248,22 @@ def test_cli_growth_budget_shortens_the_growth_arms_only(tmp_path):
             cli_main(["grow", "--tasks", "digits", "--arms", "full", "--seeds", "100", "--steps", "2",
                       "--growth-budget", bad, "--json", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_cli_depth_sets_every_arms_final_depth(tmp_path):
+    out = tmp_path / "d.json"
+    assert cli_main(["grow", "--tasks", "digits", "--arms", "full", "uniform", "--seeds", "100", "--steps", "8",
+                     "--eval-every", "4", "--width", "4", "--at", "0.25", "0.5", "0.75", "--depth", "16",
+                     "--json", str(out)]) == 0
+    full, uniform = json.loads(out.read_text())["runs"]
+    assert full["start_depth"] == 16 and full["block_steps"] == 16 * 8
+    assert uniform["start_depth"] == 2 and uniform["block_steps"] == 2 * 2 + 4 * 2 + 8 * 2 + 16 * 2
+    assert len(uniform["steps_profile"][0]) == 16 and math.isclose(sum(uniform["steps_profile"][0]), 1.0,
+                                                                   rel_tol=1e-6)
+    # 2 -> 4 -> 8 from 6 blocks is impossible: refused before any run, naming the rule
+    rule = r"depth \(the final depth\) must be a multiple of 2 \*\* len\(at\) = 4, .*got 6"
+    with pytest.raises(ValueError, match=rule):
+        cli_main(["grow", "--tasks", "digits", "--arms", "full", "uniform", "--seeds", "100", "--steps", "2",
+                  "--at", "0.3", "0.6", "--depth", "6", "--json", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
+    assert start_depth((0.5,), 12) == 6

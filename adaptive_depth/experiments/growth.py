@@ -1,7 +1,7 @@
 """``adaptive-depth grow``: does growing the network during training save time?
 
-Three arms train the same final architecture (8 leaky blocks) with the same optimizer, data order and step
-budget, on one CPU thread:
+Three arms train the same final architecture (8 leaky blocks, or ``--depth``) with the same optimizer, data
+order and step budget, on one CPU thread:
 
 - ``full``: 8 blocks from the start;
 - ``uniform``: 2 blocks, every block doubled (a copy, half the step) at two fractions of the budget
@@ -153,13 +153,16 @@ def _metric(model: nn.Module, task: Task) -> float:
     return float(task.loss_fn(pred, task.y_test))
 
 
-def start_depth(at: Sequence[float]) -> int:
-    """The depth a growth arm starts at: it doubles once per growth time and ends at ``FINAL_DEPTH``
-    (``at`` of length 1, 2, 3: 4 -> 8, 2 -> 4 -> 8, 1 -> 2 -> 4 -> 8)."""
+def start_depth(at: Sequence[float], final: int = FINAL_DEPTH) -> int:
+    """The depth a growth arm starts at: it doubles once per growth time and ends at ``final``
+    (for 8, ``at`` of length 1, 2, 3: 4 -> 8, 2 -> 4 -> 8, 1 -> 2 -> 4 -> 8)."""
     at = list(at)
     if not 1 <= len(at) <= 3 or any(not 0 < f < 1 for f in at) or at != sorted(set(at)):
         raise ValueError(f"at must list 1 to 3 increasing fractions of the budget in (0, 1), got {at!r}")
-    return FINAL_DEPTH >> len(at)
+    if isinstance(final, bool) or not isinstance(final, int) or final < 2 or final % (1 << len(at)):
+        raise ValueError(f"depth (the final depth) must be a multiple of 2 ** len(at) = {1 << len(at)}, each "
+                         f"growth doubling it; got {final!r}")
+    return final >> len(at)
 
 
 def lr_multiplier(step: int, steps: int, grow_at: Sequence[int] = (), *, rewarm: int = 0,
@@ -194,16 +197,18 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
               hold: float = 0.0, branch_norm: bool = False, lt: float = 0.0) -> Dict:
     """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric.
 
-    ``arm``: ``"full"`` (``FINAL_DEPTH`` blocks throughout), ``"uniform"`` / ``"adaptive"`` (start at
-    ``start_depth(at)`` and double at the fractions ``at`` of the budget) or ``"shallow"`` (the growth arms'
-    start depth throughout, a control). ``init``/``state``: the new blocks (``refine``). ``rewarm``, ``hold``:
-    the learning-rate schedule (``lr_multiplier``; the defaults are a plain cosine decay). ``branch_norm``:
-    the normalised branch with a learned gain (conv tasks); ``lt``: its effective depth (exponential scheme).
+    ``arm``: ``"full"`` (``settings["depth"]`` blocks throughout, default ``FINAL_DEPTH``), ``"uniform"`` /
+    ``"adaptive"`` (start at ``start_depth(at, depth)`` and double at the fractions ``at`` of the budget) or
+    ``"shallow"`` (the growth arms' start depth throughout, a control). ``init``/``state``: the new blocks
+    (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are a plain
+    cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: its effective
+    depth (exponential scheme).
     """
     _check_variant(arm, init, rewarm, hold)
     s = dict(SETTINGS[task.name] if settings is None else settings)
     torch.manual_seed(seed)
-    depth = FINAL_DEPTH if arm == "full" else start_depth(at)
+    final = s.get("depth", FINAL_DEPTH)
+    depth = final if arm == "full" else start_depth(at, final)
     model = make_model(task, depth, s["width"], branch_norm, lt)
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=1e-4)
     grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm in ("uniform", "adaptive") else []
@@ -389,6 +394,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override every task's budget (smoke tests)")
     p.add_argument("--width", type=int, default=None, help="override every task's width (channels or units): "
                    "wider blocks make the blocks, which growth saves, a larger share of a step's cost")
+    p.add_argument("--depth", type=int, default=None, help=f"every arm's final depth (default {FINAL_DEPTH}); "
+                   "the growth arms start at it halved once per growth time")
     p.add_argument("--json", dest="json_out", default=os.path.join("out", "growth.json"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
@@ -484,7 +491,7 @@ def _growth_budget(settings: Dict, fraction: float) -> Dict:
 
 def _settings(args, task_name: str) -> Dict:
     s = dict(BUDGETS[getattr(args, "budget", "short")][task_name])
-    for name in ("steps", "width"):
+    for name in ("steps", "width", "depth"):
         value = getattr(args, name, None)
         if value is not None:
             if value < 1:
@@ -519,7 +526,8 @@ def tune2_table(result: Dict) -> str:
         pct = 100.0 if _higher_better(task) else 1.0
         target = result["choice"].get(task, {}).get("target")
         cpu = _cpu_score(rs, target, _higher_better(task)) if target is not None else math.nan
-        grow = " -> ".join(str(FINAL_DEPTH >> k) for k in range(len(at), -1, -1)) + \
+        final = rs[0]["settings"].get("depth", FINAL_DEPTH)
+        grow = " -> ".join(str(final >> k) for k in range(len(at), -1, -1)) + \
             f" at {', '.join(f'{a:.2f}' for a in at)}" if at else "-"
         lines.append(f"| {task} | {arm} | {'normalised' if bn else 'plain'} | {grow} | {hold:.2f}, {rewarm} | "
                      f"{init} | {_f(_spread([r['final'] for r in rs]), pct)} | "
@@ -595,8 +603,11 @@ def run(args) -> int:
     else:
         if any(s in TUNING_SEEDS for s in args.seeds):
             print(f"note: seeds {TUNING_SEEDS} are the tuning seeds; report on held-out seeds (100+)")
+        variants = {t: _variant(args, _tuned_choice(args.tuned, t) or {}) for t in args.tasks}
+        for t, v in variants.items():  # a schedule the final depth cannot follow fails before any training
+            start_depth(v["at"], _settings(args, t).get("depth", FINAL_DEPTH))
         for task_name in args.tasks:
-            v = _variant(args, _tuned_choice(args.tuned, task_name) or {})
+            v = variants[task_name]
             for seed in args.seeds:
                 task = get_task(task_name, seed)
                 settings = _settings(args, task_name)
