@@ -44,6 +44,7 @@ from torch import nn
 
 from ..depth import refine
 from ..residual import LeakyMLP, LeakyResNet
+from .bench import _spread  # median [min, max] over seeds, counting the runs that missed
 from .data import Task, teacher
 
 __all__ = ["add_arguments", "run", "train_one", "summarize", "TASKS", "ARMS"]
@@ -277,14 +278,6 @@ def _at_time(run: Dict, cpu: float) -> float:
     return best
 
 
-def _spread(values: Sequence[Optional[float]]) -> Dict:
-    got = [v for v in values if v is not None]
-    if not got:
-        return {"median": None, "min": None, "max": None, "n": 0, "missed": len(values)}
-    return {"median": statistics.median(got), "min": min(got), "max": max(got), "n": len(got),
-            "missed": len(values) - len(got)}
-
-
 def summarize(runs: List[Dict], slack: float) -> List[Dict]:
     """Per (task, arm): final metric, cost to target, metric of the full arm at equal (CPU) time."""
     out = []
@@ -329,9 +322,9 @@ def summarize(runs: List[Dict], slack: float) -> List[Dict]:
 
 def _f(s: Dict, scale: float = 1.0, fmt: str = ".3g") -> str:
     if s["median"] is None:
-        return f"miss ({s['missed']})"
+        return f"miss ({s['missing']})"
     txt = f"{s['median'] * scale:{fmt}} [{s['min'] * scale:{fmt}}, {s['max'] * scale:{fmt}}]"
-    return txt + (f" ({s['missed']} miss)" if s["missed"] else "")
+    return txt + (f" ({s['missing']} miss)" if s["missing"] else "")
 
 
 def table(summary: List[Dict]) -> str:
