@@ -1,5 +1,6 @@
 """The task family: reproducible draws, the tuning/held-out guard, the bottleneck the teacher claims, and
 the recipe's parameter groups."""
+import json
 import math
 
 import pytest
@@ -198,3 +199,18 @@ def test_finishing_phase_turns_the_penalty_off_and_trains_on():
         opt.step()
     for p, q in zip(result.model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_bottleneck_table_cli_shows_the_rules_asked_for(tmp_path, capsys):
+    from adaptive_depth.experiments.bottleneck import main
+    rows = [{"seed": 1, "k": 2, "lt": lt, "recipe": recipe, "rule": "uniform", "middle_rank": rank,
+             "middle_rank_1pct": rank, "train_loss": 1.0, "test_loss": 1.0}
+            for lt, recipe, rank in ((0.0, "default", 9), (12.0, "c0.1+io+lt", 3))]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert main(["--table", str(path), "--rules", "uniform"]) == 0
+    only = capsys.readouterr().out
+    assert "Lt = 12 uniform" in only and "equal_distance" not in only
+    assert main(["--table", str(path)]) == 0  # the default: both rules, equal_distance's column empty here
+    both = capsys.readouterr().out
+    assert "Lt = 12 equal_distance" in both and "| 1 | 2 | 9 / 1 / 1 | 3 (3) / +0.0% / +0.0% | - |" in both

@@ -93,10 +93,10 @@ def table(rows: List[Dict], recipe: str, lt: float, rules=("uniform", "equal_dis
         for r in runs:
             if r is None:
                 out.append("-")
-            elif base is None:
-                out.append(f"{r['middle_rank']} ({r['middle_rank_1pct']}) / {r['train_loss']:.4g} / {r['test_loss']:.4g}")
             else:
-                out.append(f"{r['middle_rank']} ({r['middle_rank_1pct']}) / {r['train_loss'] / base['train_loss'] - 1:+.1%}"
+                rank = f"{r['middle_rank']} ({r['middle_rank_1pct']})"
+                out.append(f"{rank} / {r['train_loss']:.4g} / {r['test_loss']:.4g}" if base is None else
+                           f"{rank} / {r['train_loss'] / base['train_loss'] - 1:+.1%}"
                            f" / {r['test_loss'] / base['test_loss'] - 1:+.1%}")
         if base is not None and runs[0] is not None:
             counted += 1
@@ -117,7 +117,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--lt", nargs="+", type=float, default=[12.0])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    p.add_argument("--rules", nargs="+", default=["uniform"])
+    p.add_argument("--rules", nargs="+", default=None,
+                   help="step rules to train (default: uniform) or, with --table, to tabulate (default: uniform and "
+                        "equal_distance)")
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--depth", type=int, default=12)
@@ -131,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.table:
         rows = [r for path in args.table for r in json.load(open(path))["rows"]]
-        rules = tuple(args.rules) if args.rules != ["uniform"] else ("uniform", "equal_distance")
+        rules = tuple(args.rules) if args.rules else ("uniform", "equal_distance")
         md = table(rows, args.recipe, args.lt[0], rules)
         if args.md:
             with open(args.md, "w") as fh:
@@ -145,7 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for seed in args.seeds:
         for lt in args.lt:
             for recipe in args.recipes:
-                for rule in args.rules:
+                for rule in args.rules or ["uniform"]:
                     start = time.time()
                     r = measure(seed, args.split, lt, recipe, width=args.width, depth=args.depth, steps=args.steps,
                                 lr=args.lr, rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin),
