@@ -267,3 +267,27 @@ def test_cli_depth_sets_every_arms_final_depth(tmp_path):
                   "--at", "0.3", "0.6", "--depth", "6", "--json", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
     assert start_depth((0.5,), 12) == 6
+
+
+def test_growth_vs_reference_script_pairs_by_seed_by_hand(tmp_path, capsys):
+    """benchmarks/growth_vs_reference.py (the numbers of docs/depth.md Growth 6) on runs built by hand."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "growth_vs_reference.py"
+    spec = importlib.util.spec_from_file_location("growth_vs_reference", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(arm, seed, final, hit_cpu, cpu):  # curve rows: (step, wall, block_steps, metric, cpu)
+        curve = [(0, 0.0, 0, 0.1, 0.0), (10, 1.0, 5, final - 0.05, hit_cpu / 2), (20, 2.0, 10, final, hit_cpu)]
+        return {"arm": arm, "seed": seed, "final": final, "cpu_s": cpu, "curve": curve}
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"runs": [run("full", 1, 0.90, 8.0, 10.0), run("full", 2, 0.92, 6.0, 12.0)]}))
+    grown = tmp_path / "grown.json"  # target: median(0.90, 0.92) - 0.01 = 0.90
+    grown.write_text(json.dumps({"runs": [run("uniform", 1, 0.91, 2.0, 5.0), run("uniform", 2, 0.89, 3.0, 6.0)]}))
+    script.main(str(ref), str(grown))
+    out = capsys.readouterr().out
+    assert "target: the reference's median final minus 1 point = 90.0" in out
+    # seed 1: 8.0 / 2.0 = 4x; seed 2 never reaches 0.90 (0.89): a miss, counted as 0 in the second median
+    assert ("uniform  : final - reference -1.0 [-3.0, +1.0], CPU / reference's 0.50 [0.50, 0.50], "
+            "speed-up to the target 4.00 [4.00, 4.00] on 1 of 2 (median with misses as 0: 2.00)") in out
