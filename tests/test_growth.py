@@ -204,6 +204,13 @@ def test_cli_width_overrides_the_task_width_and_bad_values_are_named(tmp_path):
     assert run["settings"]["width"] == 4 and run["settings"]["steps"] == 2
     model = growth.make_model(growth.get_task("digits", 100), 8, run["settings"]["width"])
     assert model.head.in_features == 4
+    assert cli_main(["grow", "--tasks", "digits", "--arms", "full", "--seeds", "100", "--steps", "2",
+                     "--eval-every", "1", "--width", "4", "--lr", "0.0125", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["settings"]["lr"] == 0.0125
+    for bad in ("0", "nan"):
+        with pytest.raises(ValueError, match="--lr must be a finite number > 0"):
+            cli_main(["grow", "--tasks", "digits", "--arms", "full", "--seeds", "100", "--steps", "2", "--lr", bad,
+                      "--json", str(tmp_path / "bad.json")])
     with pytest.raises(ValueError, match="--width must be >= 1, got 0"):
         cli_main(["grow", "--tasks", "digits", "--arms", "full", "--seeds", "100", "--steps", "2", "--width", "0",
                   "--json", str(tmp_path / "bad.json")])

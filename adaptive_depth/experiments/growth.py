@@ -387,6 +387,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override every task's budget (smoke tests)")
     p.add_argument("--width", type=int, default=None, help="override every task's width (channels or units): "
                    "wider blocks make the blocks, which growth saves, a larger share of a step's cost")
+    p.add_argument("--lr", type=float, default=None, help="override every task's AdamW learning rate (every arm)")
     p.add_argument("--depth", type=int, default=None, help=f"every arm's final depth (default {FINAL_DEPTH}); "
                    "the growth arms start at it halved once per growth time")
     p.add_argument("--json", dest="json_out", default=os.path.join("out", "growth.json"))
@@ -490,6 +491,11 @@ def _settings(args, task_name: str) -> Dict:
             if value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
             s[name] = value
+    lr = getattr(args, "lr", None)
+    if lr is not None:
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"--lr must be a finite number > 0, got {lr}")
+        s["lr"] = lr
     return s
 
 
