@@ -298,3 +298,16 @@ def test_growth_vs_reference_script_pairs_by_seed_by_hand(tmp_path, capsys):
     # seed 1: 8.0 / 2.0 = 4x; seed 2 never reaches 0.90 (0.89): a miss, counted as 0 in the second median
     assert ("uniform  : final - reference -1.0 [-3.0, +1.0], CPU / reference's 0.50 [0.50, 0.50], "
             "speed-up to the target 4.00 [4.00, 4.00] on 1 of 2 (median with misses as 0: 2.00)") in out
+    # a loss (the teacher): the target is the reference's median x 1.01 and lower is better; a seed whose
+    # reference never reaches it is a miss too
+    def mse(arm, seed, final, hit_cpu, cpu):
+        curve = [(0, 0.0, 0, 9.0, 0.0), (10, 1.0, 5, final + 0.05, hit_cpu / 2), (20, 2.0, 10, final, hit_cpu)]
+        return {"task": "teacher", "arm": arm, "seed": seed, "final": final, "cpu_s": cpu, "curve": curve}
+    ref.write_text(json.dumps({"runs": [mse("full", 1, 0.10, 8.0, 10.0), mse("full", 2, 0.30, 6.0, 12.0)]}))
+    grown.write_text(json.dumps({"runs": [mse("uniform", 1, 0.15, 2.0, 5.0), mse("uniform", 2, 0.20, 3.0, 6.0)]}))
+    script.main(str(ref), str(grown))  # target: median(0.10, 0.30) x 1.01 = 0.202
+    out = capsys.readouterr().out
+    assert "target: the reference's median final x 1.01 = 0.202" in out
+    # seed 1: the reference's 0.15 at CPU 4.0, the arm's 0.20 at 1.0: 4x; seed 2's reference ends at 0.30
+    assert ("uniform  : final - reference -0.025 [-0.1, +0.05], CPU / reference's 0.50 [0.50, 0.50], "
+            "speed-up to the target 4.00 [4.00, 4.00] on 1 of 2 (median with misses as 0: 2.00)") in out

@@ -262,6 +262,12 @@ def _higher_better(task: str) -> bool:
     return task != "teacher"
 
 
+def target_metric(reference: float, slack: float, higher: bool) -> float:
+    """A task's target from the full arm's (median) final metric: ``slack`` below it for an accuracy, a fraction
+    ``slack`` above it for a loss."""
+    return reference - slack if higher else reference * (1 + slack)
+
+
 def _reach(run: Dict, target: float, higher: bool) -> Optional[tuple]:
     for step, wall, bs, m, cpu in run["curve"]:
         if (m >= target) if higher else (m <= target):
@@ -286,8 +292,7 @@ def summarize(runs: List[Dict], slack: float) -> List[Dict]:
         full = {r["seed"]: r for r in runs if r["task"] == task and r["arm"] == "full"}
         if not full:
             continue
-        ref = statistics.median(r["final"] for r in full.values())
-        target = ref - slack if higher else ref * (1 + slack)
+        target = target_metric(statistics.median(r["final"] for r in full.values()), slack, higher)
         for arm in ARMS:
             mine = [r for r in runs if r["task"] == task and r["arm"] == arm]
             if not mine:
@@ -447,8 +452,7 @@ def tune2(task_name: str, settings: Dict, *, slack: float, eval_every: int, seed
     for h in FULL_HOLDS[1:]:
         finals[(bn, h)] = statistics.median(r["final"] for r in batch("full", branch_norm=bn, hold=h))
     full_hold = max((k for k in finals if k[0] == bn), key=lambda k: (sign * finals[k], -k[1]))[1]
-    ref = finals[(bn, full_hold)]
-    target = ref - slack if higher else ref * (1 + slack)
+    target = target_metric(finals[(bn, full_hold)], slack, higher)
     scores: Dict[str, Dict] = {}
 
     def score(kw: Dict) -> None:
