@@ -53,3 +53,27 @@ def test_wrap_demo_large_lt_inits(capsys, tmp_path, init):
     runs = json.loads(out_json.read_text())["runs"]
     assert all(math.isfinite(r["train_loss"]) for r in runs)
     assert wrap_demo.run(parser.parse_args(["--init", "identity", "--lt", "0"])) == 2
+
+
+def test_wrap_demo_arms_selects_the_runs(tmp_path):
+    """``--arms plain`` makes only the plain run, with the same numbers it has next to the other arms (one arm of
+    an lr search); ``--plain`` puts plain first; an unknown arm is refused by the parser."""
+    import argparse
+    import json
+    from adaptive_depth.experiments import wrap_demo
+    parser = argparse.ArgumentParser()
+    wrap_demo.add_arguments(parser)
+    small = ["--steps", "3", "--batch-size", "8", "--train-size", "32", "--test-size", "16"]
+    both, alone = tmp_path / "both.json", tmp_path / "alone.json"
+    assert wrap_demo.run(parser.parse_args(small + ["--plain", "--json", str(both)])) == 0
+    assert wrap_demo.run(parser.parse_args(small + ["--arms", "plain", "--json", str(alone)])) == 0
+    runs_both = json.loads(both.read_text())["runs"]
+    runs_alone = json.loads(alone.read_text())["runs"]
+    assert [r["config"] for r in runs_both] == ["plain", "uniform", "adaptive"]
+    assert [r["config"] for r in runs_alone] == ["plain"]
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        assert runs_alone[0][key] == runs_both[0][key]
+    assert wrap_demo.arms(parser.parse_args(["--arms", "adaptive", "uniform", "adaptive", "--plain"])) == \
+        ("plain", "adaptive", "uniform")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--arms", "wide"])

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 CLASSES = ("disk", "ring", "square", "cross", "h-stripes", "v-stripes", "diagonal", "checker")
+ARMS = ("plain", "uniform", "adaptive")  # the unwrapped resnet18; wrapped with uniform steps; with AdaptiveSteps
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -97,7 +98,7 @@ def train_one(config: str, args, data) -> Dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = None
     if config != "plain":
-        init = getattr(args, "init", "none")
+        init = args.init
         wrap(model, effective_depth=0.0 if args.ramp else args.lt, scheme=args.scheme,
              branch_identity=init == "identity")
         if init == "balanced":
@@ -163,6 +164,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a small shared machine; raise it on an idle one)")
     p.add_argument("--plain", action="store_true", help="also train the unwrapped torchvision model (a third run)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=None,
+                   help="the runs to make, in this order (default: uniform adaptive, after plain with --plain); "
+                        "e.g. --arms plain for one arm of an lr search")
     p.add_argument("--init", choices=["none", "balanced", "identity"], default="none",
                    help="large Lt (docs/large_lt.md): 'balanced' scales each branch's last norm by max(1, Lt) "
                         "(balance_branches_), 'identity' wraps with branch_identity=True (r at lr / Lt)")
@@ -175,10 +179,16 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.ramp < 0:
         raise ValueError(f"--ramp must be >= 0, got {args.ramp}")
-    if getattr(args, "init", "none") == "identity" and (args.ramp or args.lt <= 0):
+    if args.init == "identity" and (args.ramp or args.lt <= 0):
         raise ValueError("--init identity needs --lt > 0 and no --ramp (its r trains at lr / Lt)")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+
+
+def arms(args) -> Tuple[str, ...]:
+    """The runs to make: ``--arms`` in its order (plain first if ``--plain`` adds it), else uniform and adaptive."""
+    chosen = tuple(dict.fromkeys(args.arms)) if args.arms else ("uniform", "adaptive")
+    return (("plain",) if args.plain and "plain" not in chosen else ()) + chosen
 
 
 def run(args) -> int:
@@ -199,10 +209,10 @@ def run(args) -> int:
     print(f"shapes task: {len(CLASSES)} classes ({', '.join(CLASSES)}), 32x32, {args.train_size} train / "
           f"{args.test_size} test; torchvision resnet18, {args.steps} AdamW steps of {args.batch_size}, "
           f"Lt={args.lt:g} ({args.scheme}{f', ramped over {args.ramp} steps' if args.ramp else ''}, "
-          f"init {getattr(args, 'init', 'none')}), "
+          f"init {args.init}), "
           f"adaptive rule {args.rule!r} every {args.every} steps, {args.threads} thread(s)")
     rows = []
-    for config in (("plain",) if args.plain else ()) + ("uniform", "adaptive"):
+    for config in arms(args):
         rows.append(train_one(config, args, data))
         print(f"  {config}: done ({rows[-1]['ms_per_step']:.0f} ms/step)", flush=True)
     print()
