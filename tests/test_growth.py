@@ -242,6 +242,28 @@ def test_cli_lt_runs_every_arm_at_that_effective_depth(tmp_path):
     assert "--lt 4.0" in json.loads(out.read_text())["meta"]["command"]
 
 
+def test_cli_lt_sets_the_teachers_effective_depth_and_is_checked_first(tmp_path):
+    """The teacher's LeakyMLP takes --lt (default TEACHER_LT = 2); a conv task's --lt > 0 without the
+    normalised branch is refused before any run, naming lt."""
+    out = tmp_path / "t.json"
+    assert cli_main(["grow", "--tasks", "teacher", "--arms", "full", "uniform", "--seeds", "100", "--steps", "4",
+                     "--eval-every", "2", "--at", "0.5", "--lt", "8", "--json", str(out)]) == 0
+    full, uniform = json.loads(out.read_text())["runs"]
+    assert full["lt"] == uniform["lt"] == 8.0
+    task = get_task("teacher", 100)
+    assert growth.make_model(task, 2, 8).effective_depth == growth.TEACHER_LT == 2.0
+    assert growth.make_model(task, 2, 8, lt=8.0).effective_depth == 8.0
+    default = tmp_path / "d.json"
+    assert cli_main(["grow", "--tasks", "teacher", "--arms", "full", "--seeds", "100", "--steps", "2",
+                     "--eval-every", "2", "--json", str(default)]) == 0
+    assert json.loads(default.read_text())["runs"][0]["lt"] == 2.0
+    for bad in (["--lt", "-1"], ["--lt", "nan"], ["--lt", "4", "--branch-norm", "off"]):
+        with pytest.raises(ValueError, match="lt"):
+            cli_main(["grow", "--tasks", "teacher", "digits", "--arms", "full", "--seeds", "100", "--steps", "2",
+                      "--json", str(tmp_path / "bad.json")] + bad)
+        assert not (tmp_path / "bad.json").exists()
+
+
 def test_cli_growth_budget_shortens_the_growth_arms_only(tmp_path):
     out = tmp_path / "gb.json"
     assert cli_main(["grow", "--tasks", "digits", "--arms", "full", "uniform", "shallow", "--seeds", "100",

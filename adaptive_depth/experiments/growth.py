@@ -56,6 +56,7 @@ HELD_OUT_SEEDS = (100, 101, 102, 103, 104)
 #: the grid tuned on seeds 0-1: growth times (fractions of the budget) and the new blocks' optimizer state
 TUNE_GRID = [{"at": at, "state": st} for at in ((0.2, 0.4), (1 / 3, 2 / 3)) for st in ("fresh", "copy")]
 FINAL_DEPTH, START_DEPTH = 8, 2
+TEACHER_LT = 2.0  # the teacher's LeakyMLP (exponential scheme); the conv tasks' default is 0
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -112,18 +113,29 @@ class ConvNet(nn.Module):
         return self.head(h.flatten(2).mean(2))
 
 
-def make_model(task: Task, depth: int, width: int, branch_norm: bool = False, lt: float = 0.0) -> nn.Module:
+def check_lt(task_name: str, lt: Optional[float], branch_norm: bool = False) -> float:
+    """The effective depth a task's network gets (``lt``, or the task's default), validated."""
+    if lt is None:
+        return TEACHER_LT if task_name == "teacher" else 0.0
     if not (isinstance(lt, (int, float)) and not isinstance(lt, bool) and math.isfinite(lt) and lt >= 0):
-        raise ValueError(f"lt (the conv nets' effective depth) must be a finite number >= 0, got {lt!r}")
-    if lt > 0 and (task.name == "teacher" or not branch_norm):
-        raise ValueError("lt > 0 needs a conv task (mnist1d, digits) with branch_norm=True (the large-Lt recipe)")
+        raise ValueError(f"lt (the network's effective depth) must be a finite number >= 0, got {lt!r}")
+    if lt > 0 and task_name != "teacher" and not branch_norm:
+        raise ValueError("lt > 0 on a conv task (mnist1d, digits) needs branch_norm=True (the large-Lt recipe)")
+    return float(lt)
+
+
+def make_model(task: Task, depth: int, width: int, branch_norm: bool = False,
+               lt: Optional[float] = None) -> nn.Module:
+    """The task's network. ``lt``: its effective depth; conv tasks: default 0, > 0 needs ``branch_norm`` (the
+    large-Lt recipe, exponential scheme); the teacher's ``LeakyMLP``: default ``TEACHER_LT`` (exponential)."""
+    lt = check_lt(task.name, lt, branch_norm)
     if task.name == "mnist1d":
         return ConvNet(1, 1, width, depth, 10, branch_norm, lt)
     if task.name == "digits":
         return ConvNet(2, 1, width, depth, 10, branch_norm, lt)
     if branch_norm:
         raise ValueError("branch_norm applies to the conv tasks (mnist1d, digits), not the teacher's LeakyMLP")
-    return LeakyMLP(task.in_dim, task.out_dim, width=width, depth=depth, effective_depth=2.0,
+    return LeakyMLP(task.in_dim, task.out_dim, width=width, depth=depth, effective_depth=float(lt),
                     scheme="exponential")
 
 
@@ -195,21 +207,22 @@ def _check_variant(arm: str, init: str, rewarm: int, hold: float) -> None:
 
 def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str = "fresh",
               eval_every: int = 50, settings: Optional[Dict] = None, init: str = "copy", rewarm: int = 0,
-              hold: float = 0.0, branch_norm: bool = False, lt: float = 0.0) -> Dict:
+              hold: float = 0.0, branch_norm: bool = False, lt: Optional[float] = None) -> Dict:
     """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric.
 
     ``arm``: ``"full"`` (``settings["depth"]`` blocks throughout, default ``FINAL_DEPTH``), ``"uniform"`` /
     ``"adaptive"`` (start at ``start_depth(at, depth)`` and double at the fractions ``at`` of the budget) or
     ``"shallow"`` (the growth arms' start depth throughout, a control). ``init``/``state``: the new blocks
     (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are a plain
-    cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: its effective
-    depth (exponential scheme).
+    cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: the effective
+    depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``).
     """
     _check_variant(arm, init, rewarm, hold)
     s = dict(SETTINGS[task.name] if settings is None else settings)
     torch.manual_seed(seed)
     final = s.get("depth", FINAL_DEPTH)
     depth = final if arm == "full" else start_depth(at, final)
+    lt = check_lt(task.name, lt, branch_norm)
     model = make_model(task, depth, s["width"], branch_norm, lt)
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=1e-4)
     grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm in ("uniform", "adaptive") else []
@@ -386,8 +399,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="target: full arm's median final accuracy minus this (or its test MSE times 1 + this)")
     p.add_argument("--growth-budget", type=float, default=1.0, help="held-out runs: the growth and shallow arms "
                    "train this fraction of the full arm's steps (default 1: the same budget)")
-    p.add_argument("--lt", type=float, default=None, help="held-out runs: the conv nets' effective depth "
-                   "(exponential scheme, normalised branch; default 0)")
+    p.add_argument("--lt", type=float, default=None, help="held-out runs: every task's effective depth: the conv "
+                   f"nets' (exponential scheme, needs --branch-norm on; default 0), the teacher's LeakyMLP (default "
+                   f"{TEACHER_LT:g})")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--steps", type=int, default=None, help="override every task's budget (smoke tests)")
     p.add_argument("--width", type=int, default=None, help="override every task's width (channels or units): "
@@ -512,7 +526,7 @@ def _variant(args, tuned: Dict) -> Dict:
             "state": pick("state", "fresh"), "init": pick("init", "copy"), "rewarm": pick("rewarm", 0),
             "hold": pick("hold", 0.0), "full_hold": pick("full_hold", 0.0),
             "branch_norm": bool(tuned.get("branch_norm", False)) if bn is None else bn == "on",
-            "lt": getattr(args, "lt", None) or 0.0}
+            "lt": getattr(args, "lt", None)}
 
 
 def tune2_table(result: Dict) -> str:
@@ -609,6 +623,7 @@ def run(args) -> int:
         variants = {t: _variant(args, _tuned_choice(args.tuned, t) or {}) for t in args.tasks}
         for t, v in variants.items():  # a schedule the final depth cannot follow fails before any training
             start_depth(v["at"], _settings(args, t).get("depth", FINAL_DEPTH))
+            check_lt(t, v["lt"], v["branch_norm"])
         for task_name in args.tasks:
             v = variants[task_name]
             for seed in args.seeds:
