@@ -7,10 +7,15 @@ teacher); speed-up: the reference's CPU seconds to the target over the arm's, pe
 never reaches the target counts as a miss.
 
     python benchmarks/growth_vs_reference.py REFERENCE.json GROWN.json
+    python benchmarks/growth_vs_reference.py RUNS.json RUNS.json --ref-arm uniform   # adaptive vs uniform growth
+
+``--ref-arm``: the reference file's arm to measure against (default ``full``); ``--by``: the speed-up in CPU
+seconds (default), optimizer steps or block-steps (both free of machine noise, so the measure for two growth arms
+of equal cost per step). For a loss the paired final ratio (arm / reference) is printed too.
 """
+import argparse
 import json
 import statistics
-import sys
 
 from adaptive_depth.experiments.growth import _higher_better, _reach, target_metric
 
@@ -21,17 +26,20 @@ def _spread(values, fmt):
     return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
 
 
-def main(reference: str, grown: str) -> None:
-    ref = {r["seed"]: r for r in json.load(open(reference))["runs"] if r["arm"] == "full"}
+def main(reference: str, grown: str, ref_arm: str = "full", by: str = "cpu") -> None:
+    ref = {r["seed"]: r for r in json.load(open(reference))["runs"] if r["arm"] == ref_arm}
+    if not ref:
+        raise SystemExit(f"{reference} has no runs of arm {ref_arm!r} (--ref-arm)")
     runs = json.load(open(grown))["runs"]
     higher = _higher_better(next(iter(ref.values())).get("task", ""))
     target = target_metric(statistics.median(r["final"] for r in ref.values()), SLACK, higher)
     scale, unit = (100, "+.1f") if higher else (1, "+.2g")
 
     def cpu_to_target(run):
-        reached = _reach(run, target, higher)
-        return reached[1] if reached else None
+        reached = _reach(run, target, higher)  # (step, cpu, block_steps, wall)
+        return reached[{"steps": 0, "cpu": 1, "block-steps": 2}[by]] if reached else None
 
+    print(f"reference: the {ref_arm} arm; speed-up in {by}")
     print(f"target: the reference's median final {'minus 1 point' if higher else 'x 1.01'} = "
           f"{scale * target:{'.1f' if higher else '.4g'}}")
     for arm in ("full", "uniform", "adaptive"):
@@ -49,8 +57,19 @@ def main(reference: str, grown: str) -> None:
                 f", speed-up to the target {_spread(got, '.2f') if got else '-'} on {len(got)} of {len(speed)}")
         if len(got) < len(speed):
             line += f" (median with misses as 0: {statistics.median([s or 0 for s in speed]):.2f})"
+        if not higher:
+            ratio = [r["final"] / ref[r["seed"]]["final"] for r in rows]
+            line += (f", final / reference's {_spread(ratio, '.3f')}, lower on "
+                     f"{sum(q < 1 for q in ratio)} of {len(ratio)}")
         print(line)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("reference")
+    cli.add_argument("grown")
+    cli.add_argument("--ref-arm", default="full", choices=["full", "uniform", "adaptive", "shallow"])
+    cli.add_argument("--by", default="cpu", choices=["cpu", "steps", "block-steps"],
+                     help="measure the speed-up in CPU seconds (default), optimizer steps or block-steps")
+    a = cli.parse_args()
+    main(a.reference, a.grown, a.ref_arm, a.by)

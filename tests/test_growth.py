@@ -333,3 +333,24 @@ def test_growth_vs_reference_script_pairs_by_seed_by_hand(tmp_path, capsys):
     # seed 1: the reference's 0.15 at CPU 4.0, the arm's 0.20 at 1.0: 4x; seed 2's reference ends at 0.30
     assert ("uniform  : final - reference -0.025 [-0.1, +0.05], CPU / reference's 0.50 [0.50, 0.50], "
             "speed-up to the target 4.00 [4.00, 4.00] on 1 of 2 (median with misses as 0: 2.00)") in out
+    # the loss's paired final ratio: 0.15 / 0.10 and 0.20 / 0.30
+    assert "final / reference's 1.083 [0.667, 1.500], lower on 1 of 2" in out
+    # adaptive against the uniform arm of the same file, in optimizer steps: target median(0.15, 0.20) x 1.01
+    # = 0.17675. Uniform seed 1 (0.20 at step 10, 0.15 at 20) reaches it at step 20, seed 2 (0.25, 0.20) never;
+    # adaptive seed 1 is set to 0.17 at step 10
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"runs": [mse("uniform", 1, 0.15, 2.0, 5.0), mse("uniform", 2, 0.20, 3.0, 6.0),
+                                         mse("adaptive", 1, 0.12, 9.0, 5.0), mse("adaptive", 2, 0.18, 3.0, 6.0)]}))
+    both_runs = json.loads(both.read_text())["runs"]
+    both_runs[2]["curve"][1] = (10, 1.0, 5, 0.17, 4.5)  # adaptive seed 1 is below the target at step 10
+    both.write_text(json.dumps({"runs": both_runs}))
+    script.main(str(both), str(both), "uniform", "steps")
+    out = capsys.readouterr().out
+    assert "reference: the uniform arm; speed-up in steps" in out
+    assert "target: the reference's median final x 1.01 = 0.1767" in out
+    # seed 1: uniform at step 20, adaptive at step 10: 2x; seed 2: uniform ends at 0.20 > target: a miss
+    assert ("adaptive : final - reference -0.025 [-0.03, -0.02], CPU / reference's 1.00 [1.00, 1.00], "
+            "speed-up to the target 2.00 [2.00, 2.00] on 1 of 2 (median with misses as 0: 1.00), "
+            "final / reference's 0.850 [0.800, 0.900], lower on 2 of 2") in out
+    with pytest.raises(SystemExit, match="no runs of arm 'shallow'"):
+        script.main(str(both), str(both), "shallow")
