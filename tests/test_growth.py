@@ -354,3 +354,23 @@ def test_growth_vs_reference_script_pairs_by_seed_by_hand(tmp_path, capsys):
             "final / reference's 0.850 [0.800, 0.900], lower on 2 of 2") in out
     with pytest.raises(SystemExit, match="no runs of arm 'shallow'"):
         script.main(str(both), str(both), "shallow")
+
+
+def test_recorded_command_reruns_the_same_run(tmp_path):
+    """The command a result file records parses back (no '--command grow') to the same options, with the
+    growth times written in full (0.3333333, not 0.333333)."""
+    import shlex
+    from adaptive_depth.experiments.cli import build_parser
+    out = tmp_path / "c.json"
+    argv = ["grow", "--tasks", "teacher", "--arms", "full", "uniform", "--seeds", "100", "--steps", "3",
+            "--eval-every", "3", "--at", "0.3333333", "--lt", "8", "--lr", "0.01", "--json", str(out)]
+    assert cli_main(argv) == 0
+    command = json.loads(out.read_text())["meta"]["command"]
+    assert "--command" not in command and "--at 0.3333333 " in command
+    words = shlex.split(command)
+    assert words[0] == "adaptive-depth"
+    parser = build_parser()
+    again, first = vars(parser.parse_args(words[1:])), vars(parser.parse_args(argv))
+    for args in (again, first):
+        args.pop("_run")
+    assert again == first

@@ -42,6 +42,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from . import candidates
+from ._common import command_argv as _argv, spread as _spread
 from .data import TASKS, get_task
 from .suite import add_suite_arguments, run_from_args as run_suite_from_args
 from .train import RunConfig, format_table, run as train_run
@@ -243,14 +244,6 @@ def _first_step(record: Dict, goal: float) -> Optional[int]:
     return next((s for s, v in zip(c.get("step", []), c.get("test_loss", [])) if v <= goal), None)
 
 
-def _spread(values: Sequence[Optional[float]]) -> Dict:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"median": None, "min": None, "max": None, "n": 0, "missing": len(values)}
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals),
-            "missing": len(values) - len(vals)}
-
-
 def summarize(records: List[Dict], baseline: str = "uniform") -> List[Dict]:
     """Median and min/max over seeds per (task, Lt, rule), with paired ratios to ``baseline``."""
     groups: Dict[tuple, List[Dict]] = {}
@@ -378,16 +371,3 @@ def _meta(args, seconds: float) -> Dict:
             "seconds": seconds, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
 
 
-def _argv(args) -> List[str]:
-    out = []
-    for k, v in vars(args).items():
-        if k.startswith("_") or k == "command" or v is None or v is False:
-            continue
-        flag = "--" + ("json" if k == "json_out" else k.replace("_", "-"))
-        if v is True:
-            out.append(flag)
-        elif isinstance(v, (list, tuple)):
-            out += [flag] + [f"{x:g}" if isinstance(x, float) else str(x) for x in v]
-        else:
-            out += [flag, str(v)]
-    return out

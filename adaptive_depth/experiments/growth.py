@@ -44,7 +44,7 @@ from torch import nn
 
 from ..depth import refine
 from ..residual import LeakyMLP, LeakyResNet
-from .bench import _spread  # median [min, max] over seeds, counting the runs that missed
+from ._common import command_argv as _argv, spread as _spread
 from .data import Task, teacher
 
 __all__ = ["add_arguments", "run", "train_one", "summarize", "TASKS", "ARMS"]
@@ -657,19 +657,6 @@ def _dump(path: str, result: Dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as fh:
         json.dump(result, fh, indent=1)
-
-
-def _argv(args) -> List[str]:
-    out = []
-    for k, v in vars(args).items():
-        if k.startswith("_") or v is None or v is False:
-            continue
-        flag = "--" + k.replace("_", "-") if k != "json_out" else "--json"
-        if v is True:
-            out.append(flag)
-        else:
-            out += [flag] + ([str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)])
-    return out
 
 
 def _log(r: Dict) -> None:
