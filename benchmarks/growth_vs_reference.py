@@ -42,7 +42,7 @@ def main(reference: str, grown: str, ref_arm: str = "full", by: str = "cpu") -> 
     print(f"reference: the {ref_arm} arm; speed-up in {by}")
     print(f"target: the reference's median final {'minus 1 point' if higher else 'x 1.01'} = "
           f"{scale * target:{'.1f' if higher else '.4g'}}")
-    for arm in ("full", "uniform", "adaptive"):
+    for arm in ("full", "uniform", "adaptive", "mirror"):
         rows = [r for r in runs if r["arm"] == arm]
         if not rows:
             continue
@@ -68,7 +68,7 @@ if __name__ == "__main__":
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("reference")
     cli.add_argument("grown")
-    cli.add_argument("--ref-arm", default="full", choices=["full", "uniform", "adaptive", "shallow"])
+    cli.add_argument("--ref-arm", default="full", choices=["full", "uniform", "adaptive", "shallow", "mirror"])
     cli.add_argument("--by", default="cpu", choices=["cpu", "steps", "block-steps"],
                      help="measure the speed-up in CPU seconds (default), optimizer steps or block-steps")
     a = cli.parse_args()

@@ -374,3 +374,18 @@ def test_recorded_command_reruns_the_same_run(tmp_path):
     for args in (again, first):
         args.pop("_run")
     assert again == first
+
+
+def test_mirror_arm_reverses_the_adaptive_allocation(tmp_path):
+    """The control arm ``mirror`` grows with adaptive refinement's measured allocation reversed: after one growth
+    (same model and batches until then) its steps are the adaptive arm's in reverse, uneven, summing to T."""
+    out = tmp_path / "m.json"
+    assert cli_main(["grow", "--tasks", "teacher", "--arms", "adaptive", "mirror", "uniform", "--seeds", "100",
+                     "--steps", "4", "--eval-every", "2", "--at", "0.75", "--depth", "16", "--lt", "8",
+                     "--json", str(out)]) == 0
+    adaptive, mirror, uniform = json.loads(out.read_text())["runs"]
+    a, m = adaptive["steps_profile"][0], mirror["steps_profile"][0]
+    assert len(a) == len(m) == 16 and max(a) > min(a) and a != a[::-1]
+    assert m == pytest.approx(a[::-1], rel=1e-12) and sum(m) == pytest.approx(1.0, rel=1e-6)  # float32 steps
+    assert uniform["steps_profile"][0] == pytest.approx([1 / 16] * 16)
+    assert mirror["start_depth"] == adaptive["start_depth"] == 8

@@ -9,6 +9,9 @@ order and step budget, on one CPU thread:
 - ``adaptive``: 2 blocks, grown to 4 then 8 at the same times, the pieces going to the blocks with the
   largest measured step-distance (``refine(how="adaptive")``, measured on the current batch).
 
+Controls (``--arms``): ``shallow`` (the start depth throughout) and ``mirror`` (adaptive's measured allocation
+reversed, the same uneven steps at the other end of each group: does it matter *where* the steps go?).
+
 Tasks: MNIST-1D (1-D conv Leaky ResNet, blocks relu -> conv -> GroupNorm, RESEARCH.md section 3),
 scikit-learn digits (a small 2-D conv Leaky ResNet, same blocks), the paper's teacher 30 -> 3 -> 30 (a
 ``LeakyMLP``, Lt = 2, exponential scheme; test MSE instead of accuracy). Steps are fixed (no
@@ -42,7 +45,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..depth import refine
+from ..depth import _apply_refine, refine, refine_plan
 from ..residual import LeakyMLP, LeakyResNet
 from ._common import command_argv as _argv, spread as _spread
 from .data import Task, teacher
@@ -50,7 +53,8 @@ from .data import Task, teacher
 __all__ = ["add_arguments", "run", "train_one", "summarize", "TASKS", "ARMS"]
 
 TASKS = ("mnist1d", "digits", "teacher")
-ARMS = ("full", "uniform", "adaptive", "shallow")
+ARMS = ("full", "uniform", "adaptive", "shallow", "mirror")
+GROWING = ("uniform", "adaptive", "mirror")
 TUNING_SEEDS = (0, 1)
 HELD_OUT_SEEDS = (100, 101, 102, 103, 104)
 #: the grid tuned on seeds 0-1: growth times (fractions of the budget) and the new blocks' optimizer state
@@ -212,7 +216,9 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
 
     ``arm``: ``"full"`` (``settings["depth"]`` blocks throughout, default ``FINAL_DEPTH``), ``"uniform"`` /
     ``"adaptive"`` (start at ``start_depth(at, depth)`` and double at the fractions ``at`` of the budget) or
-    ``"shallow"`` (the growth arms' start depth throughout, a control). ``init``/``state``: the new blocks
+    ``"shallow"`` (the growth arms' start depth throughout, a control) or ``"mirror"`` (a control for
+    ``"adaptive"``: its measured allocation reversed within each group, so the same uneven steps sit at the other
+    end). ``init``/``state``: the new blocks
     (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are a plain
     cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: the effective
     depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``).
@@ -225,7 +231,7 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     lt = check_lt(task.name, lt, branch_norm)
     model = make_model(task, depth, s["width"], branch_norm, lt)
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=1e-4)
-    grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm in ("uniform", "adaptive") else []
+    grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm in GROWING else []
     if rewarm == 0 and hold == 0:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["steps"])  # the first benchmark's
     else:
@@ -250,8 +256,12 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
         opt.zero_grad(set_to_none=True)
         block_steps += blocks  # the blocks this step trained (before any growth after it)
         if step in grow_at:
-            refine(model, opt, how="uniform" if arm == "uniform" else "adaptive", state=state, init=init,
-                   inputs=x if arm == "adaptive" else None)
+            if arm == "mirror":
+                plan = refine_plan(model, how="adaptive", inputs=x)
+                plan.update(pieces=[p[::-1] for p in plan["pieces"]], init=init, state=state)
+                _apply_refine(model, opt, plan)
+            else:
+                refine(model, opt, how=arm, state=state, init=init, inputs=x if arm == "adaptive" else None)
             blocks = sum(g.depth for g in _groups(model))
         sched.step()  # after a growth: the new parameters are in the groups the scheduler sets
         wall += time.perf_counter() - t0
