@@ -389,3 +389,25 @@ def test_mirror_arm_reverses_the_adaptive_allocation(tmp_path):
     assert m == pytest.approx(a[::-1], rel=1e-12) and sum(m) == pytest.approx(1.0, rel=1e-6)  # float32 steps
     assert uniform["steps_profile"][0] == pytest.approx([1 / 16] * 16)
     assert mirror["start_depth"] == adaptive["start_depth"] == 8
+
+
+def test_family_task_draws_from_the_split_of_its_seed(tmp_path):
+    """``--tasks family``: seed S is task S of tasks.py's family (its data; grow's LeakyMLP settings), a seed in
+    neither split is refused before any run, naming both ranges; the default tasks stay the three benchmarks."""
+    from adaptive_depth.experiments.tasks import draw
+    t = get_task("family", 1003)
+    _, ref = draw(1003, "heldout")
+    assert t.name == "family" and torch.equal(t.x_train, ref.x_train) and torch.equal(t.y_test, ref.y_test)
+    assert growth.make_model(t, 2, 8, lt=4.0).effective_depth == 4.0
+    assert growth.family_split(5) == "tuning" and growth.family_split(1999) == "heldout"
+    out = tmp_path / "f.json"
+    assert cli_main(["grow", "--tasks", "family", "--arms", "full", "adaptive", "--seeds", "1000", "--steps", "4",
+                     "--eval-every", "2", "--at", "0.5", "--lt", "8", "--json", str(out)]) == 0
+    full, adaptive = json.loads(out.read_text())["runs"]
+    assert full["task"] == "family" and full["lt"] == adaptive["lt"] == 8.0 and math.isfinite(full["final"])
+    with pytest.raises(ValueError, match=r"tuning seeds 0-99 or held-out seeds 1000-1999.*got 100"):
+        cli_main(["grow", "--tasks", "teacher", "family", "--arms", "full", "--seeds", "1000", "100", "--steps", "2",
+                  "--json", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
+    from adaptive_depth.experiments.cli import build_parser
+    assert build_parser().parse_args(["grow"]).tasks == ["mnist1d", "digits", "teacher"]

@@ -52,7 +52,8 @@ from .data import Task, teacher
 
 __all__ = ["add_arguments", "run", "train_one", "summarize", "TASKS", "ARMS"]
 
-TASKS = ("mnist1d", "digits", "teacher")
+TASKS = ("mnist1d", "digits", "teacher", "family")
+MLP_TASKS = ("teacher", "family")  # a LeakyMLP on a teacher's data, test MSE
 ARMS = ("full", "uniform", "adaptive", "shallow", "mirror")
 GROWING = ("uniform", "adaptive", "mirror")
 TUNING_SEEDS = (0, 1)
@@ -88,7 +89,21 @@ def get_task(name: str, seed: int) -> Task:
         t = teacher((30, 3, 30), n_train=1000, n_test=1000, seed=seed)
         t.name = "teacher"
         return t
+    if name == "family":  # tasks.py's teacher family: only its data (grow's own width, depth and batch)
+        from .tasks import draw
+        _, t = draw(seed, family_split(seed))
+        return Task("family", t.x_train, t.y_train, t.x_test, t.y_test, "mse")
     raise ValueError(f"task must be one of {TASKS}, got {name!r}")
+
+
+def family_split(seed: int) -> str:
+    """The split of the teacher family a seed draws from: "tuning" (0-99) or "heldout" (1000-1999)."""
+    from .tasks import SPLITS
+    for split, seeds in SPLITS.items():
+        if not isinstance(seed, bool) and isinstance(seed, int) and seed in seeds:
+            return split
+    raise ValueError("seeds of task 'family' must be tuning seeds 0-99 or held-out seeds 1000-1999 (tasks.py), "
+                     f"got {seed!r}")
 
 
 def _conv_block(conv: type, width: int) -> nn.Module:
@@ -120,10 +135,10 @@ class ConvNet(nn.Module):
 def check_lt(task_name: str, lt: Optional[float], branch_norm: bool = False) -> float:
     """The effective depth a task's network gets (``lt``, or the task's default), validated."""
     if lt is None:
-        return TEACHER_LT if task_name == "teacher" else 0.0
+        return TEACHER_LT if task_name in MLP_TASKS else 0.0
     if not (isinstance(lt, (int, float)) and not isinstance(lt, bool) and math.isfinite(lt) and lt >= 0):
         raise ValueError(f"lt (the network's effective depth) must be a finite number >= 0, got {lt!r}")
-    if lt > 0 and task_name != "teacher" and not branch_norm:
+    if lt > 0 and task_name not in MLP_TASKS and not branch_norm:
         raise ValueError("lt > 0 on a conv task (mnist1d, digits) needs branch_norm=True (the large-Lt recipe)")
     return float(lt)
 
@@ -148,12 +163,14 @@ def make_model(task: Task, depth: int, width: int, branch_norm: bool = False,
 #: MNIST-1D net takes ~0.1 s
 SETTINGS = {"mnist1d": dict(width=16, steps=400, batch=64, lr=5e-3),
             "digits": dict(width=12, steps=300, batch=32, lr=5e-3),
-            "teacher": dict(width=64, steps=600, batch=128, lr=3e-3)}
+            "teacher": dict(width=64, steps=600, batch=128, lr=3e-3),
+            "family": dict(width=64, steps=600, batch=128, lr=3e-3)}
 #: growth2: budgets 3-4x the first benchmark's (digits: the full net reaches 96.7% by step 600 of a
 #: 1200-step run, growth_long_digits.md; MNIST-1D at width 16: ~86% after 1200 steps, still rising)
 SETTINGS_LONG = {"mnist1d": dict(width=16, steps=1200, batch=64, lr=5e-3),
                  "digits": dict(width=12, steps=1000, batch=32, lr=5e-3),
-                 "teacher": dict(width=64, steps=1200, batch=128, lr=3e-3)}
+                 "teacher": dict(width=64, steps=1200, batch=128, lr=3e-3),
+                 "family": dict(width=64, steps=1200, batch=128, lr=3e-3)}
 BUDGETS = {"short": SETTINGS, "long": SETTINGS_LONG}
 
 
@@ -282,7 +299,7 @@ def _groups(model):
 
 # ---------------------------------------------------------------------------------------- summary
 def _higher_better(task: str) -> bool:
-    return task != "teacher"
+    return task not in MLP_TASKS
 
 
 def target_metric(reference: float, slack: float, higher: bool) -> float:
@@ -381,7 +398,9 @@ def table(summary: List[Dict]) -> str:
 
 # -------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS[:3]),
+                   help="'family': a teacher of tasks.py's family per seed (seeds 0-99 tuning, 1000-1999 held out), "
+                        "trained with the teacher's settings")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=["full", "uniform", "adaptive"])
     p.add_argument("--seeds", nargs="+", type=int, default=list(HELD_OUT_SEEDS),
                    help="held-out seeds (100+) to report on")
@@ -634,6 +653,9 @@ def run(args) -> int:
         for t, v in variants.items():  # a schedule the final depth cannot follow fails before any training
             start_depth(v["at"], _settings(args, t).get("depth", FINAL_DEPTH))
             check_lt(t, v["lt"], v["branch_norm"])
+            if t == "family":
+                for seed in args.seeds:
+                    family_split(seed)
         for task_name in args.tasks:
             v = variants[task_name]
             for seed in args.seeds:
