@@ -11,7 +11,8 @@ never reaches the target counts as a miss.
 
 ``--ref-arm``: the reference file's arm to measure against (default ``full``); ``--by``: the speed-up in CPU
 seconds (default), optimizer steps or block-steps (both free of machine noise, so the measure for two growth arms
-of equal cost per step). For a loss the paired final ratio (arm / reference) is printed too.
+of equal cost per step). For a loss the paired final ratio (arm / reference) is printed too, on the test set and,
+for runs that recorded it, the training set.
 """
 import argparse
 import json
@@ -61,6 +62,11 @@ def main(reference: str, grown: str, ref_arm: str = "full", by: str = "cpu") -> 
             ratio = [r["final"] / ref[r["seed"]]["final"] for r in rows]
             line += (f", final / reference's {_spread(ratio, '.3f')}, lower on "
                      f"{sum(q < 1 for q in ratio)} of {len(ratio)}")
+            train = [r["final_train"] / ref[r["seed"]]["final_train"] for r in rows
+                     if "final_train" in r and "final_train" in ref[r["seed"]]]
+            if train:  # runs since the train metric was recorded
+                line += (f"; train: final / reference's {_spread(train, '.3f')}, lower on "
+                         f"{sum(q < 1 for q in train)} of {len(train)}")
         print(line)
 
 

@@ -250,6 +250,8 @@ def test_cli_lt_sets_the_teachers_effective_depth_and_is_checked_first(tmp_path)
                      "--eval-every", "2", "--at", "0.5", "--lt", "8", "--json", str(out)]) == 0
     full, uniform = json.loads(out.read_text())["runs"]
     assert full["lt"] == uniform["lt"] == 8.0
+    # the train MSE recorded at the end, by hand: the loss on the training set of the same teacher
+    assert math.isfinite(full["final_train"]) and full["final_train"] != full["final"]
     task = get_task("teacher", 100)
     assert growth.make_model(task, 2, 8).effective_depth == growth.TEACHER_LT == 2.0
     assert growth.make_model(task, 2, 8, lt=8.0).effective_depth == 8.0
@@ -352,6 +354,14 @@ def test_growth_vs_reference_script_pairs_by_seed_by_hand(tmp_path, capsys):
     assert ("adaptive : final - reference -0.025 [-0.03, -0.02], CPU / reference's 1.00 [1.00, 1.00], "
             "speed-up to the target 2.00 [2.00, 2.00] on 1 of 2 (median with misses as 0: 1.00), "
             "final / reference's 0.850 [0.800, 0.900], lower on 2 of 2") in out
+    assert "; train:" not in out  # these hand-made runs have no train metric
+    for r, train in zip(both_runs, (0.10, 0.20, 0.05, 0.30)):
+        r["final_train"] = train
+    both.write_text(json.dumps({"runs": both_runs}))
+    script.main(str(both), str(both), "uniform", "steps")
+    # adaptive / uniform on the training set: 0.05 / 0.10 and 0.30 / 0.20
+    assert "lower on 2 of 2; train: final / reference's 1.000 [0.500, 1.500], lower on 1 of 2" in \
+        capsys.readouterr().out
     with pytest.raises(SystemExit, match="no runs of arm 'shallow'"):
         script.main(str(both), str(both), "shallow")
 
@@ -411,3 +421,23 @@ def test_family_task_draws_from_the_split_of_its_seed(tmp_path):
     assert not (tmp_path / "bad.json").exists()
     from adaptive_depth.experiments.cli import build_parser
     assert build_parser().parse_args(["grow"]).tasks == ["mnist1d", "digits", "teacher"]
+
+
+def test_metric_on_train_and_test_by_hand():
+    """``_metric``: accuracy or MSE in eval mode, on the split asked for; the training flag is restored."""
+    for name in ("teacher", "digits"):
+        task = get_task(name, 100)
+        torch.manual_seed(0)
+        model = growth.make_model(task, 2, 8)
+        model.train()
+        with torch.no_grad():
+            model.eval()
+            pred_tr, pred_te = model(task.x_train), model(task.x_test)
+            model.train()
+        for split, pred, y in (("train", pred_tr, task.y_train), ("test", pred_te, task.y_test)):
+            if task.loss == "ce":
+                want = (pred.argmax(1) == y).double().mean().item()
+            else:
+                want = ((pred.double() - y.double()) ** 2).sum(1).mean().item() if pred.dim() == 2 else None
+            got = growth._metric(model, task, split)
+            assert got == pytest.approx(want, rel=1e-5) and model.training

@@ -175,16 +175,17 @@ BUDGETS = {"short": SETTINGS, "long": SETTINGS_LONG}
 
 
 # ------------------------------------------------------------------------------------------- runs
-def _metric(model: nn.Module, task: Task) -> float:
-    """Test accuracy (classification) or test MSE (teacher)."""
+def _metric(model: nn.Module, task: Task, split: str = "test") -> float:
+    """Accuracy (classification) or MSE (teacher) on the test set, or on the training set (``split="train"``)."""
+    x, y = (task.x_test, task.y_test) if split == "test" else (task.x_train, task.y_train)
     was = model.training
     model.eval()
     with torch.no_grad():
-        pred = model(task.x_test)
+        pred = model(x)
     model.train(was)
     if task.loss == "ce":
-        return float((pred.argmax(1) == task.y_test).float().mean())
-    return float(task.loss_fn(pred, task.y_test))
+        return float((pred.argmax(1) == y).float().mean())
+    return float(task.loss_fn(pred, y))
 
 
 def start_depth(at: Sequence[float], final: int = FINAL_DEPTH) -> int:
@@ -288,7 +289,8 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     profile = [g.rho.detach().double().tolist() for g in _groups(model)]
     return {"task": task.name, "arm": arm, "seed": seed, "at": list(at), "state": state, "init": init,
             "rewarm": rewarm, "hold": hold, "branch_norm": branch_norm, "lt": lt, "settings": s,
-            "start_depth": depth, "curve": curve, "final": curve[-1][3], "wall_s": wall, "cpu_s": cpu,
+            "start_depth": depth, "curve": curve, "final": curve[-1][3], "final_train": _metric(model, task, "train"),
+            "wall_s": wall, "cpu_s": cpu,
             "block_steps": block_steps, "steps_profile": profile, "lr_trace": lr_trace}
 
 
