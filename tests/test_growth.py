@@ -441,3 +441,21 @@ def test_metric_on_train_and_test_by_hand():
                 want = ((pred.double() - y.double()) ** 2).sum(1).mean().item() if pred.dim() == 2 else None
             got = growth._metric(model, task, split)
             assert got == pytest.approx(want, rel=1e-5) and model.training
+
+
+def test_noise_adds_label_noise_to_the_teacher_only(tmp_path):
+    """``--noise``: the teacher's targets get N(0, noise^2) per output (the same inputs and teacher); other tasks
+    and bad values are refused before any run, naming noise."""
+    clean, noisy = get_task("teacher", 100), get_task("teacher", 100, 0.1)
+    assert torch.equal(clean.x_train, noisy.x_train)
+    diff = (noisy.y_train - clean.y_train).double()
+    assert 0.09 < float(diff.std()) < 0.11 and abs(float(diff.mean())) < 0.01
+    for bad, tasks in (("-0.1", ["teacher"]), ("nan", ["teacher"]), ("0.1", ["teacher", "digits"])):
+        with pytest.raises(ValueError, match="noise"):
+            cli_main(["grow", "--tasks"] + tasks + ["--arms", "full", "--seeds", "100", "--steps", "2",
+                                                    "--noise", bad, "--json", str(tmp_path / "bad.json")])
+        assert not (tmp_path / "bad.json").exists()
+    out = tmp_path / "n.json"
+    assert cli_main(["grow", "--tasks", "teacher", "--arms", "full", "--seeds", "100", "--steps", "2",
+                     "--eval-every", "2", "--noise", "0.1", "--json", str(out)]) == 0
+    assert "--noise 0.1" in json.loads(out.read_text())["meta"]["command"]

@@ -78,7 +78,9 @@ def digits(seed: int) -> Task:
     return Task("digits", x[:1297], y[:1297], x[1297:], y[1297:], "ce")
 
 
-def get_task(name: str, seed: int) -> Task:
+def get_task(name: str, seed: int, noise: float = 0.0) -> Task:
+    """Task ``name`` drawn with ``seed``; ``noise``: label noise (std, per output) of the 30 -> 3 -> 30 teacher."""
+    check_noise(name, noise)
     if name == "mnist1d":
         from .data import mnist1d
         t = mnist1d(n_train=4000, n_test=1000, seed=seed)
@@ -86,7 +88,7 @@ def get_task(name: str, seed: int) -> Task:
     if name == "digits":
         return digits(seed)
     if name == "teacher":
-        t = teacher((30, 3, 30), n_train=1000, n_test=1000, seed=seed)
+        t = teacher((30, 3, 30), n_train=1000, n_test=1000, seed=seed, noise=float(noise))
         t.name = "teacher"
         return t
     if name == "family":  # tasks.py's teacher family: only its data (grow's own width, depth and batch)
@@ -94,6 +96,14 @@ def get_task(name: str, seed: int) -> Task:
         _, t = draw(seed, family_split(seed))
         return Task("family", t.x_train, t.y_train, t.x_test, t.y_test, "mse")
     raise ValueError(f"task must be one of {TASKS}, got {name!r}")
+
+
+def check_noise(task_name: str, noise: float) -> None:
+    """``noise`` (label noise of the teacher's targets) must be finite, >= 0, and 0 for any other task."""
+    if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    if noise and task_name != "teacher":
+        raise ValueError(f"noise applies to the teacher task only (the family draws its own), not {task_name!r}")
 
 
 def family_split(seed: int) -> str:
@@ -433,6 +443,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lt", type=float, default=None, help="held-out runs: every task's effective depth: the conv "
                    f"nets' (exponential scheme, needs --branch-norm on; default 0), the teacher's LeakyMLP (default "
                    f"{TEACHER_LT:g})")
+    p.add_argument("--noise", type=float, default=0.0, help="held-out runs: label noise (std per output) of the "
+                   "teacher task's targets, train and test (default 0: noiseless)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--steps", type=int, default=None, help="override every task's budget (smoke tests)")
     p.add_argument("--width", type=int, default=None, help="override every task's width (channels or units): "
@@ -658,10 +670,11 @@ def run(args) -> int:
             if t == "family":
                 for seed in args.seeds:
                     family_split(seed)
+            check_noise(t, getattr(args, "noise", 0.0))
         for task_name in args.tasks:
             v = variants[task_name]
             for seed in args.seeds:
-                task = get_task(task_name, seed)
+                task = get_task(task_name, seed, getattr(args, "noise", 0.0))
                 settings = _settings(args, task_name)
                 for arm in args.arms:  # interleaved per seed: the arms see the same machine load
                     kw = dict(v, hold=v["full_hold"] if arm == "full" else v["hold"])
