@@ -455,6 +455,8 @@ def test_noise_adds_label_noise_to_the_teacher_only(tmp_path):
             cli_main(["grow", "--tasks"] + tasks + ["--arms", "full", "--seeds", "100", "--steps", "2",
                                                     "--noise", bad, "--json", str(tmp_path / "bad.json")])
         assert not (tmp_path / "bad.json").exists()
+    with pytest.raises(ValueError, match="--noise applies to held-out runs only"):
+        cli_main(["grow", "--tune", "--tasks", "teacher", "--noise", "0.1", "--json", str(tmp_path / "bad.json")])
     out = tmp_path / "n.json"
     assert cli_main(["grow", "--tasks", "teacher", "--arms", "full", "--seeds", "100", "--steps", "2",
                      "--eval-every", "2", "--noise", "0.1", "--json", str(out)]) == 0

@@ -627,6 +627,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     runs: List[Dict] = []
     t_start = time.time()
+    if getattr(args, "noise", 0.0) and (args.from_json or args.tune or args.tune2):
+        raise ValueError("--noise applies to held-out runs only, not to --tune, --tune2 or --from-json")
     if args.from_json:
         for path in args.from_json:
             with open(path) as fh:
