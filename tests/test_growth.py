@@ -250,7 +250,7 @@ def test_cli_lt_sets_the_teachers_effective_depth_and_is_checked_first(tmp_path)
                      "--eval-every", "2", "--at", "0.5", "--lt", "8", "--json", str(out)]) == 0
     full, uniform = json.loads(out.read_text())["runs"]
     assert full["lt"] == uniform["lt"] == 8.0
-    # the train MSE recorded at the end, by hand: the loss on the training set of the same teacher
+    # the train MSE is recorded at the end (checked by hand in test_metric_on_train_and_test_by_hand)
     assert math.isfinite(full["final_train"]) and full["final_train"] != full["final"]
     task = get_task("teacher", 100)
     assert growth.make_model(task, 2, 8).effective_depth == growth.TEACHER_LT == 2.0
@@ -437,8 +437,8 @@ def test_metric_on_train_and_test_by_hand():
         for split, pred, y in (("train", pred_tr, task.y_train), ("test", pred_te, task.y_test)):
             if task.loss == "ce":
                 want = (pred.argmax(1) == y).double().mean().item()
-            else:
-                want = ((pred.double() - y.double()) ** 2).sum(1).mean().item() if pred.dim() == 2 else None
+            else:  # the teachers' loss: squared error summed over outputs, averaged over examples
+                want = ((pred.double() - y.double()) ** 2).sum(1).mean().item()
             got = growth._metric(model, task, split)
             assert got == pytest.approx(want, rel=1e-5) and model.training
 
