@@ -33,3 +33,15 @@ def run_two_ranks(script: str, out: Path, *, timeout: int) -> dict:
         pytest.fail(f"torchrun did not finish in {timeout} s (a collective mismatch hangs):\n" + stderr[-6000:])
     assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return json.loads(Path(out).read_text())
+
+
+def shut_down() -> None:
+    """A rank's last step: free what still holds the process group (drop the worker's DDP objects first), wait
+    for the other rank, then destroy the group. Tearing gloo down while a DistributedDataParallel reducer is still
+    alive at interpreter exit can abort the rank ("terminate called without an active exception")."""
+    import gc
+    import torch.distributed as dist
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+

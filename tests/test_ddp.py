@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _torchrun import run_two_ranks
+from _torchrun import run_two_ranks, shut_down
 
 STEPS, EVERY, BATCH, MICRO = 6, 2, 8, 2
 
@@ -95,7 +95,8 @@ def _worker(out_path: str) -> None:
         report[norm] = entry
     if rank == 0:
         Path(out_path).write_text(json.dumps(report))
-    dist.destroy_process_group()
+    del ddp, opt, model
+    shut_down()
 
 
 def test_ddp_two_processes_with_adaptation(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _torchrun import run_two_ranks
+from _torchrun import run_two_ranks, shut_down
 from torch import nn
 
 from adaptive_depth import AdaptiveSteps, LeakyMLP, LeakyResNet
@@ -581,7 +581,8 @@ def _ddp_worker(out_path: str) -> None:
         depth_seen.append(net.depth)
     if rank == 0:
         Path(out_path).write_text(json.dumps({"identical": identical, "depths": depth_seen}))
-    dist.destroy_process_group()
+    del ddp, opt, net
+    shut_down()
 
 
 def test_ddp_two_processes_refine(tmp_path):
