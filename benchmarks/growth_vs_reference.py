@@ -18,7 +18,7 @@ import argparse
 import json
 import statistics
 
-from adaptive_depth.experiments.growth import _higher_better, _reach, target_metric
+from adaptive_depth.experiments.growth import ARMS, _higher_better, _reach, target_metric
 
 SLACK = 0.01  # grow's default --slack
 
@@ -36,20 +36,20 @@ def main(reference: str, grown: str, ref_arm: str = "full", by: str = "cpu") -> 
     target = target_metric(statistics.median(r["final"] for r in ref.values()), SLACK, higher)
     scale, unit = (100, "+.1f") if higher else (1, "+.2g")
 
-    def cpu_to_target(run):
+    def to_target(run):
         reached = _reach(run, target, higher)  # (step, cpu, block_steps, wall)
         return reached[{"steps": 0, "cpu": 1, "block-steps": 2}[by]] if reached else None
 
     print(f"reference: the {ref_arm} arm; speed-up in {by}")
     print(f"target: the reference's median final {'minus 1 point' if higher else 'x 1.01'} = "
           f"{scale * target:{'.1f' if higher else '.4g'}}")
-    for arm in ("full", "uniform", "adaptive", "mirror"):
+    for arm in ARMS:
         rows = [r for r in runs if r["arm"] == arm]
         if not rows:
             continue
         speed = []
         for r in rows:
-            mine, theirs = cpu_to_target(r), cpu_to_target(ref[r["seed"]])
+            mine, theirs = to_target(r), to_target(ref[r["seed"]])
             speed.append(theirs / mine if mine and theirs else None)
         got = [s for s in speed if s]
         final = [scale * (r["final"] - ref[r["seed"]]["final"]) for r in rows]
@@ -74,7 +74,7 @@ if __name__ == "__main__":
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("reference")
     cli.add_argument("grown")
-    cli.add_argument("--ref-arm", default="full", choices=["full", "uniform", "adaptive", "shallow", "mirror"])
+    cli.add_argument("--ref-arm", default="full", choices=ARMS)
     cli.add_argument("--by", default="cpu", choices=["cpu", "steps", "block-steps"],
                      help="measure the speed-up in CPU seconds (default), optimizer steps or block-steps")
     a = cli.parse_args()
