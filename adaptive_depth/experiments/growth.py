@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .._validate import check_range
 from ..depth import _apply_refine, refine, refine_plan
 from ..residual import LeakyMLP, LeakyResNet
 from ._common import command_argv as _argv, spread as _spread
@@ -100,8 +101,7 @@ def get_task(name: str, seed: int, noise: float = 0.0) -> Task:
 
 def check_noise(task_name: str, noise: float) -> None:
     """``noise`` (label noise of the teacher's targets) must be finite, >= 0, and 0 for any other task."""
-    if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    check_range(noise, "noise", 0.0, math.inf)
     if noise and task_name != "teacher":
         raise ValueError(f"noise applies to the teacher task only (the family draws its own), not {task_name!r}")
 
@@ -146,11 +146,10 @@ def check_lt(task_name: str, lt: Optional[float], branch_norm: bool = False) -> 
     """The effective depth a task's network gets (``lt``, or the task's default), validated."""
     if lt is None:
         return TEACHER_LT if task_name in MLP_TASKS else 0.0
-    if not (isinstance(lt, (int, float)) and not isinstance(lt, bool) and math.isfinite(lt) and lt >= 0):
-        raise ValueError(f"lt (the network's effective depth) must be a finite number >= 0, got {lt!r}")
+    lt = check_range(lt, "lt (the network's effective depth)", 0.0, math.inf)
     if lt > 0 and task_name not in MLP_TASKS and not branch_norm:
         raise ValueError("lt > 0 on a conv task (mnist1d, digits) needs branch_norm=True (the large-Lt recipe)")
-    return float(lt)
+    return lt
 
 
 def make_model(task: Task, depth: int, width: int, branch_norm: bool = False,
@@ -627,7 +626,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     runs: List[Dict] = []
     t_start = time.time()
-    if getattr(args, "noise", 0.0) and (args.from_json or args.tune or args.tune2):
+    noise = getattr(args, "noise", 0.0)
+    if noise and (args.from_json or args.tune or args.tune2):
         raise ValueError("--noise applies to held-out runs only, not to --tune, --tune2 or --from-json")
     if args.from_json:
         for path in args.from_json:
@@ -672,11 +672,11 @@ def run(args) -> int:
             if t == "family":
                 for seed in args.seeds:
                     family_split(seed)
-            check_noise(t, getattr(args, "noise", 0.0))
+            check_noise(t, noise)
         for task_name in args.tasks:
             v = variants[task_name]
             for seed in args.seeds:
-                task = get_task(task_name, seed, getattr(args, "noise", 0.0))
+                task = get_task(task_name, seed, noise)
                 settings = _settings(args, task_name)
                 for arm in args.arms:  # interleaved per seed: the arms see the same machine load
                     kw = dict(v, hold=v["full_hold"] if arm == "full" else v["hold"])
