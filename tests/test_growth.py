@@ -11,6 +11,7 @@ from adaptive_depth import LeakyResNet
 from adaptive_depth.depth import refine
 from adaptive_depth.experiments import growth
 from adaptive_depth.experiments.cli import main as cli_main
+from adaptive_depth.experiments.data import teacher
 from adaptive_depth.experiments.growth import (ConvNet, get_task, lr_multiplier, start_depth, summarize, table,
                                                train_one)
 
@@ -461,3 +462,29 @@ def test_noise_adds_label_noise_to_the_teacher_only(tmp_path):
     assert cli_main(["grow", "--tasks", "teacher", "--arms", "full", "--seeds", "100", "--steps", "2",
                      "--eval-every", "2", "--noise", "0.1", "--json", str(out)]) == 0
     assert "--noise 0.1" in json.loads(out.read_text())["meta"]["command"]
+
+
+def test_teacher_dims_choose_the_teachers_layer_sizes(tmp_path):
+    """``--teacher-dims``: the teacher's maps (default 30 -> 3 -> 30, the data of every earlier run); a hidden layer
+    after the bottleneck gives full-rank outputs; bad values and other tasks are refused before any run."""
+    default = get_task("teacher", 100)
+    assert torch.equal(default.y_train, teacher((30, 3, 30), n_train=1000, n_test=1000, seed=100).y_train)
+    assert torch.equal(default.y_train, get_task("teacher", 100, dims=[30, 3, 30]).y_train)
+    wide = get_task("teacher", 100, dims=[16, 3, 64, 24])
+    assert wide.name == "teacher" and wide.x_train.shape == (1000, 16) and wide.y_train.shape == (1000, 24)
+    sv = torch.linalg.svdvals(default.y_train.double() - default.y_train.double().mean(0))
+    assert int((sv > 1e-6 * sv[0]).sum()) == 3  # ReLU on the 3 bottleneck units, then a linear map: rank 3
+    sv = torch.linalg.svdvals(wide.y_train.double() - wide.y_train.double().mean(0))
+    assert int((sv > 1e-6 * sv[0]).sum()) == 24
+    for bad, tasks in ((["0", "3"], ["teacher"]), (["30"], ["teacher"]), (["30", "3", "30"], ["digits"])):
+        with pytest.raises(ValueError, match="teacher_dims"):
+            cli_main(["grow", "--tasks"] + tasks + ["--arms", "full", "--seeds", "100", "--steps", "2",
+                                                    "--teacher-dims"] + bad + ["--json", str(tmp_path / "bad.json")])
+        assert not (tmp_path / "bad.json").exists()
+    with pytest.raises(ValueError, match="--teacher-dims applies to held-out runs only"):
+        cli_main(["grow", "--tune", "--tasks", "teacher", "--teacher-dims", "8", "2", "8",
+                  "--json", str(tmp_path / "bad.json")])
+    out = tmp_path / "d.json"
+    assert cli_main(["grow", "--tasks", "teacher", "--arms", "full", "--seeds", "100", "--steps", "2",
+                     "--eval-every", "2", "--teacher-dims", "8", "2", "16", "8", "--json", str(out)]) == 0
+    assert "--teacher-dims 8 2 16 8" in json.loads(out.read_text())["meta"]["command"]

@@ -40,12 +40,12 @@ import os
 import platform
 import statistics
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .._validate import check_range
+from .._validate import check_int, check_range
 from ..depth import _apply_refine, refine, refine_plan
 from ..residual import LeakyMLP, LeakyResNet
 from ._common import command_argv as _argv, spread as _spread
@@ -63,6 +63,7 @@ HELD_OUT_SEEDS = (100, 101, 102, 103, 104)
 TUNE_GRID = [{"at": at, "state": st} for at in ((0.2, 0.4), (1 / 3, 2 / 3)) for st in ("fresh", "copy")]
 FINAL_DEPTH, START_DEPTH = 8, 2
 TEACHER_LT = 2.0  # the teacher's LeakyMLP (exponential scheme); the conv tasks' default is 0
+TEACHER_DIMS = (30, 3, 30)  # the teacher task's maps: input, bottleneck rank k*, output (data.teacher)
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -79,9 +80,11 @@ def digits(seed: int) -> Task:
     return Task("digits", x[:1297], y[:1297], x[1297:], y[1297:], "ce")
 
 
-def get_task(name: str, seed: int, noise: float = 0.0) -> Task:
-    """Task ``name`` drawn with ``seed``; ``noise``: label noise (std, per output) of the 30 -> 3 -> 30 teacher."""
+def get_task(name: str, seed: int, noise: float = 0.0, dims: Optional[Sequence[int]] = None) -> Task:
+    """Task ``name`` drawn with ``seed``; ``noise``: label noise (std, per output) of the teacher; ``dims``: the
+    teacher's layer sizes (default ``TEACHER_DIMS``, 30 -> 3 -> 30; ReLU between maps)."""
     check_noise(name, noise)
+    dims = check_dims(name, dims)
     if name == "mnist1d":
         from .data import mnist1d
         t = mnist1d(n_train=4000, n_test=1000, seed=seed)
@@ -89,7 +92,7 @@ def get_task(name: str, seed: int, noise: float = 0.0) -> Task:
     if name == "digits":
         return digits(seed)
     if name == "teacher":
-        t = teacher((30, 3, 30), n_train=1000, n_test=1000, seed=seed, noise=float(noise))
+        t = teacher(dims, n_train=1000, n_test=1000, seed=seed, noise=float(noise))
         t.name = "teacher"
         return t
     if name == "family":  # tasks.py's teacher family: only its data (grow's own width, depth and batch)
@@ -104,6 +107,17 @@ def check_noise(task_name: str, noise: float) -> None:
     check_range(noise, "noise", 0.0, math.inf)
     if noise and task_name != "teacher":
         raise ValueError(f"noise applies to the teacher task only (the family draws its own), not {task_name!r}")
+
+
+def check_dims(task_name: str, dims: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """The teacher's layer sizes (``None``: ``TEACHER_DIMS``): at least two integers >= 1; the teacher task only."""
+    if dims is None:
+        return TEACHER_DIMS
+    if task_name != "teacher":
+        raise ValueError(f"teacher_dims applies to the teacher task only, not {task_name!r}")
+    if isinstance(dims, (str, bytes)) or len(dims) < 2:
+        raise ValueError(f"teacher_dims must list at least two layer sizes (input ... output), got {dims!r}")
+    return tuple(check_int(d, "teacher_dims (each layer size)", 1) for d in dims)
 
 
 def family_split(seed: int) -> str:
@@ -444,6 +458,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{TEACHER_LT:g})")
     p.add_argument("--noise", type=float, default=0.0, help="held-out runs: label noise (std per output) of the "
                    "teacher task's targets, train and test (default 0: noiseless)")
+    p.add_argument("--teacher-dims", nargs="+", type=int, default=None, metavar="N",
+                   help="held-out runs: the teacher task's layer sizes, input ... output, the narrowest the "
+                        f"bottleneck rank (default {' '.join(map(str, TEACHER_DIMS))}; ReLU between maps)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--steps", type=int, default=None, help="override every task's budget (smoke tests)")
     p.add_argument("--width", type=int, default=None, help="override every task's width (channels or units): "
@@ -626,9 +643,10 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     runs: List[Dict] = []
     t_start = time.time()
-    noise = getattr(args, "noise", 0.0)
-    if noise and (args.from_json or args.tune or args.tune2):
-        raise ValueError("--noise applies to held-out runs only, not to --tune, --tune2 or --from-json")
+    noise, dims = getattr(args, "noise", 0.0), getattr(args, "teacher_dims", None)
+    for flag, value in (("--noise", noise), ("--teacher-dims", dims)):
+        if value and (args.from_json or args.tune or args.tune2):
+            raise ValueError(f"{flag} applies to held-out runs only, not to --tune, --tune2 or --from-json")
     if args.from_json:
         for path in args.from_json:
             with open(path) as fh:
@@ -673,10 +691,11 @@ def run(args) -> int:
                 for seed in args.seeds:
                     family_split(seed)
             check_noise(t, noise)
+            check_dims(t, dims)
         for task_name in args.tasks:
             v = variants[task_name]
             for seed in args.seeds:
-                task = get_task(task_name, seed, noise)
+                task = get_task(task_name, seed, noise, dims)
                 settings = _settings(args, task_name)
                 for arm in args.arms:  # interleaved per seed: the arms see the same machine load
                     kw = dict(v, hold=v["full_hold"] if arm == "full" else v["hold"])
