@@ -306,6 +306,26 @@ def _zero_split_scale(rho: float, n: int, lt: float, scheme: str) -> float:
     return float(b[0] / (b[1] * a[1] ** (n - 1)))
 
 
+def _check_pieces(pieces, groups: List[_Group]) -> List[List[int]]:
+    """``pieces`` as lists of ints: one list per group, one integer >= 1 per block."""
+    def bad(why):
+        return ValueError(f"pieces must hold, per step group, one integer >= 1 per block ({[g.depth for g in groups]} "
+                          f"blocks): {why}, got {pieces!r}")
+    if isinstance(pieces, (str, bytes)) or not isinstance(pieces, Sequence):
+        raise bad("not a list of lists")
+    if len(pieces) != len(groups):
+        raise bad(f"{len(pieces)} groups for the model's {len(groups)}")
+    out = []
+    for gi, (grp, row) in enumerate(zip(groups, pieces)):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or len(row) != grp.depth:
+            raise bad(f"group {gi} needs {grp.depth} entries")
+        for n in row:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise bad(f"group {gi} has {n!r}")
+        out.append([int(n) for n in row])
+    return out
+
+
 @torch.no_grad()
 def _apply_refine(model, optimizer, plan: dict, groups: Optional[List[_Group]] = None) -> None:
     """Apply a refinement plan: ``plan["pieces"][gi][l]`` pieces for block l of group gi."""
@@ -391,7 +411,7 @@ def _add_copies(optimizer, blk, copies, grp: _Group, l: int, init: str, state_po
 
 # ---------------------------------------------------------------------------------------- refine
 def refine(model: nn.Module, optimizer=None, *, how: str = "uniform", factor: int = 2, init: str = "copy",
-           state: str = DEFAULT_STATE, inputs=None) -> nn.Module:
+           state: str = DEFAULT_STATE, inputs=None, pieces: Optional[Sequence[Sequence[int]]] = None) -> nn.Module:
     """Grow every step group of ``model`` in place: split steps, insert blocks; return ``model``.
 
     Args:
@@ -410,13 +430,22 @@ def refine(model: nn.Module, optimizer=None, *, how: str = "uniform", factor: in
         state: optimizer state of the new parameters: ``"copy"`` of the source's or ``"fresh"`` (none).
         inputs: a batch to measure the step-distances on (``how="adaptive"``); without it the statistics the
             last forward pass recorded are used.
+        pieces: your own split instead of ``how`` and ``factor``: per step group, the number of blocks each
+            block becomes (integers >= 1; 1 leaves it), e.g. ``refine_plan(...)["pieces"]`` edited, or a split
+            chosen by another rule. Block l of a group then gets ``pieces[g][l]`` steps of ``rho_l /
+            pieces[g][l]``.
     """
     _check_choice(how, "how", HOWS)
     _check_choice(init, "init", INITS)
     _check_choice(state, "state", STATES)
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
-    plan = refine_plan(model, how=how, factor=factor, inputs=inputs)
+    if pieces is None:
+        plan = refine_plan(model, how=how, factor=factor, inputs=inputs)
+    elif how != "uniform" or factor != 2 or inputs is not None:
+        raise ValueError("pieces is a split of its own: pass it without how, factor or inputs")
+    else:
+        plan = {"op": "refine", "pieces": _check_pieces(pieces, _groups(model))}
     plan.update(init=init, state=state)
     _apply_refine(model, optimizer, plan)
     return model

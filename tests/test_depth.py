@@ -250,6 +250,43 @@ def test_failed_refine_leaves_model_and_optimizer_as_they_were():
     assert [list(g["params"]) for g in opt.param_groups] == groups and len(opt.state) == len(groups[0])
 
 
+def test_refine_with_your_own_pieces():
+    """``pieces=``: block l becomes ``pieces[l]`` blocks of ``rho_l / pieces[l]`` (T kept); ``[2] * L`` is exactly
+    ``how="uniform"``; the optimizer follows as for any refinement."""
+    a, b = _conv_net(depth=3, seed=1), _conv_net(depth=3, seed=1)
+    a.steps.set_steps([0.2, 0.3, 0.5]), b.steps.set_steps([0.2, 0.3, 0.5])
+    refine(a), refine(b, pieces=[[2, 2, 2]])
+    assert _same_state(_state(a), _state(b)) and b.depth == 6
+    net = _conv_net(depth=3, seed=2)
+    net.steps.set_steps([0.2, 0.3, 0.5])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x = torch.randn(2, 8, 5)
+    net(x).pow(2).mean().backward()
+    opt.step()
+    refine(net, opt, pieces=([3, 1, 2],), state="copy")
+    want = torch.tensor([0.2 / 3] * 3 + [0.3] + [0.25] * 2, dtype=torch.float64)
+    torch.testing.assert_close(net.steps.rho.double(), want, rtol=1e-6, atol=0)
+    assert net.depth == 6 and float(net.steps.rho.double().sum()) == pytest.approx(1.0)
+    assert all(p in opt.state for p in net.parameters() if p.requires_grad)
+    net(x).pow(2).mean().backward()
+    opt.step()  # trains on
+
+
+@pytest.mark.parametrize("pieces, kw", [([[2, 2]], {}), ([[2, 2, 0]], {}), ([[2, 2, 1.5]], {}), ([[2, True, 2]], {}),
+                                        ([[2, 2, 2], [2, 2, 2]], {}), ([2, 2, 2], {}), ("222", {}),
+                                        ([[2, 2, 2]], dict(how="adaptive")), ([[2, 2, 2]], dict(factor=3))])
+def test_refine_bad_pieces_change_nothing(pieces, kw):
+    net = _conv_net(depth=3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net(torch.randn(2, 8, 5)).sum().backward()
+    opt.step()
+    before, groups = _state(net), [list(g["params"]) for g in opt.param_groups]
+    with pytest.raises(ValueError, match="pieces"):
+        refine(net, opt, pieces=pieces, **kw)
+    assert _same_state(before, _state(net)) and net.depth == 3
+    assert [list(g["params"]) for g in opt.param_groups] == groups
+
+
 # ------------------------------------------------------------------------------------------ optimizer
 def _train(model, opt, x, steps=1, sched=None, depth_sched=None):
     for _ in range(steps):

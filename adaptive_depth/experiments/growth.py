@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .._validate import check_int, check_range
-from ..depth import _apply_refine, refine, refine_plan
+from ..depth import refine, refine_plan
 from ..residual import LeakyMLP, LeakyResNet
 from ._common import command_argv as _argv, spread as _spread
 from .data import Task, teacher
@@ -298,9 +298,8 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
         block_steps += blocks  # the blocks this step trained (before any growth after it)
         if step in grow_at:
             if arm == "mirror":
-                plan = refine_plan(model, how="adaptive", inputs=x)
-                plan.update(pieces=[p[::-1] for p in plan["pieces"]], init=init, state=state)
-                _apply_refine(model, opt, plan)
+                pieces = refine_plan(model, how="adaptive", inputs=x)["pieces"]
+                refine(model, opt, pieces=[p[::-1] for p in pieces], state=state, init=init)
             else:
                 refine(model, opt, how=arm, state=state, init=init, inputs=x if arm == "adaptive" else None)
             blocks = sum(g.depth for g in _groups(model))
