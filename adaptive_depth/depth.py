@@ -306,6 +306,22 @@ def _zero_split_scale(rho: float, n: int, lt: float, scheme: str) -> float:
     return float(b[0] / (b[1] * a[1] ** (n - 1)))
 
 
+def _check_distances(distances, groups: List[_Group]) -> List[Tensor]:
+    """``distances`` as float64 vectors: one per group, one finite value >= 0 per block."""
+    if isinstance(distances, (str, bytes)) or not isinstance(distances, Sequence) or len(distances) != len(groups):
+        raise ValueError(f"distances must hold one vector per step group ({len(groups)}), got {distances!r}")
+    out = []
+    for gi, (grp, d) in enumerate(zip(groups, distances)):
+        try:
+            d = torch.as_tensor(d, dtype=torch.float64).detach().cpu().reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"distances of group {gi} must be {grp.depth} numbers, got {d!r}") from None
+        if d.numel() != grp.depth or not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
+            raise ValueError(f"distances of group {gi} must be {grp.depth} finite numbers >= 0, got {d.tolist()}")
+        out.append(d)
+    return out
+
+
 def _check_pieces(pieces, groups: List[_Group]) -> List[List[int]]:
     """``pieces`` as lists of ints: one list per group, one integer >= 1 per block."""
     def bad(why):
@@ -451,19 +467,29 @@ def refine(model: nn.Module, optimizer=None, *, how: str = "uniform", factor: in
     return model
 
 
-def refine_plan(model: nn.Module, *, how: str = "uniform", factor: int = 2, inputs=None) -> dict:
-    """The refinement ``refine`` would apply: ``{"op": "refine", "pieces": [[n_l per block] per group]}``."""
+def refine_plan(model: nn.Module, *, how: str = "uniform", factor: int = 2, inputs=None,
+                distances: Optional[Sequence] = None) -> dict:
+    """The refinement ``refine`` would apply: ``{"op": "refine", "pieces": [[n_l per block] per group]}``.
+
+    ``distances`` (``how="adaptive"`` only, instead of ``inputs``): your own monitor, per group one finite value
+    >= 0 per block, equidistributed as the measured step-distances would be; ``refine(..., pieces=plan["pieces"])``
+    then applies the plan."""
     _check_choice(how, "how", HOWS)
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
     groups = _groups(model)
+    if distances is not None:
+        if how != "adaptive" or inputs is not None:
+            raise ValueError("distances replace the measured step-distances: pass them with how='adaptive' and "
+                             "without inputs")
+        distances = _check_distances(distances, groups)
     allowed = [[_splittable(b) for b in grp.blocks] for grp in groups]
     if not any(any(ok) for ok in allowed):
         raise ValueError("no block of the model can be split (all have projection shortcuts)")
     if how == "uniform":
         pieces = [[factor if a else 1 for a in ok] for ok in allowed]
     else:
-        dist = _distances(model, inputs, "refine(how='adaptive')")
+        dist = distances if distances is not None else _distances(model, inputs, "refine(how='adaptive')")
         pieces = [_allocate(d, ok, factor * sum(ok) + (len(ok) - sum(ok))) for d, ok in zip(dist, allowed)]
     return {"op": "refine", "pieces": pieces}
 

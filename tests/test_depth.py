@@ -272,6 +272,22 @@ def test_refine_with_your_own_pieces():
     opt.step()  # trains on
 
 
+def test_refine_plan_equidistributes_your_own_distances():
+    """``refine_plan(distances=...)``: the measured step-distances give the measured plan; any other monitor is
+    equidistributed the same way (one more piece to the largest d_l / n_l); bad distances are refused."""
+    net = _conv_net(depth=4, seed=3)
+    x = torch.randn(4, 8, 5)
+    measured = measure_distances(net, x)
+    assert refine_plan(net, how="adaptive", distances=measured) == refine_plan(net, how="adaptive", inputs=x)
+    assert refine_plan(net, how="adaptive", distances=[[8.0, 1.0, 1.0, 1.0]])["pieces"] == [[5, 1, 1, 1]]
+    assert refine_plan(net, how="adaptive", distances=[torch.tensor([1.0, 3.0, 3.0, 1.0])])["pieces"] == [[1, 3, 3, 1]]
+    for bad, kw in (([[1.0, 1.0, 1.0]], {}), ([[1.0, -1.0, 1.0, 1.0]], {}), ([[1.0, float("nan"), 1.0, 1.0]], {}),
+                    ([[1.0] * 4, [1.0] * 4], {}), ("1111", {}), ([["a", "b", "c", "d"]], {}),
+                    ([[1.0] * 4], dict(how="uniform")), ([[1.0] * 4], dict(inputs=x))):
+        with pytest.raises(ValueError, match="distances"):
+            refine_plan(net, **dict(dict(how="adaptive"), **kw), distances=bad)
+
+
 @pytest.mark.parametrize("pieces, kw", [([[2, 2]], {}), ([[2, 2, 0]], {}), ([[2, 2, 1.5]], {}), ([[2, True, 2]], {}),
                                         ([[2, 2, 2], [2, 2, 2]], {}), ([2, 2, 2], {}), ("222", {}),
                                         ([[2, 2, 2]], dict(how="adaptive")), ([[2, 2, 2]], dict(factor=3))])

@@ -1,7 +1,9 @@
 """The growth benchmark's options (growth2: issue 12 goals): schedule shapes, the lr after a growth, the
 normalised branch, function-preserving growth of a normalised branch, the staged search and the CLI."""
+import importlib.util
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -303,12 +305,7 @@ def test_cli_depth_sets_every_arms_final_depth(tmp_path):
 
 def test_growth_vs_reference_script_pairs_by_seed_by_hand(tmp_path, capsys):
     """benchmarks/growth_vs_reference.py (the numbers of docs/depth.md Growth 6) on runs built by hand."""
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "growth_vs_reference.py"
-    spec = importlib.util.spec_from_file_location("growth_vs_reference", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("growth_vs_reference")
 
     def run(arm, seed, final, hit_cpu, cpu):  # curve rows: (step, wall, block_steps, metric, cpu)
         curve = [(0, 0.0, 0, 0.1, 0.0), (10, 1.0, 5, final - 0.05, hit_cpu / 2), (20, 2.0, 10, final, hit_cpu)]
@@ -488,3 +485,35 @@ def test_teacher_dims_choose_the_teachers_layer_sizes(tmp_path):
     assert cli_main(["grow", "--tasks", "teacher", "--arms", "full", "--seeds", "100", "--steps", "2",
                      "--eval-every", "2", "--teacher-dims", "8", "2", "16", "8", "--json", str(out)]) == 0
     assert "--teacher-dims 8 2 16 8" in json.loads(out.read_text())["meta"]["command"]
+
+
+def _script(name):
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_growth_monitors_script_runs_every_monitor_on_tuning_seeds_only(tmp_path):
+    """benchmarks/growth_monitors.py (Growth 8): each monitor grows the teacher's net to 16 blocks through
+    ``refine_plan(distances=...)`` and ``refine(pieces=...)``; the 'distance' monitor is ``how="adaptive"`` itself;
+    held-out seeds are refused."""
+    mon = _script("growth_monitors")
+    out = tmp_path / "m.json"
+    mon.main(["--seeds", "0", "--steps", "6", "--dims", "8", "2", "8", "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert set(got["ratios"]) == set(mon.MONITORS)
+    for r in got["runs"]:
+        if r["arm"] != "uniform":
+            assert len(r["steps"]) == 16 and sum(r["steps"]) == pytest.approx(16)
+    task = get_task("teacher", 0, dims=[8, 2, 8])
+    settings = dict(growth.SETTINGS_LONG["teacher"], depth=16, steps=6)
+    common = dict(at=(1 / 3, 2 / 3), eval_every=6, settings=settings, lt=8.0)
+    lib = train_one(task, "adaptive", 0, **common)
+    mine = train_one(task, "adaptive", 0, split=mon.splitter("distance"), **common)
+    assert mine["steps_profile"] == lib["steps_profile"] and mine["final"] == lib["final"]
+    with pytest.raises(ValueError, match="split"):
+        train_one(task, "uniform", 0, split=mon.splitter("distance"), **common)
+    with pytest.raises(SystemExit, match="tuning seeds"):
+        mon.main(["--seeds", "100", "--steps", "6"])

@@ -40,7 +40,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -252,7 +252,8 @@ def _check_variant(arm: str, init: str, rewarm: int, hold: float) -> None:
 
 def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str = "fresh",
               eval_every: int = 50, settings: Optional[Dict] = None, init: str = "copy", rewarm: int = 0,
-              hold: float = 0.0, branch_norm: bool = False, lt: Optional[float] = None) -> Dict:
+              hold: float = 0.0, branch_norm: bool = False, lt: Optional[float] = None,
+              split: Optional[Callable] = None) -> Dict:
     """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric.
 
     ``arm``: ``"full"`` (``settings["depth"]`` blocks throughout, default ``FINAL_DEPTH``), ``"uniform"`` /
@@ -262,9 +263,12 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     end). ``init``/``state``: the new blocks
     (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are a plain
     cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: the effective
-    depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``).
+    depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``). ``split``: for the ``"adaptive"``
+    arm, another rule: ``split(model, optimizer, x, y)`` (the step's batch) returns ``refine``'s ``pieces``.
     """
     _check_variant(arm, init, rewarm, hold)
+    if split is not None and arm != "adaptive":
+        raise ValueError(f"split (another refinement rule) applies to the 'adaptive' arm, not {arm!r}")
     s = dict(SETTINGS[task.name] if settings is None else settings)
     torch.manual_seed(seed)
     final = s.get("depth", FINAL_DEPTH)
@@ -297,7 +301,9 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
         opt.zero_grad(set_to_none=True)
         block_steps += blocks  # the blocks this step trained (before any growth after it)
         if step in grow_at:
-            if arm == "mirror":
+            if arm == "adaptive" and split is not None:
+                refine(model, opt, pieces=split(model, opt, x, y), state=state, init=init)
+            elif arm == "mirror":
                 pieces = refine_plan(model, how="adaptive", inputs=x)["pieces"]
                 refine(model, opt, pieces=[p[::-1] for p in pieces], state=state, init=init)
             else:

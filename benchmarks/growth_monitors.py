@@ -1,0 +1,146 @@
+"""Other monitors for adaptive refinement, on the teacher's tuning seeds (docs/depth.md, Growth 8).
+
+``refine(how="adaptive")`` equidistributes the step-distances ``rho_l ||f_l - Lt x|| / ||x||``. On teachers with a
+hidden layer after the bottleneck that ends above uniform doubling (Growth 8). This script asks whether another
+monitor, equidistributed the same way (``refine_plan(how="adaptive", distances=...)``, then ``refine(pieces=...)``),
+tells the two kinds of teacher apart. Each monitor is the ``adaptive`` arm of ``growth.train_one`` with Growth 7's
+Lt = 8 settings; the uniform arm is run once per seed; printed: adaptive / uniform final test MSE per seed.
+
+Monitors (per block l of the ``LeakyMLP``; ``A_l`` the representation entering block l, ``D_l = A_{l+1} - A_l``,
+``p_l`` the loss's gradient with respect to ``A_l`` on the growth step's batch):
+
+- ``distance``: the library's step-distance (what ``how="adaptive"`` uses);
+- ``angular``: ``||D_l`` orthogonal to ``A_l|| / ||A_{l+1}||`` (summed over examples): the leak's pure shrink not counted;
+- ``symmetric``: the step-distances averaged with their reverse (fine at both ends, the paper's jump in and out);
+- ``adjoint``: ``sqrt(mean_i |p_{l+1}|^2 |D_l|^2)``: motion weighted by the loss's sensitivity there;
+- ``saliency``: ``|rho_l dL/drho_l|``: the loss's first-order change if the step were removed;
+- ``adam1`` / ``adam2``: the norm of Adam's first moment (of the square root of the second) over the block's
+  parameters: where the optimizer still pushes.
+
+Tuning seeds only (0-99; grow's held-out seeds are 100+):
+
+    python benchmarks/growth_monitors.py --dims 30 3 30 --seeds 0 1 2 3 --json out/monitors_30-3-30.json
+"""
+import argparse
+import json
+import math
+import statistics
+
+import torch
+
+from adaptive_depth import LeakyMLP
+from adaptive_depth.depth import measure_distances, refine_plan
+from adaptive_depth.experiments import growth
+from adaptive_depth.ops import step_coefficients
+
+MONITORS = ("distance", "angular", "symmetric", "adjoint", "saliency", "adam1", "adam2")
+TUNING = range(0, 100)
+
+
+def _net(model):
+    if not isinstance(model, LeakyMLP):
+        raise TypeError(f"these monitors read a LeakyMLP's representations, got {type(model).__name__}")
+    return model.net
+
+
+def _trajectory(model, x, rho):
+    """``[A_0, ..., A_L]`` with gradients (the steps ``rho`` a leaf), as ``LeakyMLP.representations`` steps."""
+    net = _net(model)
+    a, b = step_coefficients(rho, net.effective_depth, net.steps.scheme)
+    h = model.input(x)
+    out = [h]
+    for l, blk in enumerate(net.blocks):
+        h, _ = blk.step(h, a[l].to(h.dtype), b[l].to(h.dtype), False)
+        h.retain_grad()
+        out.append(h)
+    return out
+
+
+def monitor(name, model, opt, x, y):
+    """One value >= 0 per block of ``model``'s single step group."""
+    net = _net(model)
+    if name == "distance":
+        return measure_distances(model, x)[0]
+    if name == "symmetric":
+        d = measure_distances(model, x)[0]
+        return (d + d.flip(0)) / 2
+    if name in ("adam1", "adam2"):
+        key = "exp_avg" if name == "adam1" else "exp_avg_sq"
+        out = []
+        for blk in net.blocks:
+            v = [opt.state[p][key].double() for p in blk.parameters() if key in opt.state.get(p, {})]
+            out.append(math.sqrt(sum(float((t if name == "adam1" else t.sqrt()).pow(2).sum()) for t in v)))
+        return torch.tensor(out)
+    if name == "angular":
+        reps = [r.double() for r in model.representations(x)]
+        out = []
+        for a, b in zip(reps[:-1], reps[1:]):
+            perp = b - (a * b).sum(1, keepdim=True) / (a * a).sum(1, keepdim=True).clamp_min(1e-30) * a
+            out.append(float((perp.pow(2).sum() / b.pow(2).sum()).sqrt()))
+        return torch.tensor(out)
+    rho = net.steps.rho.detach().clone().requires_grad_(True)
+    reps = _trajectory(model, x, rho)
+    loss = (model.output(reps[-1]) - y).pow(2).sum(1).mean()
+    loss.backward()
+    try:
+        if name == "saliency":
+            return (rho.grad * rho).detach().double().abs()
+        out = []
+        for l in range(net.depth):
+            d, p = (reps[l + 1] - reps[l]).detach().double(), reps[l + 1].grad.double()
+            out.append(float((p.pow(2).sum(1) * d.pow(2).sum(1)).mean().sqrt()))
+        return torch.tensor(out)
+    finally:
+        model.zero_grad(set_to_none=True)  # the monitor's gradients are not the training step's
+
+
+def splitter(name):
+    def split(model, opt, x, y):
+        d = monitor(name, model, opt, x, y)
+        return refine_plan(model, how="adaptive", distances=[d])["pieces"]
+    return split
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dims", nargs="+", type=int, default=list(growth.TEACHER_DIMS), help="the teacher's layer sizes")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="tuning seeds (0-99)")
+    p.add_argument("--monitors", nargs="+", choices=MONITORS, default=list(MONITORS))
+    p.add_argument("--lt", type=float, default=8.0)
+    p.add_argument("--steps", type=int, default=None, help="override the budget (smoke tests)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    bad = [s for s in args.seeds if s not in TUNING]
+    if bad:
+        raise SystemExit(f"--seeds must be tuning seeds 0-99 (grow's held-out seeds are 100+), got {bad}")
+    torch.set_num_threads(1)
+    settings = dict(growth.SETTINGS_LONG["teacher"], depth=16, lr=0.01)
+    if args.steps:
+        settings["steps"] = args.steps
+    common = dict(at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=settings["steps"], settings=settings, lt=args.lt)
+    ratios = {m: [] for m in args.monitors}
+    runs = []
+    for seed in args.seeds:
+        task = growth.get_task("teacher", seed, dims=args.dims)
+        base = growth.train_one(task, "uniform", seed, **common)
+        runs.append({"seed": seed, "arm": "uniform", "final": base["final"]})
+        for m in args.monitors:
+            r = growth.train_one(task, "adaptive", seed, split=splitter(m), **common)
+            rho = r["steps_profile"][0]
+            runs.append({"seed": seed, "arm": m, "final": r["final"],
+                         "steps": [len(rho) * v / sum(rho) for v in rho]})
+            ratios[m].append(r["final"] / base["final"])
+            print(f"seed {seed:3d} {m:9s} adaptive / uniform {ratios[m][-1]:.3f}   steps / uniform's: "
+                  + " ".join(f"{v:.2f}" for v in runs[-1]["steps"]), flush=True)
+    print(f"\nteacher {'-'.join(map(str, args.dims))}, Lt {args.lt:g}, seeds {args.seeds}: adaptive / uniform final "
+          "test MSE, median [min, max]")
+    for m, v in ratios.items():
+        print(f"{m:9s} {statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]  lower on {sum(r < 1 for r in v)} "
+              f"of {len(v)}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "runs": runs, "ratios": ratios}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
