@@ -473,6 +473,9 @@ def test_teacher_dims_choose_the_teachers_layer_sizes(tmp_path):
     assert int((sv > 1e-6 * sv[0]).sum()) == 3  # ReLU on the 3 bottleneck units, then a linear map: rank 3
     sv = torch.linalg.svdvals(wide.y_train.double() - wide.y_train.double().mean(0))
     assert int((sv > 1e-6 * sv[0]).sum()) == 24
+    for bad in (30, "30 3 30", [30], [30, 0, 30], [30, 2.5, 30], [30, True, 30]):
+        with pytest.raises(ValueError, match="teacher_dims"):
+            get_task("teacher", 100, dims=bad)
     for bad, tasks in ((["0", "3"], ["teacher"]), (["30"], ["teacher"]), (["30", "3", "30"], ["digits"])):
         with pytest.raises(ValueError, match="teacher_dims"):
             cli_main(["grow", "--tasks"] + tasks + ["--arms", "full", "--seeds", "100", "--steps", "2",

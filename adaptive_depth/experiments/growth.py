@@ -115,7 +115,7 @@ def check_dims(task_name: str, dims: Optional[Sequence[int]]) -> Tuple[int, ...]
         return TEACHER_DIMS
     if task_name != "teacher":
         raise ValueError(f"teacher_dims applies to the teacher task only, not {task_name!r}")
-    if isinstance(dims, (str, bytes)) or len(dims) < 2:
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or len(dims) < 2:
         raise ValueError(f"teacher_dims must list at least two layer sizes (input ... output), got {dims!r}")
     return tuple(check_int(d, "teacher_dims (each layer size)", 1) for d in dims)
 
