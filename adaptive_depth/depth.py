@@ -348,12 +348,8 @@ def _apply_refine(model, optimizer, plan: dict, groups: Optional[List[_Group]] =
     groups = _groups(model) if groups is None else groups
     init, state_policy = plan["init"], plan["state"]
     # --- validate and build everything first: a failed call leaves model and optimizer as they were
-    if len(plan["pieces"]) != len(groups):
-        raise ValueError(f"the plan has {len(plan['pieces'])} groups, the model {len(groups)}")
     work = []
-    for gi, (grp, pieces) in enumerate(zip(groups, plan["pieces"])):
-        if len(pieces) != grp.depth or any(int(n) < 1 for n in pieces):
-            raise ValueError(f"group {gi}: pieces must be {grp.depth} integers >= 1, got {pieces}")
+    for gi, (grp, pieces) in enumerate(zip(groups, _check_pieces(plan["pieces"], groups))):
         for l, n in enumerate(pieces):
             if n > 1 and not _splittable(grp.blocks[l]):
                 raise ValueError(f"group {gi}: block {l} has a projection on its shortcut and cannot be split")
@@ -461,7 +457,7 @@ def refine(model: nn.Module, optimizer=None, *, how: str = "uniform", factor: in
     elif how != "uniform" or factor != 2 or inputs is not None:
         raise ValueError("pieces is a split of its own: pass it without how, factor or inputs")
     else:
-        plan = {"op": "refine", "pieces": _check_pieces(pieces, _groups(model))}
+        plan = {"op": "refine", "pieces": pieces}  # checked by _apply_refine, as a replayed checkpoint's are
     plan.update(init=init, state=state)
     _apply_refine(model, optimizer, plan)
     return model

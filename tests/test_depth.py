@@ -288,6 +288,19 @@ def test_refine_plan_equidistributes_your_own_distances():
             refine_plan(net, **dict(dict(how="adaptive"), **kw), distances=bad)
 
 
+def test_a_checkpoint_with_a_bad_plan_is_refused_before_any_change():
+    """A replayed refinement goes through the same check as ``refine(pieces=...)``: a fractional piece in a
+    saved history is a ``ValueError`` naming pieces, and the model and optimizer stay as they were."""
+    net = _conv_net(depth=2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    before, groups = _state(net), [list(g["params"]) for g in opt.param_groups]
+    bad = {"steps_done": 1, "history": [{"op": "refine", "pieces": [[1.5, 2]], "init": "copy", "state": "fresh"}]}
+    with pytest.raises(ValueError, match="pieces"):
+        DepthScheduler(net, opt, at=[1]).load_state_dict(bad)
+    assert _same_state(before, _state(net)) and net.depth == 2
+    assert [list(g["params"]) for g in opt.param_groups] == groups
+
+
 @pytest.mark.parametrize("pieces, kw", [([[2, 2]], {}), ([[2, 2, 0]], {}), ([[2, 2, 1.5]], {}), ([[2, True, 2]], {}),
                                         ([[2, 2, 2], [2, 2, 2]], {}), ([2, 2, 2], {}), ("222", {}),
                                         ([[2, 2, 2]], dict(how="adaptive")), ([[2, 2, 2]], dict(factor=3))])
