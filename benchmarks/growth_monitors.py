@@ -15,13 +15,20 @@ Monitors (per block l of the ``LeakyMLP``; ``A_l`` the representation entering b
 - ``adjoint``: ``sqrt(mean_i |p_{l+1}|^2 |D_l|^2)``: motion weighted by the loss's sensitivity there;
 - ``saliency``: ``|rho_l dL/drho_l|``: the loss's first-order change if the step were removed;
 - ``adam1`` / ``adam2``: the norm of Adam's first moment (of the square root of the second) over the block's
-  parameters: where the optimizer still pushes.
+  parameters: where the optimizer still pushes;
+- ``splitgrad``: on a copy of the model with every block split in two (``refine(how="uniform")``), the norm of
+  the difference between the loss's gradients with respect to the two halves' weights: how much the loss wants
+  the halves to differ, the first-order gain a split can buy (splitting steepest descent, Liu et al. 2019).
+
+``--floor F`` equidistributes ``monitor / its mean + F`` instead (F large: uniform doubling); ``--when first|last``
+follows the monitor at only one of the two growths and doubles uniformly at the other.
 
 Tuning seeds only (0-99; grow's held-out seeds are 100+):
 
     python benchmarks/growth_monitors.py --dims 30 3 30 --seeds 0 1 2 3 --json out/monitors_30-3-30.json
 """
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -29,11 +36,11 @@ import statistics
 import torch
 
 from adaptive_depth import LeakyMLP
-from adaptive_depth.depth import measure_distances, refine_plan
+from adaptive_depth.depth import measure_distances, refine, refine_plan
 from adaptive_depth.experiments import growth
 from adaptive_depth.ops import step_coefficients
 
-MONITORS = ("distance", "angular", "symmetric", "adjoint", "saliency", "adam1", "adam2")
+MONITORS = ("distance", "angular", "symmetric", "adjoint", "saliency", "adam1", "adam2", "splitgrad")
 TUNING = range(0, 100)
 
 
@@ -71,6 +78,17 @@ def monitor(name, model, opt, x, y):
             v = [opt.state[p][key].double() for p in blk.parameters() if key in opt.state.get(p, {})]
             out.append(math.sqrt(sum(float((t if name == "adam1" else t.sqrt()).pow(2).sum()) for t in v)))
         return torch.tensor(out)
+    if name == "splitgrad":
+        twin = copy.deepcopy(model)
+        refine(twin, how="uniform")  # block l -> twin blocks 2l, 2l + 1, each with half its step
+        (twin(x) - y).pow(2).sum(1).mean().backward()
+        halves = _net(twin).blocks
+        out = []
+        for l in range(net.depth):
+            pairs = zip(halves[2 * l].parameters(), halves[2 * l + 1].parameters())
+            out.append(math.sqrt(sum(float((a.grad.double() - b.grad.double()).pow(2).sum()) for a, b in pairs
+                                     if a.grad is not None)))
+        return torch.tensor(out)
     if name == "angular":
         reps = [r.double() for r in model.representations(x)]
         out = []
@@ -94,9 +112,19 @@ def monitor(name, model, opt, x, y):
         model.zero_grad(set_to_none=True)  # the monitor's gradients are not the training step's
 
 
-def splitter(name):
+WHEN = ("all", "first", "last")
+
+
+def splitter(name, floor=0.0, when="all", start_depth=4):
+    """The adaptive arm's split: equidistribute ``monitor / its mean + floor`` (a moving mesh's floor: ``floor``
+    -> infinity is uniform doubling, 0 the monitor alone). ``when``: at every growth, or only at the ``first``
+    (from ``start_depth`` blocks) or the ``last`` (the others double uniformly)."""
     def split(model, opt, x, y):
-        d = monitor(name, model, opt, x, y)
+        first = _net(model).depth == start_depth
+        if when != "all" and first != (when == "first"):
+            return refine_plan(model, how="uniform")["pieces"]
+        d = monitor(name, model, opt, x, y).double()
+        d = d / d.mean().clamp_min(1e-30) + floor
         return refine_plan(model, how="adaptive", distances=[d])["pieces"]
     return split
 
@@ -106,10 +134,16 @@ def main(argv=None):
     p.add_argument("--dims", nargs="+", type=int, default=list(growth.TEACHER_DIMS), help="the teacher's layer sizes")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="tuning seeds (0-99)")
     p.add_argument("--monitors", nargs="+", choices=MONITORS, default=list(MONITORS))
+    p.add_argument("--floor", nargs="+", type=float, default=[0.0],
+                   help="floors added to each monitor (over its mean) before equidistribution; one arm per floor")
+    p.add_argument("--when", choices=WHEN, default="all",
+                   help="follow the monitor at every growth, or only at the first or the last (the other uniform)")
     p.add_argument("--lt", type=float, default=8.0)
     p.add_argument("--steps", type=int, default=None, help="override the budget (smoke tests)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if not all(math.isfinite(f) and f >= 0 for f in args.floor):
+        raise SystemExit(f"--floor values must be finite and >= 0, got {args.floor}")
     bad = [s for s in args.seeds if s not in TUNING]
     if bad:
         raise SystemExit(f"--seeds must be tuning seeds 0-99 (grow's held-out seeds are 100+), got {bad}")
@@ -118,24 +152,27 @@ def main(argv=None):
     if args.steps:
         settings["steps"] = args.steps
     common = dict(at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=settings["steps"], settings=settings, lt=args.lt)
-    ratios = {m: [] for m in args.monitors}
+    suffix = "" if args.when == "all" else f"@{args.when}"
+    arms = {(m if f == 0 else f"{m}+{f:g}") + suffix: (m, f) for m in args.monitors for f in args.floor}
+    ratios = {a: [] for a in arms}
     runs = []
     for seed in args.seeds:
         task = growth.get_task("teacher", seed, dims=args.dims)
         base = growth.train_one(task, "uniform", seed, **common)
         runs.append({"seed": seed, "arm": "uniform", "final": base["final"]})
-        for m in args.monitors:
-            r = growth.train_one(task, "adaptive", seed, split=splitter(m), **common)
+        for a, (m, f) in arms.items():
+            split = splitter(m, f, args.when, growth.start_depth(common["at"], settings["depth"]))
+            r = growth.train_one(task, "adaptive", seed, split=split, **common)
             rho = r["steps_profile"][0]
-            runs.append({"seed": seed, "arm": m, "final": r["final"],
+            runs.append({"seed": seed, "arm": a, "final": r["final"],
                          "steps": [len(rho) * v / sum(rho) for v in rho]})
-            ratios[m].append(r["final"] / base["final"])
-            print(f"seed {seed:3d} {m:9s} adaptive / uniform {ratios[m][-1]:.3f}   steps / uniform's: "
+            ratios[a].append(r["final"] / base["final"])
+            print(f"seed {seed:3d} {a:12s} adaptive / uniform {ratios[a][-1]:.3f}   steps / uniform's: "
                   + " ".join(f"{v:.2f}" for v in runs[-1]["steps"]), flush=True)
     print(f"\nteacher {'-'.join(map(str, args.dims))}, Lt {args.lt:g}, seeds {args.seeds}: adaptive / uniform final "
           "test MSE, median [min, max]")
     for m, v in ratios.items():
-        print(f"{m:9s} {statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]  lower on {sum(r < 1 for r in v)} "
+        print(f"{m:12s} {statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]  lower on {sum(r < 1 for r in v)} "
               f"of {len(v)}")
     if args.json:
         with open(args.json, "w") as fh:

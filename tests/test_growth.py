@@ -399,6 +399,21 @@ def test_mirror_arm_reverses_the_adaptive_allocation(tmp_path):
     assert mirror["start_depth"] == adaptive["start_depth"] == 8
 
 
+def test_shuffled_arm_places_the_adaptive_pieces_at_random(tmp_path):
+    """The control arm ``shuffled`` grows with adaptive refinement's measured pieces in a random order: after one
+    growth (same model and batches until then) its steps are a permutation of the adaptive arm's, not their order,
+    and the same seed draws the same order."""
+    out = tmp_path / "s.json"
+    args = ["grow", "--tasks", "teacher", "--arms", "adaptive", "shuffled", "shuffled", "--seeds", "100",
+            "--steps", "4", "--eval-every", "2", "--at", "0.75", "--depth", "16", "--lt", "8", "--json", str(out)]
+    assert cli_main(args) == 0
+    adaptive, shuffled, again = json.loads(out.read_text())["runs"]
+    a, s = adaptive["steps_profile"][0], shuffled["steps_profile"][0]
+    assert len(s) == 16 and sorted(s) == pytest.approx(sorted(a), rel=1e-12) and s != pytest.approx(a)
+    assert sum(s) == pytest.approx(1.0, rel=1e-6) and again["steps_profile"] == shuffled["steps_profile"]
+    assert shuffled["start_depth"] == 8
+
+
 def test_family_task_draws_from_the_split_of_its_seed(tmp_path):
     """``--tasks family``: seed S is task S of tasks.py's family (its data; grow's LeakyMLP settings), a seed in
     neither split is refused before any run, naming both ranges; the default tasks stay the three benchmarks."""
@@ -520,3 +535,60 @@ def test_growth_monitors_script_runs_every_monitor_on_tuning_seeds_only(tmp_path
         train_one(task, "uniform", 0, split=mon.splitter("distance"), **common)
     with pytest.raises(SystemExit, match="tuning seeds"):
         mon.main(["--seeds", "100", "--steps", "6"])
+
+
+def test_splitgrad_monitor_is_the_gradient_gap_between_the_halves_of_each_split_block():
+    """'splitgrad' (Growth 8, continued) against a twin built by hand: every block copied into two blocks with
+    half its step (the constructor and ``set_steps``, not ``refine``), float64; the monitor of block l is the norm
+    of the difference of the loss's gradients with respect to the two copies' weights."""
+    from adaptive_depth import LeakyMLP
+    mon = _script("growth_monitors")
+    for depth, width, seed in [(3, 8, 0), (4, 6, 1)]:
+        torch.manual_seed(seed)
+        kw = dict(effective_depth=6.0, scheme="exponential", dtype=torch.float64)
+        model = LeakyMLP(5, 4, width=width, depth=depth, **kw)
+        with torch.no_grad():
+            r = torch.rand(depth, dtype=torch.float64) + 0.5
+            model.net.steps.set_steps(r / r.sum())
+            for p in model.net.blocks.parameters():
+                p.add_(torch.randn_like(p))
+        x, y = torch.randn(17, 5, dtype=torch.float64), torch.randn(17, 4, dtype=torch.float64)
+        twin = LeakyMLP(5, 4, width=width, depth=2 * depth, **kw)
+        with torch.no_grad():
+            twin.input.load_state_dict(model.input.state_dict())
+            twin.output.load_state_dict(model.output.state_dict())
+            for l, blk in enumerate(model.net.blocks):
+                twin.net.blocks[2 * l].load_state_dict(blk.state_dict())
+                twin.net.blocks[2 * l + 1].load_state_dict(blk.state_dict())
+            rho = model.net.steps.current().detach()
+            twin.net.steps.set_steps(rho.repeat_interleave(2) / 2)
+        (twin(x) - y).pow(2).sum(1).mean().backward()
+        blocks = twin.net.blocks
+        want = [sum(float((a.grad - b.grad).pow(2).sum()) for a, b in
+                    zip(blocks[2 * l].parameters(), blocks[2 * l + 1].parameters())) ** 0.5 for l in range(depth)]
+        got = mon.monitor("splitgrad", model, None, x, y)
+        assert got.tolist() == pytest.approx(want, rel=1e-6)  # the steps are stored in float32
+        assert min(want) > 0  # the halves do differ under a nonzero leak
+        assert all(p.grad is None for p in model.parameters())  # the model's own gradients are untouched
+
+
+def test_growth_monitors_floor_runs_from_the_monitor_to_uniform_doubling():
+    """``--floor``: equidistribute ``monitor / mean + floor``; 0 is the monitor's own plan, a large floor uniform
+    doubling; a negative or non-finite floor is refused before any run. ``--when``: the monitor at the first
+    growth only (from the start depth) or the last only, uniform doubling at the other."""
+    from adaptive_depth import LeakyMLP
+    from adaptive_depth.depth import refine_plan
+    mon = _script("growth_monitors")
+    torch.manual_seed(0)
+    model = LeakyMLP(6, 6, width=8, depth=6, effective_depth=8.0, scheme="exponential")
+    x, y = torch.randn(32, 6), torch.randn(32, 6)
+    plain = refine_plan(model, how="adaptive", inputs=x)["pieces"]
+    assert plain != [[2] * 6]  # otherwise the floor could not change anything
+    assert mon.splitter("distance", 0.0)(model, None, x, y) == plain
+    assert mon.splitter("distance", 100.0)(model, None, x, y) == [[2] * 6]
+    assert mon.splitter("distance", when="first", start_depth=6)(model, None, x, y) == plain
+    assert mon.splitter("distance", when="last", start_depth=6)(model, None, x, y) == [[2] * 6]
+    assert mon.splitter("distance", when="last", start_depth=3)(model, None, x, y) == plain
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit, match="--floor"):
+            mon.main(["--seeds", "0", "--steps", "6", "--floor", bad])

@@ -9,8 +9,9 @@ order and step budget, on one CPU thread:
 - ``adaptive``: 2 blocks, grown to 4 then 8 at the same times, the pieces going to the blocks with the
   largest measured step-distance (``refine(how="adaptive")``, measured on the current batch).
 
-Controls (``--arms``): ``shallow`` (the start depth throughout) and ``mirror`` (adaptive's measured allocation
-reversed, the same uneven steps at the other end of each group: does it matter *where* the steps go?).
+Controls (``--arms``): ``shallow`` (the start depth throughout), ``mirror`` (adaptive's measured allocation
+reversed, the same uneven steps at the other end of each group: does it matter *where* the steps go?) and
+``shuffled`` (adaptive's measured pieces in a random order: the same unevenness at random places).
 
 Tasks: MNIST-1D (1-D conv Leaky ResNet, blocks relu -> conv -> GroupNorm, RESEARCH.md section 3),
 scikit-learn digits (a small 2-D conv Leaky ResNet, same blocks), the paper's teacher 30 -> 3 -> 30 (a
@@ -55,8 +56,8 @@ __all__ = ["add_arguments", "run", "train_one", "summarize", "TASKS", "ARMS"]
 
 TASKS = ("mnist1d", "digits", "teacher", "family")
 MLP_TASKS = ("teacher", "family")  # a LeakyMLP on a teacher's data, test MSE
-ARMS = ("full", "uniform", "adaptive", "shallow", "mirror")
-GROWING = ("uniform", "adaptive", "mirror")
+ARMS = ("full", "uniform", "adaptive", "shallow", "mirror", "shuffled")
+GROWING = ("uniform", "adaptive", "mirror", "shuffled")
 TUNING_SEEDS = (0, 1)
 HELD_OUT_SEEDS = (100, 101, 102, 103, 104)
 #: the grid tuned on seeds 0-1: growth times (fractions of the budget) and the new blocks' optimizer state
@@ -260,7 +261,7 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     ``"adaptive"`` (start at ``start_depth(at, depth)`` and double at the fractions ``at`` of the budget) or
     ``"shallow"`` (the growth arms' start depth throughout, a control) or ``"mirror"`` (a control for
     ``"adaptive"``: its measured allocation reversed within each group, so the same uneven steps sit at the other
-    end). ``init``/``state``: the new blocks
+    end) or ``"shuffled"`` (the measured pieces in a random order, drawn from ``seed``). ``init``/``state``: the new blocks
     (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are a plain
     cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: the effective
     depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``). ``split``: for the ``"adaptive"``
@@ -287,6 +288,7 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     perm, pos = torch.randperm(n, generator=gen), 0
     wall, cpu, block_steps, curve = 0.0, 0.0, 0, [(0, 0.0, 0, _metric(model, task), 0.0)]
     blocks, lr_trace = depth, []
+    shuffle = torch.Generator().manual_seed(seed + 54321)  # the shuffled arm's orders
     for step in range(1, s["steps"] + 1):
         if pos + s["batch"] > n:
             perm, pos = torch.randperm(n, generator=gen), 0
@@ -303,9 +305,11 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
         if step in grow_at:
             if arm == "adaptive" and split is not None:
                 refine(model, opt, pieces=split(model, opt, x, y), state=state, init=init)
-            elif arm == "mirror":
+            elif arm in ("mirror", "shuffled"):
                 pieces = refine_plan(model, how="adaptive", inputs=x)["pieces"]
-                refine(model, opt, pieces=[p[::-1] for p in pieces], state=state, init=init)
+                pieces = [p[::-1] if arm == "mirror" else [p[i] for i in torch.randperm(len(p), generator=shuffle)]
+                          for p in pieces]
+                refine(model, opt, pieces=pieces, state=state, init=init)
             else:
                 refine(model, opt, how=arm, state=state, init=init, inputs=x if arm == "adaptive" else None)
             blocks = sum(g.depth for g in _groups(model))
