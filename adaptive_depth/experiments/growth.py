@@ -261,8 +261,8 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     ``"adaptive"`` (start at ``start_depth(at, depth)`` and double at the fractions ``at`` of the budget) or
     ``"shallow"`` (the growth arms' start depth throughout, a control) or ``"mirror"`` (a control for
     ``"adaptive"``: its measured allocation reversed within each group, so the same uneven steps sit at the other
-    end) or ``"shuffled"`` (the measured pieces in a random order, drawn from ``seed``). ``init``/``state``: the new blocks
-    (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are a plain
+    end) or ``"shuffled"`` (the measured pieces in a random order, drawn from ``seed``). ``init``/``state``: the
+    new blocks (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are a plain
     cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: the effective
     depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``). ``split``: for the ``"adaptive"``
     arm, another rule: ``split(model, optimizer, x, y)`` (the step's batch) returns ``refine``'s ``pieces``.
