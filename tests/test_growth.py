@@ -538,7 +538,7 @@ def test_growth_monitors_script_runs_every_monitor_on_tuning_seeds_only(tmp_path
 
 
 def test_splitgrad_monitor_is_the_gradient_gap_between_the_halves_of_each_split_block():
-    """'splitgrad' (Growth 8, continued) against a twin built by hand: every block copied into two blocks with
+    """'splitgrad' (Growth 9) against a twin built by hand: every block copied into two blocks with
     half its step (the constructor and ``set_steps``, not ``refine``), float64; the monitor of block l is the norm
     of the difference of the loss's gradients with respect to the two copies' weights."""
     from adaptive_depth import LeakyMLP
