@@ -154,6 +154,7 @@ def main(argv=None):
     common = dict(at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=settings["steps"], settings=settings, lt=args.lt)
     suffix = "" if args.when == "all" else f"@{args.when}"
     arms = {(m if f == 0 else f"{m}+{f:g}") + suffix: (m, f) for m in args.monitors for f in args.floor}
+    start = growth.start_depth(common["at"], settings["depth"])
     ratios = {a: [] for a in arms}
     runs = []
     for seed in args.seeds:
@@ -161,8 +162,7 @@ def main(argv=None):
         base = growth.train_one(task, "uniform", seed, **common)
         runs.append({"seed": seed, "arm": "uniform", "final": base["final"]})
         for a, (m, f) in arms.items():
-            split = splitter(m, f, args.when, growth.start_depth(common["at"], settings["depth"]))
-            r = growth.train_one(task, "adaptive", seed, split=split, **common)
+            r = growth.train_one(task, "adaptive", seed, split=splitter(m, f, args.when, start), **common)
             rho = r["steps_profile"][0]
             runs.append({"seed": seed, "arm": a, "final": r["final"],
                          "steps": [len(rho) * v / sum(rho) for v in rho]})

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from adaptive_depth import LeakyResNet
-from adaptive_depth.depth import refine
+from adaptive_depth import LeakyMLP, LeakyResNet
+from adaptive_depth.depth import refine, refine_plan
 from adaptive_depth.experiments import growth
 from adaptive_depth.experiments.cli import main as cli_main
 from adaptive_depth.experiments.data import teacher
@@ -541,7 +541,6 @@ def test_splitgrad_monitor_is_the_gradient_gap_between_the_halves_of_each_split_
     """'splitgrad' (Growth 9) against a twin built by hand: every block copied into two blocks with
     half its step (the constructor and ``set_steps``, not ``refine``), float64; the monitor of block l is the norm
     of the difference of the loss's gradients with respect to the two copies' weights."""
-    from adaptive_depth import LeakyMLP
     mon = _script("growth_monitors")
     for depth, width, seed in [(3, 8, 0), (4, 6, 1)]:
         torch.manual_seed(seed)
@@ -576,8 +575,6 @@ def test_growth_monitors_floor_runs_from_the_monitor_to_uniform_doubling():
     """``--floor``: equidistribute ``monitor / mean + floor``; 0 is the monitor's own plan, a large floor uniform
     doubling; a negative or non-finite floor is refused before any run. ``--when``: the monitor at the first
     growth only (from the start depth) or the last only, uniform doubling at the other."""
-    from adaptive_depth import LeakyMLP
-    from adaptive_depth.depth import refine_plan
     mon = _script("growth_monitors")
     torch.manual_seed(0)
     model = LeakyMLP(6, 6, width=8, depth=6, effective_depth=8.0, scheme="exponential")

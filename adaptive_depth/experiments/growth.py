@@ -262,10 +262,11 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     ``"shallow"`` (the growth arms' start depth throughout, a control) or ``"mirror"`` (a control for
     ``"adaptive"``: its measured allocation reversed within each group, so the same uneven steps sit at the other
     end) or ``"shuffled"`` (the measured pieces in a random order, drawn from ``seed``). ``init``/``state``: the
-    new blocks (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are a plain
-    cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: the effective
-    depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``). ``split``: for the ``"adaptive"``
-    arm, another rule: ``split(model, optimizer, x, y)`` (the step's batch) returns ``refine``'s ``pieces``.
+    new blocks (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are
+    a plain cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: the
+    effective depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``). ``split``: for the
+    ``"adaptive"`` arm, another rule: ``split(model, optimizer, x, y)`` (the step's batch) returns ``refine``'s
+    ``pieces``.
     """
     _check_variant(arm, init, rewarm, hold)
     if split is not None and arm != "adaptive":
@@ -307,8 +308,10 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
                 refine(model, opt, pieces=split(model, opt, x, y), state=state, init=init)
             elif arm in ("mirror", "shuffled"):
                 pieces = refine_plan(model, how="adaptive", inputs=x)["pieces"]
-                pieces = [p[::-1] if arm == "mirror" else [p[i] for i in torch.randperm(len(p), generator=shuffle)]
-                          for p in pieces]
+                if arm == "mirror":
+                    pieces = [p[::-1] for p in pieces]
+                else:
+                    pieces = [[p[i] for i in torch.randperm(len(p), generator=shuffle)] for p in pieces]
                 refine(model, opt, pieces=pieces, state=state, init=init)
             else:
                 refine(model, opt, how=arm, state=state, init=init, inputs=x if arm == "adaptive" else None)
