@@ -18,10 +18,21 @@ Monitors (per block l of the ``LeakyMLP``; ``A_l`` the representation entering b
   parameters: where the optimizer still pushes;
 - ``splitgrad``: on a copy of the model with every block split in two (``refine(how="uniform")``), the norm of
   the difference between the loss's gradients with respect to the two halves' weights: how much the loss wants
-  the halves to differ, the first-order gain a split can buy (splitting steepest descent, Liu et al. 2019).
+  the halves to differ, the first-order gain a split can buy (splitting steepest descent, Liu et al. 2019);
+- ``kernel``: ``||D_l||_K = sqrt(Tr[D_l^T (K_l + g I)^{-1} D_l])`` with the paper's kernel ``K_l = s(A_l) s(A_l)^T``
+  (``g = 1e-3 ||K_l||_op``, the diagnostics' stabilisation): the norm of the smallest weight whose branch
+  ``W s(A_l)`` makes the block's displacement, the arc length of the paper's kinetic energy (issue 9's "speed in
+  the kernel metric"). Motion the representation's own features already span is cheap, motion out of it dear.
 
 ``--floor F`` equidistributes ``monitor / its mean + F`` instead (F large: uniform doubling); ``--when first|last``
 follows the monitor at only one of the two growths and doubles uniformly at the other.
+
+``--probe K`` makes each arm a choice by trial (Growth 10): at every growth, copies of the model and its optimizer
+are grown once by uniform doubling and once by the monitor's plan, each copy trains ``K`` steps on the same
+training batches (at the current learning rate), and the plan whose copy has the lower loss on the whole training
+set is applied. The probes run inside the timed step, so their cost counts in the run's CPU time; they draw from
+their own generator under ``torch.random.fork_rng``, so a run that picks uniform at every growth is the uniform
+run bit for bit.
 
 Tuning seeds only (0-99; grow's held-out seeds are 100+):
 
@@ -37,10 +48,12 @@ import torch
 
 from adaptive_depth import LeakyMLP
 from adaptive_depth.depth import measure_distances, refine, refine_plan
+from adaptive_depth.diagnostics import energies
 from adaptive_depth.experiments import growth
 from adaptive_depth.ops import step_coefficients
 
-MONITORS = ("distance", "angular", "symmetric", "adjoint", "saliency", "adam1", "adam2", "splitgrad")
+MONITORS = ("distance", "angular", "symmetric", "adjoint", "saliency", "adam1", "adam2", "splitgrad", "kernel")
+KERNEL_GAMMA = 1e-3
 TUNING = range(0, 100)
 
 
@@ -89,6 +102,11 @@ def monitor(name, model, opt, x, y):
             out.append(math.sqrt(sum(float((a.grad.double() - b.grad.double()).pow(2).sum()) for a, b in pairs
                                      if a.grad is not None)))
         return torch.tensor(out)
+    if name == "kernel":
+        reps = [r.detach().double() for r in model.representations(x)]
+        # energies' kinetic term is ||V||_K^2 / (2 Lt): at Lt = 1 with V = D_l, twice it is ||D_l||_K^2
+        return torch.tensor([math.sqrt(2 * energies(a, b - a, 1.0, gamma=KERNEL_GAMMA)[0])
+                             for a, b in zip(reps[:-1], reps[1:])])
     if name == "angular":
         reps = [r.double() for r in model.representations(x)]
         out = []
@@ -129,6 +147,40 @@ def splitter(name, floor=0.0, when="all", start_depth=4):
     return split
 
 
+def selector(name, task, probe, floor=0.0, when="all", start_depth=4, seed=0, batch=128):
+    """The ``--probe`` arm's split: the better of uniform doubling and ``splitter(name, ...)``'s plan after ``probe``
+    training steps on copies (see the module docstring). ``split.chosen`` records 0 (uniform) or 1 (the monitor)
+    per growth, ``split.losses`` the two probes' training losses (``None`` where the plans agree)."""
+    follow = splitter(name, floor, when, start_depth)
+    gen = torch.Generator().manual_seed(seed + 777)
+
+    def split(model, opt, x, y):
+        plans = [refine_plan(model, how="uniform")["pieces"], follow(model, opt, x, y)]
+        if plans[0] == plans[1]:
+            split.chosen.append(0)
+            split.losses.append(None)
+            return plans[0]
+        n = task.x_train.shape[0]
+        batches = [torch.randint(n, (batch,), generator=gen) for _ in range(probe)]
+        losses = []
+        with torch.random.fork_rng():
+            for pieces in plans:
+                m, o = copy.deepcopy((model, opt))
+                refine(m, o, pieces=pieces)
+                for i in batches:
+                    task.loss_fn(m(task.x_train[i]), task.y_train[i]).backward()
+                    o.step()
+                    o.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    losses.append(float(task.loss_fn(m(task.x_train), task.y_train)))
+        k = int(losses[1] < losses[0])
+        split.chosen.append(k)
+        split.losses.append(losses)
+        return plans[k]
+    split.chosen, split.losses = [], []
+    return split
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", nargs="+", type=int, default=list(growth.TEACHER_DIMS), help="the teacher's layer sizes")
@@ -138,12 +190,16 @@ def main(argv=None):
                    help="floors added to each monitor (over its mean) before equidistribution; one arm per floor")
     p.add_argument("--when", choices=WHEN, default="all",
                    help="follow the monitor at every growth, or only at the first or the last (the other uniform)")
+    p.add_argument("--probe", type=int, default=0,
+                   help="K > 0: at each growth keep uniform's or the monitor's plan, whichever trains lower in K steps")
     p.add_argument("--lt", type=float, default=8.0)
     p.add_argument("--steps", type=int, default=None, help="override the budget (smoke tests)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not all(math.isfinite(f) and f >= 0 for f in args.floor):
         raise SystemExit(f"--floor values must be finite and >= 0, got {args.floor}")
+    if args.probe < 0:
+        raise SystemExit(f"--probe must be >= 0 (0: no trial, follow the monitor), got {args.probe}")
     bad = [s for s in args.seeds if s not in TUNING]
     if bad:
         raise SystemExit(f"--seeds must be tuning seeds 0-99 (grow's held-out seeds are 100+), got {bad}")
@@ -152,7 +208,7 @@ def main(argv=None):
     if args.steps:
         settings["steps"] = args.steps
     common = dict(at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=settings["steps"], settings=settings, lt=args.lt)
-    suffix = "" if args.when == "all" else f"@{args.when}"
+    suffix = ("" if args.when == "all" else f"@{args.when}") + (f"?{args.probe}" if args.probe else "")
     arms = {(m if f == 0 else f"{m}+{f:g}") + suffix: (m, f) for m in args.monitors for f in args.floor}
     start = growth.start_depth(common["at"], settings["depth"])
     ratios = {a: [] for a in arms}
@@ -160,15 +216,21 @@ def main(argv=None):
     for seed in args.seeds:
         task = growth.get_task("teacher", seed, dims=args.dims)
         base = growth.train_one(task, "uniform", seed, **common)
-        runs.append({"seed": seed, "arm": "uniform", "final": base["final"]})
+        runs.append({"seed": seed, "arm": "uniform", "final": base["final"], "cpu_s": base["cpu_s"]})
         for a, (m, f) in arms.items():
-            r = growth.train_one(task, "adaptive", seed, split=splitter(m, f, args.when, start), **common)
+            split = (selector(m, task, args.probe, f, args.when, start, seed, settings["batch"]) if args.probe
+                     else splitter(m, f, args.when, start))
+            r = growth.train_one(task, "adaptive", seed, split=split, **common)
             rho = r["steps_profile"][0]
-            runs.append({"seed": seed, "arm": a, "final": r["final"],
+            runs.append({"seed": seed, "arm": a, "final": r["final"], "cpu_s": r["cpu_s"],
                          "steps": [len(rho) * v / sum(rho) for v in rho]})
+            if args.probe:
+                runs[-1].update(chosen=split.chosen, probe_losses=split.losses)
             ratios[a].append(r["final"] / base["final"])
             print(f"seed {seed:3d} {a:12s} adaptive / uniform {ratios[a][-1]:.3f}   steps / uniform's: "
-                  + " ".join(f"{v:.2f}" for v in runs[-1]["steps"]), flush=True)
+                  + " ".join(f"{v:.2f}" for v in runs[-1]["steps"])
+                  + (f"   chose {split.chosen}, CPU / uniform's {r['cpu_s'] / base['cpu_s']:.2f}" if args.probe
+                     else ""), flush=True)
     print(f"\nteacher {'-'.join(map(str, args.dims))}, Lt {args.lt:g}, seeds {args.seeds}: adaptive / uniform final "
           "test MSE, median [min, max]")
     for m, v in ratios.items():

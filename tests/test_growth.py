@@ -1,5 +1,6 @@
 """The growth benchmark's options (growth2: issue 12 goals): schedule shapes, the lr after a growth, the
 normalised branch, function-preserving growth of a normalised branch, the staged search and the CLI."""
+import copy
 import importlib.util
 import json
 import math
@@ -589,3 +590,99 @@ def test_growth_monitors_floor_runs_from_the_monitor_to_uniform_doubling():
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(SystemExit, match="--floor"):
             mon.main(["--seeds", "0", "--steps", "6", "--floor", bad])
+
+
+def test_kernel_monitor_is_the_displacement_in_the_papers_kernel_metric():
+    """'kernel' (issue 9's speed in the kernel metric) against float64 maths written out: the representations
+    stepped by hand (``x_{l+1} = e^{-rho Lt} x + (1 - e^{-rho Lt})/Lt (W relu(x) + beta)``), ``K = S S^T`` with
+    ``S = [relu(A_l), 1]``, ``g = 1e-3 ||K||_op``, and ``sqrt(Tr[D^T (K + g I)^{-1} D])`` by a dense solve; batches
+    smaller and larger than the width (the two branches of the ridge solve)."""
+    mon = _script("growth_monitors")
+    for depth, width, n, lt, seed in [(3, 8, 5, 6.0, 0), (4, 6, 23, 2.0, 1), (2, 5, 40, 12.0, 2)]:
+        torch.manual_seed(seed)
+        model = LeakyMLP(5, 4, width=width, depth=depth, effective_depth=lt, scheme="exponential",
+                         dtype=torch.float64)
+        with torch.no_grad():
+            r = torch.rand(depth, dtype=torch.float64) + 0.5
+            model.net.steps.set_steps(r / r.sum())
+        x = torch.randn(n, 5, dtype=torch.float64)
+        rho = model.net.steps.current().detach().double()
+        h = x @ model.input.weight.detach().T + model.input.bias.detach()
+        want = []
+        for l, blk in enumerate(model.net.blocks):
+            lin = blk.block.linear
+            a = math.exp(-float(rho[l]) * lt)
+            nxt = a * h + (1 - a) / lt * (torch.relu(h) @ lin.weight.detach().T + lin.bias.detach())
+            s = torch.cat([torch.relu(h), torch.ones(n, 1, dtype=torch.float64)], 1)
+            k = s @ s.T
+            g = 1e-3 * float(torch.linalg.eigvalsh(k).max())
+            d = nxt - h
+            want.append(math.sqrt(float((d * torch.linalg.solve(k + g * torch.eye(n, dtype=torch.float64), d)).sum())))
+            h = nxt
+        got = mon.monitor("kernel", model, None, x, None)
+        assert got.tolist() == pytest.approx(want, rel=1e-6)
+        assert max(want) > min(want)  # the blocks differ, so a plan can follow them
+
+
+def _same_nested(a, b):
+    """Tensors equal bit for bit, and everything around them equal, through dicts, lists and tuples."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_nested(u, v) for u, v in zip(a, b))
+    return a == b
+
+
+def test_probe_selector_keeps_the_plan_whose_trial_copy_trains_lower_and_leaves_the_run_untouched():
+    """``--probe K`` (Growth 10): at each growth the selector grows two copies (uniform doubling, the monitor's
+    plan), trains each K steps and keeps the plan with the lower training loss. Checked against probes written
+    out by hand on copies; the model and optimizer it is handed are unchanged by the trial, and a run that replays
+    the chosen plans through a plain split is the selector's run bit for bit (the probes draw no global RNG)."""
+    mon = _script("growth_monitors")
+    task = get_task("teacher", 0, dims=[8, 2, 8])
+    torch.manual_seed(0)
+    model = LeakyMLP(8, 8, width=8, depth=4, effective_depth=8.0, scheme="exponential")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = task.x_train[:32], task.y_train[:32]
+    task.loss_fn(model(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    sel = mon.selector("kernel", task, 4, start_depth=4, seed=3, batch=16)
+    pieces = sel(model, opt, x, y)
+    plans = [refine_plan(model, how="uniform")["pieces"], mon.splitter("kernel")(model, opt, x, y)]
+    assert plans[0] != plans[1]
+    gen = torch.Generator().manual_seed(3 + 777)
+    batches = [torch.randint(task.x_train.shape[0], (16,), generator=gen) for _ in range(4)]
+    want = []
+    for plan in plans:
+        m = copy.deepcopy(model)
+        o = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        o.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict keeps the very tensors it is given
+        refine(m, o, pieces=plan)
+        for i in batches:
+            task.loss_fn(m(task.x_train[i]), task.y_train[i]).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            want.append(float(task.loss_fn(m(task.x_train), task.y_train)))
+    assert sel.losses == [want] and sel.chosen == [int(want[1] < want[0])]
+    assert pieces == plans[sel.chosen[0]]
+    assert _same_nested((model.state_dict(), opt.state_dict()), before)
+    settings = dict(growth.SETTINGS_LONG["teacher"], depth=16, steps=9, batch=32)
+    common = dict(at=(1 / 3, 2 / 3), eval_every=9, settings=settings, lt=8.0)
+    sel = mon.selector("kernel", task, 2, start_depth=4, seed=0, batch=32)
+    run = train_one(task, "adaptive", 0, split=sel, **common)
+    assert len(sel.chosen) == 2
+    replayed = iter(list(sel.chosen))
+    plain = mon.splitter("kernel")
+
+    def replay(m, o, xb, yb):
+        k = next(replayed)
+        return refine_plan(m, how="uniform")["pieces"] if k == 0 else plain(m, o, xb, yb)
+    again = train_one(task, "adaptive", 0, split=replay, **common)
+    assert again["final"] == run["final"] and again["steps_profile"] == run["steps_profile"]
+    with pytest.raises(SystemExit, match="--probe"):
+        mon.main(["--seeds", "0", "--steps", "6", "--probe", "-1"])
