@@ -1,5 +1,7 @@
 """``adaptive-depth bench --quick`` end to end: runs, writes JSON/markdown/PNG, keeps foreign JSON keys."""
+import importlib.util
 import json
+import pathlib
 
 import pytest
 
@@ -198,3 +200,39 @@ def test_extend_grid_counts_diverged_lrs_as_bracketing_the_pick():
     assert [r["seed"] for r in suite.on_edge(without)] == [0]
     alone, _ = suite._merge_existing_records([], new, extend=True, searches=searches)
     assert [r["seed"] for r in alone] == [1]  # a search with no earlier run adds no cell
+
+
+def _lt_headroom():
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "lt_headroom.py"
+    spec = importlib.util.spec_from_file_location("lt_headroom", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lt_headroom_picks_each_tasks_lt_by_validation_and_pairs_the_ratios(tmp_path, capsys):
+    """benchmarks/lt_headroom.py: per task the Lt with the lowest validation loss (not test), every ratio over the
+    reference Lt's test loss, tasks missing an Lt left out; a cell that differs between two files is refused."""
+    mod = _lt_headroom()
+
+    def run(seed, lt, val, test, rule="uniform", lr=0.01):
+        return {"seed": seed, "lt": lt, "rule": rule, "optimizer": "adam", "lr": lr, "val_loss": val,
+                "test_loss": test}
+    a = [run(1000, 0.0, 1.0, 2.0), run(1000, 24.0, 2.0, 1.0),   # validation prefers Lt 0 though its test is worse
+         run(1001, 0.0, 3.0, 3.0), run(1001, 24.0, 1.0, 4.0), run(1001, 0.0, 0.0, 0.0, rule="fine_ends"),
+         run(1002, 0.0, 1.0, 1.0)]                              # no Lt 24 run: left out
+    b = [run(1001, 24.0, 1.0, 4.0), run(1000, 3.0, 5.0, 0.5), run(1001, 3.0, 0.5, 2.0)]
+    for name, runs in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps({"suite": {"runs": runs}}))
+    rows = mod.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--ref", "24"])
+    assert [r["task"] for r in rows] == [1000, 1001]
+    assert [r["oracle_lt"] for r in rows] == [0.0, 3.0]
+    assert rows[0]["oracle_ratio"] == pytest.approx(2.0) and rows[1]["oracle_ratio"] == pytest.approx(0.5)
+    assert rows[0]["ratio"] == pytest.approx({0.0: 2.0, 3.0: 0.5, 24.0: 1.0})
+    out = capsys.readouterr().out
+    assert "| 1000 | 2 * | 0.5 | 1 | 0 |" in out and "oracle" in out
+    with pytest.raises(SystemExit, match="--ref 12"):
+        mod.main([str(tmp_path / "a.json"), "--ref", "12"])
+    (tmp_path / "c.json").write_text(json.dumps({"suite": {"runs": [run(1000, 0.0, 1.0, 2.5)]}}))
+    with pytest.raises(SystemExit, match="differs"):
+        mod.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
