@@ -155,6 +155,41 @@ def test_convnet_lt_builds_the_large_lt_recipe_and_bad_lt_is_named():
             growth.make_model(task, 2, 4, lt=bad, **kw)
 
 
+def test_branch_identity_growth_keeps_every_identity_coefficient_at_lr_over_lt(tmp_path):
+    """``--branch-identity on`` (Growth 11): the conv net at Lt = 8 with the leak cancelled at initialisation (gain 1,
+    ``r`` from 1); its identity coefficients train at lr / Lt, and the blocks a refinement inserts bring theirs into
+    that group, so after both growths all 16 are there and nothing else is. Bad combinations are refused by name
+    before any training."""
+    net = ConvNet(1, 1, 8, 2, 10, branch_norm=True, lt=8.0, identity=True)
+    assert all(float(b.gain.detach()) == 1.0 and float(b.identity.detach()) == 1.0 for b in net.body.blocks)
+    task = get_task("mnist1d", 0)
+    settings = dict(growth.SETTINGS_LONG["mnist1d"], depth=16, steps=6, batch=16, lr=0.02)
+    seen = {}
+    real_refine = growth.refine
+
+    def spy(model, opt=None, **kw):
+        out = real_refine(model, opt, **kw)
+        rs = {id(b.identity) for b in model.body.blocks}
+        seen[len(rs)] = [(g["lr"], {id(p) for p in g["params"]} == rs)
+                         for g in opt.param_groups if {id(p) for p in g["params"]} & rs]
+        return out
+    growth.refine = spy
+    try:
+        run = growth.train_one(task, "uniform", 0, at=(1 / 3, 2 / 3), eval_every=6, settings=settings, lt=8.0,
+                               branch_norm=True, branch_identity=True, hold=2 / 3)
+    finally:
+        growth.refine = real_refine
+    assert run["branch_identity"] and run["steps_profile"] and len(run["steps_profile"][0]) == 16
+    assert seen == {8: [(0.02 / 8, True)], 16: [(0.02 / 8, True)]}  # one group, only the r's, at lr / Lt
+    for kw in (dict(lt=8.0), dict(lt=0.0, branch_norm=True)):
+        with pytest.raises(ValueError, match="branch_identity"):
+            growth.make_model(task, 2, 4, identity=True, **kw)
+    with pytest.raises(ValueError, match="branch_identity"):
+        growth.make_model(get_task("teacher", 0, dims=[8, 2, 8]), 2, 4, identity=True)
+    with pytest.raises(ValueError, match="--branch-identity"):
+        cli_main(["grow", "--tune", "--tasks", "digits", "--branch-identity", "on", "--json", str(tmp_path / "t.json")])
+
+
 # ------------------------------------------------------------------------------------------ search and CLI
 def test_tune2_stages_and_choice():
     settings = dict(growth.SETTINGS["digits"], steps=4, width=4, batch=8)

@@ -48,6 +48,7 @@ from torch import nn
 
 from .._validate import check_int, check_range
 from ..depth import refine, refine_plan
+from ..recipes import identity_param_groups
 from ..residual import LeakyMLP, LeakyResNet
 from ._common import command_argv as _argv, spread as _spread
 from .data import Task, teacher
@@ -139,16 +140,20 @@ class ConvNet(nn.Module):
     """stem conv -> a Leaky ResNet of ``relu -> conv -> GroupNorm`` blocks (Lt = 0) -> pool -> linear.
 
     ``branch_norm=True``: the normalised branch of docs/large_lt.md (RMS-normalised, a learned gain, 1 at
-    Lt = 0). ``lt`` > 0: that effective depth under the exponential scheme (needs ``branch_norm``)."""
+    Lt = 0). ``lt`` > 0: that effective depth under the exponential scheme (needs ``branch_norm``).
+    ``identity=True`` (with ``lt`` > 0): the leak cancelled at initialisation (``branch_identity=True``, gain 1),
+    the recipe that makes the 8-block net at Lt = 8 train as far as Lt = 0 (docs/large_lt.md)."""
 
     def __init__(self, dims: int, in_ch: int, width: int, depth: int, classes: int, branch_norm: bool = False,
-                 lt: float = 0.0):
+                 lt: float = 0.0, identity: bool = False):
         super().__init__()
         conv = nn.Conv1d if dims == 1 else nn.Conv2d
         self.stem = conv(in_ch, width, 3, padding=1)
         extra = dict(branch_norm=True, branch_gain="balanced") if branch_norm else {}
         if lt > 0:
             extra.update(effective_depth=lt, scheme="exponential")
+        if identity:
+            extra.update(branch_gain=1.0, branch_identity=True)
         self.body = LeakyResNet([_conv_block(conv, width) for _ in range(depth)], total_time=1.0, **extra)
         self.head = nn.Linear(width, classes)
 
@@ -157,25 +162,33 @@ class ConvNet(nn.Module):
         return self.head(h.flatten(2).mean(2))
 
 
-def check_lt(task_name: str, lt: Optional[float], branch_norm: bool = False) -> float:
-    """The effective depth a task's network gets (``lt``, or the task's default), validated."""
+def check_lt(task_name: str, lt: Optional[float], branch_norm: bool = False, identity: bool = False) -> float:
+    """The effective depth a task's network gets (``lt``, or the task's default), validated (and ``identity``,
+    which needs a conv task, ``branch_norm`` and ``lt`` > 0)."""
+    if not isinstance(identity, bool):
+        raise TypeError(f"branch_identity must be True or False, got {identity!r}")
     if lt is None:
-        return TEACHER_LT if task_name in MLP_TASKS else 0.0
-    lt = check_range(lt, "lt (the network's effective depth)", 0.0, math.inf)
+        lt = TEACHER_LT if task_name in MLP_TASKS else 0.0
+    else:
+        lt = check_range(lt, "lt (the network's effective depth)", 0.0, math.inf)
+    if identity and (task_name in MLP_TASKS or not branch_norm or lt == 0):
+        raise ValueError("branch_identity needs a conv task (mnist1d, digits) with branch_norm=True and lt > 0, "
+                         f"got task {task_name!r}, branch_norm={branch_norm}, lt={lt:g}")
     if lt > 0 and task_name not in MLP_TASKS and not branch_norm:
         raise ValueError("lt > 0 on a conv task (mnist1d, digits) needs branch_norm=True (the large-Lt recipe)")
     return lt
 
 
 def make_model(task: Task, depth: int, width: int, branch_norm: bool = False,
-               lt: Optional[float] = None) -> nn.Module:
+               lt: Optional[float] = None, identity: bool = False) -> nn.Module:
     """The task's network. ``lt``: its effective depth; conv tasks: default 0, > 0 needs ``branch_norm`` (the
-    large-Lt recipe, exponential scheme); the teacher's ``LeakyMLP``: default ``TEACHER_LT`` (exponential)."""
-    lt = check_lt(task.name, lt, branch_norm)
+    large-Lt recipe, exponential scheme); the teacher's ``LeakyMLP``: default ``TEACHER_LT`` (exponential).
+    ``identity``: conv tasks at ``lt`` > 0, the leak cancelled at initialisation (``ConvNet``)."""
+    lt = check_lt(task.name, lt, branch_norm, identity)
     if task.name == "mnist1d":
-        return ConvNet(1, 1, width, depth, 10, branch_norm, lt)
+        return ConvNet(1, 1, width, depth, 10, branch_norm, lt, identity)
     if task.name == "digits":
-        return ConvNet(2, 1, width, depth, 10, branch_norm, lt)
+        return ConvNet(2, 1, width, depth, 10, branch_norm, lt, identity)
     if branch_norm:
         raise ValueError("branch_norm applies to the conv tasks (mnist1d, digits), not the teacher's LeakyMLP")
     return LeakyMLP(task.in_dim, task.out_dim, width=width, depth=depth, effective_depth=float(lt),
@@ -254,7 +267,7 @@ def _check_variant(arm: str, init: str, rewarm: int, hold: float) -> None:
 def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str = "fresh",
               eval_every: int = 50, settings: Optional[Dict] = None, init: str = "copy", rewarm: int = 0,
               hold: float = 0.0, branch_norm: bool = False, lt: Optional[float] = None,
-              split: Optional[Callable] = None) -> Dict:
+              split: Optional[Callable] = None, branch_identity: bool = False) -> Dict:
     """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric.
 
     ``arm``: ``"full"`` (``settings["depth"]`` blocks throughout, default ``FINAL_DEPTH``), ``"uniform"`` /
@@ -264,7 +277,9 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     end) or ``"shuffled"`` (the measured pieces in a random order, drawn from ``seed``). ``init``/``state``: the
     new blocks (``refine``). ``rewarm``, ``hold``: the learning-rate schedule (``lr_multiplier``; the defaults are
     a plain cosine decay). ``branch_norm``: the normalised branch with a learned gain (conv tasks); ``lt``: the
-    effective depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``). ``split``: for the
+    effective depth (``make_model``: conv default 0, teacher default ``TEACHER_LT``). ``branch_identity``: conv
+    tasks at ``lt`` > 0, the leak cancelled at initialisation, its coefficients trained at lr / Lt
+    (``recipes.identity_param_groups``; a refinement puts the new blocks' in that group too). ``split``: for the
     ``"adaptive"`` arm, another rule: ``split(model, optimizer, x, y)`` (the step's batch) returns ``refine``'s
     ``pieces``.
     """
@@ -275,9 +290,10 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     torch.manual_seed(seed)
     final = s.get("depth", FINAL_DEPTH)
     depth = final if arm == "full" else start_depth(at, final)
-    lt = check_lt(task.name, lt, branch_norm)
-    model = make_model(task, depth, s["width"], branch_norm, lt)
-    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=1e-4)
+    lt = check_lt(task.name, lt, branch_norm, branch_identity)
+    model = make_model(task, depth, s["width"], branch_norm, lt, branch_identity)
+    params = identity_param_groups(model, lr=s["lr"]) if branch_identity else model.parameters()
+    opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)
     grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm in GROWING else []
     if rewarm == 0 and hold == 0:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["steps"])  # the first benchmark's
@@ -323,7 +339,8 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
             curve.append((step, wall, block_steps, _metric(model, task), cpu))
     profile = [g.rho.detach().double().tolist() for g in _groups(model)]
     return {"task": task.name, "arm": arm, "seed": seed, "at": list(at), "state": state, "init": init,
-            "rewarm": rewarm, "hold": hold, "branch_norm": branch_norm, "lt": lt, "settings": s,
+            "rewarm": rewarm, "hold": hold, "branch_norm": branch_norm, "branch_identity": branch_identity,
+            "lt": lt, "settings": s,
             "start_depth": depth, "curve": curve, "final": curve[-1][3], "final_train": _metric(model, task, "train"),
             "wall_s": wall, "cpu_s": cpu,
             "block_steps": block_steps, "steps_profile": profile, "lr_trace": lr_trace}
@@ -458,6 +475,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-hold", type=float, default=None, help="the same for the full arm")
     p.add_argument("--branch-norm", choices=["on", "off"], default=None,
                    help="the normalised branch with a learned gain (every arm the same block)")
+    p.add_argument("--branch-identity", choices=["on", "off"], default="off",
+                   help="held-out runs, conv tasks at --lt > 0 with --branch-norm on: the leak cancelled at "
+                        "initialisation (branch_identity, its coefficients at lr / Lt; docs/large_lt.md)")
     p.add_argument("--tuned", default=os.path.join("benchmarks", "results", "growth_tune.json"),
                    help="the tuning JSON the defaults of --at/--state (and, from --tune2, of --init, --rewarm, "
                         "--hold, --full-hold, --branch-norm) are read from")
@@ -597,7 +617,7 @@ def _variant(args, tuned: Dict) -> Dict:
             "state": pick("state", "fresh"), "init": pick("init", "copy"), "rewarm": pick("rewarm", 0),
             "hold": pick("hold", 0.0), "full_hold": pick("full_hold", 0.0),
             "branch_norm": bool(tuned.get("branch_norm", False)) if bn is None else bn == "on",
-            "lt": getattr(args, "lt", None)}
+            "lt": getattr(args, "lt", None), "branch_identity": getattr(args, "branch_identity", "off") == "on"}
 
 
 def tune2_table(result: Dict) -> str:
@@ -656,7 +676,8 @@ def run(args) -> int:
     runs: List[Dict] = []
     t_start = time.time()
     noise, dims = getattr(args, "noise", 0.0), getattr(args, "teacher_dims", None)
-    for flag, value in (("--noise", noise), ("--teacher-dims", dims)):
+    identity = getattr(args, "branch_identity", "off") == "on"
+    for flag, value in (("--noise", noise), ("--teacher-dims", dims), ("--branch-identity on", identity)):
         if value and (args.from_json or args.tune or args.tune2):
             raise ValueError(f"{flag} applies to held-out runs only, not to --tune, --tune2 or --from-json")
     if args.from_json:
@@ -698,7 +719,7 @@ def run(args) -> int:
         variants = {t: _variant(args, _tuned_choice(args.tuned, t) or {}) for t in args.tasks}
         for t, v in variants.items():  # a schedule the final depth cannot follow fails before any training
             start_depth(v["at"], _settings(args, t).get("depth", FINAL_DEPTH))
-            check_lt(t, v["lt"], v["branch_norm"])
+            check_lt(t, v["lt"], v["branch_norm"], v["branch_identity"])
             if t == "family":
                 for seed in args.seeds:
                     family_split(seed)
@@ -741,7 +762,7 @@ def _dump(path: str, result: Dict) -> None:
 
 def _log(r: Dict) -> None:
     extra = (f" init {r.get('init', 'copy')} rewarm {r.get('rewarm', 0)} hold {r.get('hold', 0.0):.2f} "
-             f"bn {int(r.get('branch_norm', False))}")
+             f"bn {int(r.get('branch_norm', False))}" + (" identity" if r.get("branch_identity") else ""))
     print(f"{r['task']:8s} {r['arm']:9s} seed {r['seed']:4d} at {[round(a, 3) for a in r['at']]} "
           f"{r['state']:5s}{extra}: final {r['final']:.4f}  cpu {r.get('cpu_s', float('nan')):.1f}s  "
           f"wall {r['wall_s']:.1f}s", flush=True)
