@@ -10,7 +10,8 @@ Monitors (per block l of the ``LeakyMLP``; ``A_l`` the representation entering b
 ``p_l`` the loss's gradient with respect to ``A_l`` on the growth step's batch):
 
 - ``distance``: the library's step-distance (what ``how="adaptive"`` uses);
-- ``angular``: ``||D_l`` orthogonal to ``A_l|| / ||A_{l+1}||`` (summed over examples): the leak's pure shrink not counted;
+- ``angular``: ``||D_l`` orthogonal to ``A_l|| / ||A_{l+1}||`` (summed over examples): the leak's pure shrink not
+  counted;
 - ``symmetric``: the step-distances averaged with their reverse (fine at both ends, the paper's jump in and out);
 - ``adjoint``: ``sqrt(mean_i |p_{l+1}|^2 |D_l|^2)``: motion weighted by the loss's sensitivity there;
 - ``saliency``: ``|rho_l dL/drho_l|``: the loss's first-order change if the step were removed;

@@ -21,9 +21,10 @@ def load(paths, rule="uniform", optimizer="adam"):
                 if r["rule"] != rule or r["optimizer"] != optimizer:
                     continue
                 key = (r["seed"], float(r["lt"]))
-                if key in cells and (cells[key]["test_loss"], cells[key]["lr"]) != (r["test_loss"], r["lr"]):
-                    raise SystemExit(f"task {key[0]} at Lt {key[1]:g} differs between the files: "
-                                     f"{cells[key]['test_loss']} (lr {cells[key]['lr']}) and {r['test_loss']} (lr {r['lr']})")
+                old = cells.get(key)
+                if old is not None and (old["test_loss"], old["lr"]) != (r["test_loss"], r["lr"]):
+                    raise SystemExit(f"task {key[0]} at Lt {key[1]:g} differs between the files: {old['test_loss']} "
+                                     f"(lr {old['lr']}) and {r['test_loss']} (lr {r['lr']})")
                 cells[key] = r
     out = {}
     for (task, lt), r in cells.items():

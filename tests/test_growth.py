@@ -155,7 +155,7 @@ def test_convnet_lt_builds_the_large_lt_recipe_and_bad_lt_is_named():
             growth.make_model(task, 2, 4, lt=bad, **kw)
 
 
-def test_branch_identity_growth_keeps_every_identity_coefficient_at_lr_over_lt(tmp_path):
+def test_branch_identity_growth_keeps_every_identity_coefficient_at_lr_over_lt(tmp_path, monkeypatch):
     """``--branch-identity on`` (Growth 11): the conv net at Lt = 8 with the leak cancelled at initialisation (gain 1,
     ``r`` from 1); its identity coefficients train at lr / Lt, and the blocks a refinement inserts bring theirs into
     that group, so after both growths all 16 are there and nothing else is. Bad combinations are refused by name
@@ -173,12 +173,9 @@ def test_branch_identity_growth_keeps_every_identity_coefficient_at_lr_over_lt(t
         seen[len(rs)] = [(g["lr"], {id(p) for p in g["params"]} == rs)
                          for g in opt.param_groups if {id(p) for p in g["params"]} & rs]
         return out
-    growth.refine = spy
-    try:
-        run = growth.train_one(task, "uniform", 0, at=(1 / 3, 2 / 3), eval_every=6, settings=settings, lt=8.0,
-                               branch_norm=True, branch_identity=True, hold=2 / 3)
-    finally:
-        growth.refine = real_refine
+    monkeypatch.setattr(growth, "refine", spy)
+    run = growth.train_one(task, "uniform", 0, at=(1 / 3, 2 / 3), eval_every=6, settings=settings, lt=8.0,
+                           branch_norm=True, branch_identity=True, hold=2 / 3)
     assert run["branch_identity"] and run["steps_profile"] and len(run["steps_profile"][0]) == 16
     assert seen == {8: [(0.02 / 8, True)], 16: [(0.02 / 8, True)]}  # one group, only the r's, at lr / Lt
     for kw in (dict(lt=8.0), dict(lt=0.0, branch_norm=True)):
@@ -674,7 +671,8 @@ def test_probe_selector_keeps_the_plan_whose_trial_copy_trains_lower_and_leaves_
     """``--probe K`` (Growth 10): at each growth the selector grows two copies (uniform doubling, the monitor's
     plan), trains each K steps and keeps the plan with the lower training loss. Checked against probes written
     out by hand on copies; the model and optimizer it is handed are unchanged by the trial, and a run that replays
-    the chosen plans through a plain split is the selector's run bit for bit (the probes draw no global RNG)."""
+    the chosen plans through a plain split is the selector's run bit for bit (the probes change neither the model,
+    the optimizer nor the run's data order)."""
     mon = _script("growth_monitors")
     task = get_task("teacher", 0, dims=[8, 2, 8])
     torch.manual_seed(0)
