@@ -140,10 +140,8 @@ def _last_affine(block: nn.Module) -> nn.Module:
 def _branch_scale_params(block: nn.Module) -> List[nn.Parameter]:
     """The parameters whose scaling scales the branch as the update sees it (``init="zero"``): the learned gain
     of a ``branch_norm`` block (the normalisation undoes any scaling of the branch's own layers), otherwise
-    the weight and bias of the branch's last layer."""
-    if identity_coefficient(block) is not None:
-        raise ValueError("init='zero' is not exact on a block with branch_identity=True (its learned Lt * r * x "
-                         "term is not scaled with the branch). Use init='copy'")
+    the weight and bias of the branch's last layer (a ``branch_identity`` block's ``r`` is set apart: see
+    ``_apply_refine``)."""
     if getattr(block, "branch_norm", False):
         gain = getattr(block, "gain", None)
         if not isinstance(gain, nn.Parameter):
@@ -298,12 +296,16 @@ def _check_choice(value, name: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def _zero_split_scale(rho: float, n: int, lt: float, scheme: str) -> float:
+def _zero_split_scale(rho: float, n: int, lt: float, scheme: str, identity: bool = False) -> float:
     """Scale for the kept block's branch so that it followed by ``n - 1`` zero-branch blocks, all with step
-    ``rho / n``, has the original branch coefficient (exact at Lt = 0, and under the exponential scheme)."""
+    ``rho / n``, has the original branch coefficient (exact at Lt = 0, and under the exponential scheme).
+
+    ``identity``: ``branch_identity`` blocks, whose zero-branch copies (``r = 1``) are the identity, not a leak.
+    The kept block ``y = (a + b Lt r) x + b g f`` then keeps its map when ``g`` and ``r - 1`` are both scaled by
+    ``b(rho) / b(rho / n)``, under either scheme (``a + b Lt = 1`` for both)."""
     r = torch.tensor([rho, rho / n], dtype=torch.float64)
     a, b = step_coefficients(r, lt, scheme)
-    return float(b[0] / (b[1] * a[1] ** (n - 1)))
+    return float(b[0] / b[1] if identity else b[0] / (b[1] * a[1] ** (n - 1)))
 
 
 def _check_distances(distances, groups: List[_Group]) -> List[Tensor]:
@@ -362,11 +364,14 @@ def _apply_refine(model, optimizer, plan: dict, groups: Optional[List[_Group]] =
             copies = [_copy_block(blk, grp.steps) for _ in range(n - 1)]
             scale = None
             if init == "zero" and n > 1:
-                scale = _zero_split_scale(float(rho[l]), n, lt, scheme)
+                ident = identity_coefficient(blk) is not None
+                scale = _zero_split_scale(float(rho[l]), n, lt, scheme, ident)
                 _branch_scale_params(blk)  # raises here, before any change
                 for c in copies:
                     for p in _branch_scale_params(c):
                         p.zero_()
+                    if ident:  # g = 0, r = 1: the copy is the identity map
+                        identity_coefficient(c).fill_(1.0)
             elif init == "interpolate" and n > 1 and l + 1 < grp.depth and _same_shapes(blk, grp.blocks[l + 1]):
                 nxt = dict(grp.blocks[l + 1].named_parameters())
                 for j, c in enumerate(copies, start=1):
@@ -387,6 +392,9 @@ def _apply_refine(model, optimizer, plan: dict, groups: Optional[List[_Group]] =
             if scale is not None:
                 for p in _branch_scale_params(blk):
                     p.mul_(scale)
+                r = identity_coefficient(blk)
+                if r is not None:  # r - 1 scales with the branch (it is 0 at Lt = 0: r has no effect there)
+                    r.sub_(1.0).mul_(scale).add_(1.0)
             if optimizer is not None:
                 _add_copies(optimizer, blk, copies, grp, l, init, state_policy)
         _set_container(grp, new_blocks)
@@ -438,7 +446,8 @@ def refine(model: nn.Module, optimizer=None, *, how: str = "uniform", factor: in
         init: the new blocks: ``"copy"`` of the block they split (Chang), ``"interpolate"`` between it and
             the next block's weights, or ``"zero"`` (the new blocks' last layer zeroed and the kept block's
             last layer rescaled: the network's function is unchanged, exactly at Lt = 0 and under the
-            exponential scheme).
+            exponential scheme; with ``branch_identity`` the new blocks are the identity, ``g = 0`` and
+            ``r = 1``, and the kept block's ``g`` and ``r - 1`` are rescaled, exact under either scheme).
         state: optimizer state of the new parameters: ``"copy"`` of the source's or ``"fresh"`` (none).
         inputs: a batch to measure the step-distances on (``how="adaptive"``); without it the statistics the
             last forward pass recorded are used.

@@ -78,6 +78,73 @@ def test_zero_insert_exponential_exact_to_fp(lt, factor):
     torch.testing.assert_close(net(x), before, rtol=1e-12, atol=1e-12)
 
 
+def _identity_net(lt, scheme, norm, depth=3):
+    """A float64 conv LeakyResNet with branch_identity, r and the gain moved away from their inits."""
+    torch.manual_seed(3)
+    blocks = [nn.Sequential(nn.ReLU(), nn.Conv1d(4, 4, 3, padding=1), nn.GroupNorm(2, 4)) for _ in range(depth)]
+    steps = [0.05, 0.1, 0.05][:depth] if scheme == "euler" else [0.3, 0.5, 0.2][:depth]
+    net = LeakyResNet(blocks, effective_depth=lt, steps=steps, total_time=sum(steps), scheme=scheme,
+                      branch_norm=norm, branch_gain=1.5 if norm else None, branch_identity=True).double()
+    _randomize_affine(net)
+    with torch.no_grad():
+        for blk in net.blocks:
+            blk.identity.uniform_(0.2, 1.5)
+            if norm:
+                blk.gain.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.mark.parametrize("pieces", [None, [[3, 1, 2]]])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("scheme,lt", [("euler", 2.5), ("exponential", 2.5), ("exponential", 8.0),
+                                       ("exponential", 0.0)])
+def test_zero_insert_exact_with_branch_identity(scheme, lt, norm, pieces):
+    """With the leak cancelled, a zero copy (g = 0, r = 1) is the identity under both schemes, and the kept block
+    at rho / n keeps its map once its g (or last layer) and r - 1 are scaled by b(rho) / b(rho / n)."""
+    net = _identity_net(lt, scheme, norm)
+    x = torch.randn(4, 4, 10, dtype=torch.float64)
+    before = net(x)
+    rho, r_before = net.steps.rho.tolist(), [b.identity.item() for b in net.blocks]
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    n = [2, 2, 2] if pieces is None else pieces[0]
+    if pieces is None:
+        refine(net, opt, init="zero")
+    else:
+        refine(net, opt, init="zero", pieces=pieces)
+    torch.testing.assert_close(net(x), before, rtol=1e-12, atol=1e-12)
+    kept = [sum(n[:l]) for l in range(3)]
+    for l, i in enumerate(kept):  # r - 1 scaled by b(rho) / b(rho / n), written out
+        if scheme == "euler" or lt == 0:
+            s = n[l]
+        else:
+            s = (1 - math.exp(-rho[l] * lt)) / (1 - math.exp(-rho[l] * lt / n[l]))
+        assert math.isclose(net.blocks[i].identity.item(), 1 + s * (r_before[l] - 1), rel_tol=1e-12)
+    new = [i for i in range(net.depth) if i not in kept]
+    assert [net.blocks[i].identity.item() for i in new] == [1.0] * len(new)
+    for i in new:  # each new block alone is the identity map
+        h = torch.randn(2, 4, 10, dtype=torch.float64)
+        torch.testing.assert_close(net.blocks[i](h), h, rtol=1e-12, atol=1e-12)
+    net(x).sum().backward()  # the optimizer follows the new blocks
+    opt.step()
+    assert all(p in opt.state for p in net.parameters() if p.grad is not None)
+
+
+def test_zero_insert_with_branch_identity_wrapped_torchvision_stage():
+    models = pytest.importorskip("torchvision.models")
+    from adaptive_depth import wrap
+    torch.manual_seed(4)
+    model = wrap(models.resnet18(num_classes=5), effective_depth=3.0, scheme="exponential", branch_identity=True)
+    model = model.double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("leaky_identity"):
+                p.uniform_(0.3, 1.4)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    before = model(x)
+    refine(model, init="zero")
+    torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
+
+
 def _zero_branch_net(lt, scheme, depth=2):
     net = LeakyResNet([MLPBranch(6).double() for _ in range(depth)], effective_depth=lt, scheme=scheme,
                       steps=[0.25, 0.75][:depth] if depth == 2 else "uniform")
