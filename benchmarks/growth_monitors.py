@@ -148,10 +148,11 @@ def splitter(name, floor=0.0, when="all", start_depth=4):
     return split
 
 
-def selector(name, task, probe, floor=0.0, when="all", start_depth=4, seed=0, batch=128):
+def selector(name, task, probe, floor=0.0, when="all", start_depth=4, seed=0, batch=128, init="copy"):
     """The ``--probe`` arm's split: the better of uniform doubling and ``splitter(name, ...)``'s plan after ``probe``
     training steps on copies (see the module docstring). ``split.chosen`` records 0 (uniform) or 1 (the monitor)
-    per growth, ``split.losses`` the two probes' training losses (``None`` where the plans agree)."""
+    per growth, ``split.losses`` the two probes' training losses (``None`` where the plans agree). ``init``: the new
+    blocks in the probes' copies, as the run's own refinements make them."""
     follow = splitter(name, floor, when, start_depth)
     gen = torch.Generator().manual_seed(seed + 777)
 
@@ -167,7 +168,7 @@ def selector(name, task, probe, floor=0.0, when="all", start_depth=4, seed=0, ba
         with torch.random.fork_rng():
             for pieces in plans:
                 m, o = copy.deepcopy((model, opt))
-                refine(m, o, pieces=pieces)
+                refine(m, o, pieces=pieces, init=init)
                 for i in batches:
                     task.loss_fn(m(task.x_train[i]), task.y_train[i]).backward()
                     o.step()
@@ -193,6 +194,9 @@ def main(argv=None):
                    help="follow the monitor at every growth, or only at the first or the last (the other uniform)")
     p.add_argument("--probe", type=int, default=0,
                    help="K > 0: at each growth keep uniform's or the monitor's plan, whichever trains lower in K steps")
+    p.add_argument("--init", choices=("copy", "zero"), default="copy",
+                   help="the new blocks at every refinement (the runs' and the probes'): copies, or zeroed branches "
+                        "(function-preserving)")
     p.add_argument("--lt", type=float, default=8.0)
     p.add_argument("--steps", type=int, default=None, help="override the budget (smoke tests)")
     p.add_argument("--json", default=None)
@@ -208,7 +212,8 @@ def main(argv=None):
     settings = dict(growth.SETTINGS_LONG["teacher"], depth=16, lr=0.01)
     if args.steps:
         settings["steps"] = args.steps
-    common = dict(at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=settings["steps"], settings=settings, lt=args.lt)
+    common = dict(at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=settings["steps"], settings=settings, lt=args.lt,
+                  init=args.init)
     suffix = ("" if args.when == "all" else f"@{args.when}") + (f"?{args.probe}" if args.probe else "")
     arms = {(m if f == 0 else f"{m}+{f:g}") + suffix: (m, f) for m in args.monitors for f in args.floor}
     start = growth.start_depth(common["at"], settings["depth"])
@@ -219,7 +224,7 @@ def main(argv=None):
         base = growth.train_one(task, "uniform", seed, **common)
         runs.append({"seed": seed, "arm": "uniform", "final": base["final"], "cpu_s": base["cpu_s"]})
         for a, (m, f) in arms.items():
-            split = (selector(m, task, args.probe, f, args.when, start, seed, settings["batch"]) if args.probe
+            split = (selector(m, task, args.probe, f, args.when, start, seed, settings["batch"], args.init) if args.probe
                      else splitter(m, f, args.when, start))
             r = growth.train_one(task, "adaptive", seed, split=split, **common)
             rho = r["steps_profile"][0]

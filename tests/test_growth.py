@@ -667,12 +667,13 @@ def _same_nested(a, b):
     return a == b
 
 
-def test_probe_selector_keeps_the_plan_whose_trial_copy_trains_lower_and_leaves_the_run_untouched():
+@pytest.mark.parametrize("init", ["copy", "zero"])
+def test_probe_selector_keeps_the_plan_whose_trial_copy_trains_lower_and_leaves_the_run_untouched(init):
     """``--probe K`` (Growth 10): at each growth the selector grows two copies (uniform doubling, the monitor's
     plan), trains each K steps and keeps the plan with the lower training loss. Checked against probes written
     out by hand on copies; the model and optimizer it is handed are unchanged by the trial, and a run that replays
     the chosen plans through a plain split is the selector's run bit for bit (the probes change neither the model,
-    the optimizer nor the run's data order)."""
+    the optimizer nor the run's data order). ``init``: the probes' copies grow as the run does."""
     mon = _script("growth_monitors")
     task = get_task("teacher", 0, dims=[8, 2, 8])
     torch.manual_seed(0)
@@ -683,7 +684,7 @@ def test_probe_selector_keeps_the_plan_whose_trial_copy_trains_lower_and_leaves_
     opt.step()
     opt.zero_grad(set_to_none=True)
     before = copy.deepcopy((model.state_dict(), opt.state_dict()))
-    sel = mon.selector("kernel", task, 4, start_depth=4, seed=3, batch=16)
+    sel = mon.selector("kernel", task, 4, start_depth=4, seed=3, batch=16, init=init)
     pieces = sel(model, opt, x, y)
     plans = [refine_plan(model, how="uniform")["pieces"], mon.splitter("kernel")(model, opt, x, y)]
     assert plans[0] != plans[1]
@@ -694,7 +695,7 @@ def test_probe_selector_keeps_the_plan_whose_trial_copy_trains_lower_and_leaves_
         m = copy.deepcopy(model)
         o = torch.optim.AdamW(m.parameters(), lr=1e-2)
         o.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict keeps the very tensors it is given
-        refine(m, o, pieces=plan)
+        refine(m, o, pieces=plan, init=init)
         for i in batches:
             task.loss_fn(m(task.x_train[i]), task.y_train[i]).backward()
             o.step()
@@ -705,8 +706,8 @@ def test_probe_selector_keeps_the_plan_whose_trial_copy_trains_lower_and_leaves_
     assert pieces == plans[sel.chosen[0]]
     assert _same_nested((model.state_dict(), opt.state_dict()), before)
     settings = dict(growth.SETTINGS_LONG["teacher"], depth=16, steps=9, batch=32)
-    common = dict(at=(1 / 3, 2 / 3), eval_every=9, settings=settings, lt=8.0)
-    sel = mon.selector("kernel", task, 2, start_depth=4, seed=0, batch=32)
+    common = dict(at=(1 / 3, 2 / 3), eval_every=9, settings=settings, lt=8.0, init=init)
+    sel = mon.selector("kernel", task, 2, start_depth=4, seed=0, batch=32, init=init)
     run = train_one(task, "adaptive", 0, split=sel, **common)
     assert len(sel.chosen) == 2
     replayed = iter(list(sel.chosen))
