@@ -35,6 +35,9 @@ set is applied. The probes run inside the timed step, so their cost counts in th
 their own generator under ``torch.random.fork_rng``, so a run that picks uniform at every growth is the uniform
 run bit for bit.
 
+``--init zero`` grows every run (and every probe's copy) function-preservingly: the new blocks' branches zeroed and
+the kept block rescaled (``refine(init="zero")``) instead of copies (Growth 12).
+
 Tuning seeds only (0-99; grow's held-out seeds are 100+):
 
     python benchmarks/growth_monitors.py --dims 30 3 30 --seeds 0 1 2 3 --json out/monitors_30-3-30.json
@@ -224,8 +227,8 @@ def main(argv=None):
         base = growth.train_one(task, "uniform", seed, **common)
         runs.append({"seed": seed, "arm": "uniform", "final": base["final"], "cpu_s": base["cpu_s"]})
         for a, (m, f) in arms.items():
-            split = (selector(m, task, args.probe, f, args.when, start, seed, settings["batch"], args.init) if args.probe
-                     else splitter(m, f, args.when, start))
+            split = (selector(m, task, args.probe, f, args.when, start, seed, settings["batch"], args.init)
+                     if args.probe else splitter(m, f, args.when, start))
             r = growth.train_one(task, "adaptive", seed, split=split, **common)
             rho = r["steps_profile"][0]
             runs.append({"seed": seed, "arm": a, "final": r["final"], "cpu_s": r["cpu_s"],
