@@ -601,6 +601,50 @@ def test_resume_across_refinement_is_exact(how):
         assert torch.equal(p, q), n
 
 
+def test_resume_across_zero_refinement_of_identity_blocks_is_exact():
+    """DepthScheduler(init="zero") on a conv stack with the leak cancelled, under AdaptiveSteps and the
+    identity-coefficient parameter groups: the growths keep the function at the moment they happen, and a resume
+    from a checkpoint taken after them replays to the same parameters bit for bit."""
+    from adaptive_depth.recipes import identity_param_groups
+
+    def build():
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(nn.ReLU(), nn.Conv1d(4, 4, 3, padding=1), nn.GroupNorm(2, 4)) for _ in range(2)]
+        net = LeakyResNet(blocks, effective_depth=4.0, scheme="exponential", branch_norm=True, branch_gain=1.0,
+                          branch_identity=True)
+        opt = AdaptiveSteps(torch.optim.AdamW(identity_param_groups(net, lr=1e-2), lr=1e-2), net, every=2)
+        lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+        return net, opt, lr, DepthScheduler(net, opt, at=[3, 5], init="zero", state="copy")
+
+    x = torch.randn(6, 4, 10)
+    net, opt, lr, grow = build()
+    for step in range(6):
+        loss = net(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        lr.step()
+        with torch.no_grad():
+            before = net(x)
+        depth = net.depth
+        grow.step(loss=loss.item(), inputs=x)
+        if net.depth != depth:  # a growth at this step: the function is kept (float32 rounding)
+            torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
+    assert net.depth == 8
+    ckpt = copy.deepcopy({"model": net.state_dict(), "opt": opt.state_dict(), "lr": lr.state_dict(),
+                          "grow": grow.state_dict()})
+    _train(net, opt, x, steps=3, sched=lr, depth_sched=grow)
+
+    net2, opt2, lr2, grow2 = build()
+    grow2.load_state_dict(ckpt["grow"])
+    net2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    lr2.load_state_dict(ckpt["lr"])
+    _train(net2, opt2, x, steps=3, sched=lr2, depth_sched=grow2)
+    for (n, p), q in zip(net.named_parameters(), net2.parameters()):
+        assert torch.equal(p, q), n
+
+
 # ------------------------------------------------------------------------------------------ Lightning
 def _lightning_module(pl):
     class Module(pl.LightningModule):
