@@ -252,6 +252,26 @@ def test_cli_width_overrides_the_task_width_and_bad_values_are_named(tmp_path):
                   "--json", str(tmp_path / "bad.json")])
 
 
+def test_cli_from_json_records_the_merge_and_the_commands_that_made_the_runs(tmp_path):
+    """A merge's command is the merge (not the defaults of every other flag), and the .md names each source's
+    command."""
+    parts = []
+    for seed in ("100", "101"):
+        parts.append(tmp_path / f"part{seed}.json")
+        assert cli_main(["grow", "--tasks", "digits", "--arms", "full", "--seeds", seed, "--steps", "2",
+                         "--eval-every", "1", "--lr", "0.03", "--json", str(parts[-1])]) == 0
+    out = tmp_path / "merged.json"
+    assert cli_main(["grow", "--from-json", *map(str, parts), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["seed"] for r in data["runs"]] == [100, 101]
+    meta = data["meta"]
+    assert meta["command"] == f"adaptive-depth grow --from-json {parts[0]} {parts[1]} --slack 0.01 --json {out}"
+    made = [json.loads(p.read_text())["meta"]["command"] for p in parts]
+    assert [s["command"] for s in meta["sources"]] == made and "--lr 0.03" in made[0] and "--seeds 100" in made[0]
+    md = (tmp_path / "merged.md").read_text()
+    assert "--budget" not in md.splitlines()[0] and all(f"`{c}`" in md for c in made)
+
+
 def test_paired_summary_by_hand():
     def run(arm, seed, final, cpu):
         return {"task": "digits", "arm": arm, "seed": seed, "final": final, "cpu_s": cpu, "wall_s": cpu,

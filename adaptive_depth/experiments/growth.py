@@ -680,10 +680,14 @@ def run(args) -> int:
     for flag, value in (("--noise", noise), ("--teacher-dims", dims), ("--branch-identity on", identity)):
         if value and (args.from_json or args.tune or args.tune2):
             raise ValueError(f"{flag} applies to held-out runs only, not to --tune, --tune2 or --from-json")
+    sources = None
     if args.from_json:
+        sources = []
         for path in args.from_json:
             with open(path) as fh:
-                runs += json.load(fh)["runs"]
+                got = json.load(fh)
+            runs += got["runs"]
+            sources.append({"path": path, "command": got.get("meta", {}).get("command")})
         for r in runs:  # the per-step lr is lr * lr_multiplier(...) of the run's settings: not kept twice
             r.pop("lr_trace", None)
         summary = summarize(runs, args.slack)
@@ -740,15 +744,24 @@ def run(args) -> int:
         summary = summarize(runs, args.slack)
         result = {"runs": runs, "summary": summary, "table_markdown": table(summary)}
         print(result["table_markdown"])
-    result["meta"] = {"command": "adaptive-depth grow " + " ".join(_argv(args)), "torch": torch.__version__,
+    # a merge's own flags are --from-json, --slack and --json: the rest of args are defaults no run saw
+    argv = (["--from-json", *args.from_json, "--slack", str(args.slack), "--json", args.json_out] if sources
+            else _argv(args))
+    result["meta"] = {"command": "adaptive-depth grow " + " ".join(argv), "torch": torch.__version__,
                       "threads": args.threads, "platform": platform.platform(),
                       "elapsed_s": time.time() - t_start}
+    if sources:
+        result["meta"]["sources"] = sources
     os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
     with open(args.json_out, "w") as fh:
         json.dump(result, fh, indent=1)
     if "table_markdown" in result:
         with open(os.path.splitext(args.json_out)[0] + ".md", "w") as fh:
-            fh.write(f"Command: `{result['meta']['command']}`\n\n{result['table_markdown']}\n")
+            fh.write(f"Command: `{result['meta']['command']}`\n\n")
+            if sources:  # the commands that made the merged runs
+                fh.write("".join(f"- from `{src['path']}`: `{src['command'] or 'no command recorded'}`\n"
+                                 for src in sources) + "\n")
+            fh.write(f"{result['table_markdown']}\n")
     if args.tune:
         print(json.dumps(result["choice"], indent=1))
     return 0
