@@ -740,3 +740,22 @@ def test_probe_selector_keeps_the_plan_whose_trial_copy_trains_lower_and_leaves_
     assert again["final"] == run["final"] and again["steps_profile"] == run["steps_profile"]
     with pytest.raises(SystemExit, match="--probe"):
         mon.main(["--seeds", "0", "--steps", "6", "--probe", "-1"])
+
+
+def test_growth_jump_script_measures_both_inits_on_tuning_seeds_only():
+    """benchmarks/growth_jump.py (Growth 12): after / before test MSE at each growth, per init and seed. With the
+    training steps frozen, a zero split's ratio is 1 (it is exact) and a copy split's is not."""
+    jump = _script("growth_jump")
+    assert growth.growth_steps((1 / 3, 2 / 3), 9) == [3, 6] and growth.growth_steps((0.01,), 9) == [1]
+    out = jump.main(["--lts", "8", "--seeds", "0", "--steps", "9"])
+    assert set(out) == {(8.0, "copy"), (8.0, "zero")}
+    assert all(len(r) == 1 and len(r[0]) == 2 and all(math.isfinite(v) and v > 0 for v in r[0])
+               for r in out.values())
+    # the training steps frozen (lr 1e-30): what is left is the refinement alone
+    frozen = {init: jump.jump(8.0, init, 0, steps=9, lr=1e-30) for init in ("copy", "zero")}
+    assert all(abs(v - 1) < 1e-6 for v in frozen["zero"]), frozen
+    assert all(abs(v - 1) > 1e-3 for v in frozen["copy"]), frozen  # small here: the net is untrained
+    with pytest.raises(SystemExit, match="tuning seeds"):
+        jump.main(["--seeds", "100", "--steps", "9"])
+    with pytest.raises(SystemExit, match="--lts"):
+        jump.main(["--lts", "0", "--steps", "9"])

@@ -237,6 +237,11 @@ def start_depth(at: Sequence[float], final: int = FINAL_DEPTH) -> int:
     return final >> len(at)
 
 
+def growth_steps(at: Sequence[float], steps: int) -> List[int]:
+    """The optimizer steps after which a run of ``steps`` steps grows, for fractions ``at`` of the budget."""
+    return sorted({max(1, round(f * steps)) for f in at})
+
+
 def lr_multiplier(step: int, steps: int, grow_at: Sequence[int] = (), *, rewarm: int = 0,
                   hold: float = 0.0) -> float:
     """The learning rate of optimizer step ``step + 1`` over the base rate (``step`` steps done so far).
@@ -294,7 +299,7 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     model = make_model(task, depth, s["width"], branch_norm, lt, branch_identity)
     params = identity_param_groups(model, lr=s["lr"]) if branch_identity else model.parameters()
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)
-    grow_at = sorted({max(1, round(f * s["steps"])) for f in at}) if arm in GROWING else []
+    grow_at = growth_steps(at, s["steps"]) if arm in GROWING else []
     if rewarm == 0 and hold == 0:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["steps"])  # the first benchmark's
     else:
