@@ -309,16 +309,21 @@ def test_bad_branch_identity_and_a_wrong_shape_are_clear_errors():
         net(torch.randn(2, 4))
 
 
-def test_refine_copies_the_identity_and_refuses_the_inexact_zero_init():
+def test_refine_copies_the_identity_and_the_zero_init_keeps_the_function():
+    """init="zero" on identity blocks (it used to refuse): the new blocks are the identity (r = 1, gain 0) and
+    the kept block's r - 1 scales by b(rho) / b(rho / 2); the float64 formulas are in test_depth.py."""
     from adaptive_depth import refine
     net = LeakyResNet(conv_blocks(2, channels=4), effective_depth=4.0, scheme="exponential", branch_norm=True,
                       branch_gain=1.0, branch_identity=True)
     with torch.no_grad():
         net.blocks[0].identity.fill_(0.5)
-    before = copy.deepcopy(net.state_dict())
-    with pytest.raises(ValueError, match="branch_identity"):
-        refine(net, init="zero")
-    assert net.depth == 2 and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    x = torch.randn(3, 4, 9)
+    zero = refine(copy.deepcopy(net), init="zero")
+    torch.testing.assert_close(zero(x), net(x), rtol=1e-5, atol=1e-5)
+    s = (1 - math.exp(-0.5 * 4.0)) / (1 - math.exp(-0.25 * 4.0))  # rho = 1/2 split in two, Lt = 4
+    r = [float(b.identity.detach()) for b in zero.blocks]
+    assert math.isclose(r[0], 1 - 0.5 * s, rel_tol=1e-6) and r[1:] == [1.0, 1.0, 1.0]
+    assert [float(b.gain.detach()) for b in zero.blocks][1::2] == [0.0, 0.0]
     refine(net, init="copy")
     assert net.depth == 4 and [float(b.identity.detach()) for b in net.blocks] == [0.5, 0.5, 1.0, 1.0]
 
@@ -390,8 +395,9 @@ def test_wrapped_branch_identity_checkpoints_groups_and_unwrap():
     groups = identity_param_groups(model, lr=0.04)
     assert [g.get("lr") for g in groups] == [None, 0.01] and len(groups[1]["params"]) == 8
     torch.optim.SGD(groups, lr=0.04)
-    with pytest.raises(ValueError, match="branch_identity"):
-        refine(model, init="zero")
+    grown, x = refine(copy.deepcopy(model).eval(), init="zero"), torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(grown(x), model.eval()(x), rtol=1e-4, atol=1e-5)  # the function is kept
+    assert sum(1 for m in grown.modules() if "leaky_identity" in m._parameters) > 8
     assert sum(1 for m in model.modules() if "leaky_identity" in m._parameters) == 8
     net = unwrap(model)
     assert not any("leaky_identity" in k for k in net.state_dict()) and type(net.layer1[0]) is tv.resnet.BasicBlock
