@@ -13,8 +13,7 @@ import math
 import torch
 
 from adaptive_depth.experiments import growth
-
-TUNING = range(0, 100)
+from adaptive_depth.experiments.tasks import TUNING_SEEDS
 
 
 def jump(lt: float, init: str, seed: int, steps=None, lr: float = 0.01):
@@ -35,7 +34,7 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="tuning seeds (0-99)")
     p.add_argument("--steps", type=int, default=None, help="override the budget (smoke tests)")
     args = p.parse_args(argv)
-    bad = [s for s in args.seeds if s not in TUNING]
+    bad = [s for s in args.seeds if s not in TUNING_SEEDS]
     if bad:
         raise SystemExit(f"--seeds must be tuning seeds 0-99 (grow's held-out seeds are 100+), got {bad}")
     if not all(math.isfinite(v) and v > 0 for v in args.lts):

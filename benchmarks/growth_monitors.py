@@ -54,11 +54,11 @@ from adaptive_depth import LeakyMLP
 from adaptive_depth.depth import measure_distances, refine, refine_plan
 from adaptive_depth.diagnostics import energies
 from adaptive_depth.experiments import growth
+from adaptive_depth.experiments.tasks import TUNING_SEEDS
 from adaptive_depth.ops import step_coefficients
 
 MONITORS = ("distance", "angular", "symmetric", "adjoint", "saliency", "adam1", "adam2", "splitgrad", "kernel")
 KERNEL_GAMMA = 1e-3
-TUNING = range(0, 100)
 
 
 def _net(model):
@@ -208,7 +208,7 @@ def main(argv=None):
         raise SystemExit(f"--floor values must be finite and >= 0, got {args.floor}")
     if args.probe < 0:
         raise SystemExit(f"--probe must be >= 0 (0: no trial, follow the monitor), got {args.probe}")
-    bad = [s for s in args.seeds if s not in TUNING]
+    bad = [s for s in args.seeds if s not in TUNING_SEEDS]
     if bad:
         raise SystemExit(f"--seeds must be tuning seeds 0-99 (grow's held-out seeds are 100+), got {bad}")
     torch.set_num_threads(1)
