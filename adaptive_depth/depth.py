@@ -141,7 +141,7 @@ def _branch_scale_params(block: nn.Module) -> List[nn.Parameter]:
     """The parameters whose scaling scales the branch as the update sees it (``init="zero"``): the learned gain
     of a ``branch_norm`` block (the normalisation undoes any scaling of the branch's own layers), otherwise
     the weight and bias of the branch's last layer (a ``branch_identity`` block's ``r`` is set apart: see
-    ``_apply_refine``)."""
+    ``_scale_branch_``)."""
     if getattr(block, "branch_norm", False):
         gain = getattr(block, "gain", None)
         if not isinstance(gain, nn.Parameter):
@@ -150,6 +150,19 @@ def _branch_scale_params(block: nn.Module) -> List[nn.Parameter]:
                              "any scaling of the branch's layers. Use init='copy'")
         return [gain]
     return list(_last_affine(block).parameters(recurse=False))
+
+
+def _scale_branch_(block: nn.Module, scale: float) -> None:
+    """Scale the branch as the update sees it by ``scale`` (0: the branch zeroed). A ``branch_identity`` block's
+    ``r - 1`` scales with it, so ``scale = 0`` leaves ``r = 1``: the block is then the identity map."""
+    for p in _branch_scale_params(block):
+        if scale:
+            p.mul_(scale)
+        else:
+            p.zero_()
+    r = identity_coefficient(block)
+    if r is not None:  # (r has no effect at Lt = 0)
+        r.sub_(1.0).mul_(scale).add_(1.0)
 
 
 def _copy_block(block: nn.Module, group: StepSizes) -> nn.Module:
@@ -364,14 +377,10 @@ def _apply_refine(model, optimizer, plan: dict, groups: Optional[List[_Group]] =
             copies = [_copy_block(blk, grp.steps) for _ in range(n - 1)]
             scale = None
             if init == "zero" and n > 1:
-                ident = identity_coefficient(blk) is not None
-                scale = _zero_split_scale(float(rho[l]), n, lt, scheme, ident)
+                scale = _zero_split_scale(float(rho[l]), n, lt, scheme, identity_coefficient(blk) is not None)
                 _branch_scale_params(blk)  # raises here, before any change
                 for c in copies:
-                    for p in _branch_scale_params(c):
-                        p.zero_()
-                    if ident:  # g = 0, r = 1: the copy is the identity map
-                        identity_coefficient(c).fill_(1.0)
+                    _scale_branch_(c, 0.0)
             elif init == "interpolate" and n > 1 and l + 1 < grp.depth and _same_shapes(blk, grp.blocks[l + 1]):
                 nxt = dict(grp.blocks[l + 1].named_parameters())
                 for j, c in enumerate(copies, start=1):
@@ -390,11 +399,7 @@ def _apply_refine(model, optimizer, plan: dict, groups: Optional[List[_Group]] =
         _remap_step_state(optimizer, grp.steps.rho, index)
         for l, blk, copies, scale in made:
             if scale is not None:
-                for p in _branch_scale_params(blk):
-                    p.mul_(scale)
-                r = identity_coefficient(blk)
-                if r is not None:  # r - 1 scales with the branch (it is 0 at Lt = 0: r has no effect there)
-                    r.sub_(1.0).mul_(scale).add_(1.0)
+                _scale_branch_(blk, scale)
             if optimizer is not None:
                 _add_copies(optimizer, blk, copies, grp, l, init, state_policy)
         _set_container(grp, new_blocks)
