@@ -107,10 +107,7 @@ def test_zero_insert_exact_with_branch_identity(scheme, lt, norm, pieces):
     rho, r_before = net.steps.rho.tolist(), [b.identity.item() for b in net.blocks]
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     n = [2, 2, 2] if pieces is None else pieces[0]
-    if pieces is None:
-        refine(net, opt, init="zero")
-    else:
-        refine(net, opt, init="zero", pieces=pieces)
+    refine(net, opt, init="zero", pieces=pieces)  # pieces=None: uniform doubling
     torch.testing.assert_close(net(x), before, rtol=1e-12, atol=1e-12)
     kept = [sum(n[:l]) for l in range(3)]
     for l, i in enumerate(kept):  # r - 1 scaled by b(rho) / b(rho / n), written out
