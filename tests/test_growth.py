@@ -2,9 +2,11 @@
 normalised branch, function-preserving growth of a normalised branch, the staged search and the CLI."""
 import copy
 import importlib.util
+import itertools
 import json
 import math
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -562,6 +564,7 @@ def _script(name):
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so a script's worker processes can pickle its functions
     spec.loader.exec_module(module)
     return module
 
@@ -759,3 +762,41 @@ def test_growth_jump_script_measures_both_inits_on_tuning_seeds_only():
         jump.main(["--seeds", "100", "--steps", "9"])
     with pytest.raises(SystemExit, match="--lts"):
         jump.main(["--lts", "0", "--steps", "9"])
+
+
+def test_growth_oracle_tries_every_first_split_and_reports_the_tuning_choice_on_other_seeds(tmp_path):
+    """benchmarks/growth_oracle.py (Growth 13): each split of 4 blocks into 8 at the first growth, uniform doubling
+    at the second. The patterns are every composition (checked against a brute-force enumeration); the (2, 2, 2, 2)
+    run is the uniform arm bit for bit; a pattern's final mesh puts 2 p_l blocks of step rho_l / (2 p_l) in block
+    l's interval; --chosen-from takes its pattern from a tuning run only."""
+    orc = _script("growth_oracle")
+    brute = sorted(p for p in itertools.product(range(1, 9), repeat=4) if sum(p) == 8)
+    assert orc.patterns() == brute and len(brute) == 35 and orc.UNIFORM in brute
+    assert orc.patterns(3, 5) == sorted(p for p in itertools.product(range(1, 6), repeat=3) if sum(p) == 5)
+    task = growth.get_task("teacher", 0)
+    s = dict(growth.SETTINGS_LONG["teacher"], depth=16, lr=0.01, steps=9)
+    ref = growth.train_one(task, "uniform", 0, at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=9, settings=s, lt=8.0,
+                           init="zero")
+    uni = orc.run_pattern(task, 0, orc.UNIFORM, lt=8.0, steps=9)
+    assert uni["final"] == ref["final"] and uni["final_train"] == ref["final_train"]
+    pat = (4, 1, 1, 2)
+    r = orc.run_pattern(task, 0, pat, lt=8.0, steps=9)
+    assert r["depths"] == [16] and r["final"] != ref["final"]
+    want = [0.25 / (2 * p) for p in pat for _ in range(2 * p)]  # T = 1 over 4 start blocks
+    assert r["steps"] == pytest.approx(want, rel=1e-6, abs=0)
+    tune = orc.main(["--seeds", "0", "--steps", "9", "--json", str(tmp_path / "t.json")])
+    assert len(tune["ratios"]) == 34 and tuple(tune["best"]) in brute and "per_seed_best" not in tune
+    best = min(tune["ratios"], key=lambda k: tune["ratios"][k][0])
+    assert best == str(tuple(tune["best"]))
+    held = orc.main(["--seeds", "100", "--steps", "9", "--chosen-from", str(tmp_path / "t.json"), "--jobs", "2"])
+    assert sorted({tuple(x["pattern"]) for x in held["runs"]}) == sorted({orc.UNIFORM, tuple(tune["best"])})
+    alone = orc.run_pattern(growth.get_task("teacher", 100), 100, tuple(tune["best"]), lt=8.0, steps=9)
+    assert [x["final"] for x in held["runs"] if x["pattern"] == tune["best"]] == [alone["final"]]  # --jobs 2 = alone
+    with open(tmp_path / "h.json", "w") as fh:
+        json.dump({"args": {"seeds": [100]}, "best": [2, 2, 2, 2]}, fh)
+    with pytest.raises(SystemExit, match="tuning run"):
+        orc.main(["--seeds", "101", "--steps", "9", "--chosen-from", str(tmp_path / "h.json")])
+    with pytest.raises(SystemExit, match="--dims"):
+        orc.main(["--task", "digits", "--dims", "8", "3", "8", "--steps", "9"])
+    with pytest.raises(SystemExit, match="--jobs"):
+        orc.main(["--seeds", "0", "--steps", "9", "--jobs", "0"])
