@@ -8,6 +8,9 @@ blocks with steps rho_l / p_l) and the second doubles uniformly, so the final me
 interval, from (2, 2, 2, 2) x 2 (uniform) to (5, 1, 1, 1) x 2. Each run is the ``adaptive`` arm of
 ``growth.train_one`` with ``split`` fixed to that pattern; the uniform arm is the (2, 2, 2, 2) run itself.
 
+``--growth second`` applies the patterns at the second growth instead (8 blocks into 16, the two blocks the first
+growth made of block l each into p_l: the same final meshes, made later), the first doubling uniformly.
+
 Tuning seeds: every pattern, the one with the lowest median final metric ratio to uniform is *chosen*.
 ``--chosen-from TUNING.json`` then runs only that pattern (and uniform) on other seeds, held-out ones (100+)
 included: the fair estimate of the best fixed split. Held-out seeds with every pattern (no ``--chosen-from``)
@@ -41,23 +44,28 @@ def patterns(blocks: int = 4, total: int = 8):
             for cut in itertools.combinations(range(1, total), blocks - 1)]
 
 
-def fixed_split(pattern, start_depth: int = 4):
-    """``growth.train_one``'s ``split``: ``pattern`` at the growth from ``start_depth`` blocks, doubling later."""
+def fixed_split(pattern, start_depth: int = 4, growth_no: str = "first"):
+    """``growth.train_one``'s ``split``: ``pattern`` at one growth, uniform doubling at the other. ``"first"``: at
+    the growth from ``start_depth`` blocks; ``"second"``: at the growth from ``2 start_depth``, where block l's
+    pieces go to each of the two blocks the first growth made of it, ``(p_1, p_1, p_2, p_2, ...)``."""
     def split(model, opt, x, y):
         blocks = [g.depth for g in growth._groups(model)]
-        if blocks == [start_depth]:
+        if blocks == [start_depth] and growth_no == "first":
             return [list(pattern)]
+        if blocks == [2 * start_depth] and growth_no == "second":
+            return [[p for p in pattern for _ in range(2)]]
         return [[2] * d for d in blocks]
     return split
 
 
-def run_pattern(task, seed: int, pattern, *, lt: float, steps=None):
+def run_pattern(task, seed: int, pattern, *, lt: float, steps=None, growth_no: str = "first"):
     s = dict(growth.SETTINGS_LONG[task.name], depth=16, lr=SETTINGS[task.name]["lr"])
     if steps:
         s["steps"] = steps
     ident = SETTINGS[task.name]["identity"]
     r = growth.train_one(task, "adaptive", seed, at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=s["steps"], settings=s,
-                         lt=lt, init="zero", split=fixed_split(pattern), branch_norm=ident, branch_identity=ident)
+                         lt=lt, init="zero", split=fixed_split(pattern, growth_no=growth_no), branch_norm=ident,
+                         branch_identity=ident)
     return {"seed": seed, "pattern": list(pattern), "final": r["final"], "final_train": r["final_train"],
             "cpu_s": r["cpu_s"], "depths": [len(p) for p in r["steps_profile"]],
             "steps": r["steps_profile"][0]}
@@ -69,9 +77,9 @@ def _task(name: str, seed: int, dims):
 
 
 def _job(job):
-    name, seed, dims, pat, lt, steps = job
+    name, seed, dims, pat, lt, steps, growth_no = job
     torch.set_num_threads(1)
-    r = run_pattern(_task(name, seed, dims), seed, pat, lt=lt, steps=steps)
+    r = run_pattern(_task(name, seed, dims), seed, pat, lt=lt, steps=steps, growth_no=growth_no)
     print(f"seed {seed:3d} {pat} final {r['final']:.4g} train {r['final_train']:.4g} cpu {r['cpu_s']:.1f} s",
           flush=True)
     return r
@@ -88,12 +96,15 @@ def ratios(runs, higher: bool):
     return out
 
 
-def chosen(path: str) -> tuple:
+def chosen(path: str, growth_no: str) -> tuple:
     with open(path) as fh:
         result = json.load(fh)
     bad = [s for s in result["args"]["seeds"] if s not in TUNING_SEEDS]
     if bad:
         raise SystemExit(f"--chosen-from must hold a tuning run (seeds 0-99), {path} has seeds {bad}")
+    if result["args"].get("growth", "first") != growth_no:
+        raise SystemExit(f"--chosen-from {path} split the {result['args'].get('growth', 'first')} growth, "
+                         f"not the --growth {growth_no}")
     return tuple(result["best"])
 
 
@@ -103,6 +114,9 @@ def main(argv=None):
     p.add_argument("--dims", nargs="+", type=int, default=None, help="the teacher's layer sizes")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--lt", type=float, default=8.0)
+    p.add_argument("--growth", choices=("first", "second"), default="first",
+                   help="the growth the patterns split (4 -> 8 blocks, or 8 -> 16 with block l's two halves each "
+                        "into p_l); the other doubles uniformly")
     p.add_argument("--chosen-from", default=None, help="a tuning run's JSON: run only its best pattern and uniform")
     p.add_argument("--steps", type=int, default=None, help="override the budget (smoke tests)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each")
@@ -110,12 +124,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.dims is not None and args.task != "teacher":
         raise SystemExit("--dims applies to --task teacher")
-    todo = [UNIFORM, chosen(args.chosen_from)] if args.chosen_from else patterns()
+    todo = [UNIFORM, chosen(args.chosen_from, args.growth)] if args.chosen_from else patterns()
     heldout = [s for s in args.seeds if s not in TUNING_SEEDS]
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     dims = tuple(args.dims) if args.dims else None
-    jobs = [(args.task, seed, dims, pat, args.lt, args.steps) for seed in args.seeds for pat in dict.fromkeys(todo)]
+    jobs = [(args.task, seed, dims, pat, args.lt, args.steps, args.growth)
+            for seed in args.seeds for pat in dict.fromkeys(todo)]
     if args.jobs == 1:
         runs = [_job(j) for j in jobs]
     else:  # each run is seeded on its own, so the runs are the same in any order
@@ -125,7 +140,8 @@ def main(argv=None):
     rat = ratios(runs, higher)
     order = sorted(rat, key=lambda k: statistics.median(rat[k]))
     what = "error" if higher else "test MSE"
-    print(f"\n{args.task} {args.dims or ''} Lt {args.lt:g}, zero init, seeds {args.seeds}: final {what} / uniform "
+    print(f"\n{args.task} {args.dims or ''} Lt {args.lt:g}, zero init, {args.growth} growth split, seeds {args.seeds}: "
+          f"final {what} / uniform "
           "(2, 2, 2, 2)'s, median [min, max], best first")
     for k in order:
         v = rat[k]

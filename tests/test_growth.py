@@ -768,7 +768,8 @@ def test_growth_oracle_tries_every_first_split_and_reports_the_tuning_choice_on_
     """benchmarks/growth_oracle.py (Growth 13): each split of 4 blocks into 8 at the first growth, uniform doubling
     at the second. The patterns are every composition (checked against a brute-force enumeration); the (2, 2, 2, 2)
     run is the uniform arm bit for bit; a pattern's final mesh puts 2 p_l blocks of step rho_l / (2 p_l) in block
-    l's interval; --chosen-from takes its pattern from a tuning run only."""
+    l's interval, and the same mesh made at the second growth (--growth second) is another run; --chosen-from takes
+    its pattern from a tuning run of the same growth only."""
     orc = _script("growth_oracle")
     brute = sorted(p for p in itertools.product(range(1, 9), repeat=4) if sum(p) == 8)
     assert orc.patterns() == brute and len(brute) == 35 and orc.UNIFORM in brute
@@ -784,6 +785,9 @@ def test_growth_oracle_tries_every_first_split_and_reports_the_tuning_choice_on_
     assert r["depths"] == [16] and r["final"] != ref["final"]
     want = [0.25 / (2 * p) for p in pat for _ in range(2 * p)]  # T = 1 over 4 start blocks
     assert r["steps"] == pytest.approx(want, rel=1e-6, abs=0)
+    late = orc.run_pattern(task, 0, pat, lt=8.0, steps=9, growth_no="second")  # the same mesh, made later
+    assert late["steps"] == pytest.approx(want, rel=1e-6, abs=0) and late["final"] not in (r["final"], ref["final"])
+    assert orc.run_pattern(task, 0, orc.UNIFORM, lt=8.0, steps=9, growth_no="second")["final"] == ref["final"]
     tune = orc.main(["--seeds", "0", "--steps", "9", "--json", str(tmp_path / "t.json")])
     assert len(tune["ratios"]) == 34 and tuple(tune["best"]) in brute and "per_seed_best" not in tune
     best = min(tune["ratios"], key=lambda k: tune["ratios"][k][0])
@@ -796,6 +800,8 @@ def test_growth_oracle_tries_every_first_split_and_reports_the_tuning_choice_on_
         json.dump({"args": {"seeds": [100]}, "best": [2, 2, 2, 2]}, fh)
     with pytest.raises(SystemExit, match="tuning run"):
         orc.main(["--seeds", "101", "--steps", "9", "--chosen-from", str(tmp_path / "h.json")])
+    with pytest.raises(SystemExit, match="--growth second"):
+        orc.main(["--seeds", "100", "--steps", "9", "--growth", "second", "--chosen-from", str(tmp_path / "t.json")])
     with pytest.raises(SystemExit, match="--dims"):
         orc.main(["--task", "digits", "--dims", "8", "3", "8", "--steps", "9"])
     with pytest.raises(SystemExit, match="--jobs"):
