@@ -1,4 +1,4 @@
-"""How much could any adaptive split gain? Every split of the first growth, tried (docs/depth.md, Growth 13).
+"""How much could any adaptive split gain? Every split of one growth, tried (docs/depth.md, Growth 13).
 
 Growth 12 found adaptive refinement no better than uniform doubling once growth keeps the function
 (``init="zero"``), under every monitor and under choice by trial. This script bounds what any rule could gain at

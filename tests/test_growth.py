@@ -764,7 +764,7 @@ def test_growth_jump_script_measures_both_inits_on_tuning_seeds_only():
         jump.main(["--lts", "0", "--steps", "9"])
 
 
-def test_growth_oracle_tries_every_first_split_and_reports_the_tuning_choice_on_other_seeds(tmp_path):
+def test_growth_oracle_tries_every_split_of_a_growth_and_reports_the_tuning_choice_on_other_seeds(tmp_path):
     """benchmarks/growth_oracle.py (Growth 13): each split of 4 blocks into 8 at the first growth, uniform doubling
     at the second. The patterns are every composition (checked against a brute-force enumeration); the (2, 2, 2, 2)
     run is the uniform arm bit for bit; a pattern's final mesh puts 2 p_l blocks of step rho_l / (2 p_l) in block
@@ -796,6 +796,8 @@ def test_growth_oracle_tries_every_first_split_and_reports_the_tuning_choice_on_
     assert sorted({tuple(x["pattern"]) for x in held["runs"]}) == sorted({orc.UNIFORM, tuple(tune["best"])})
     alone = orc.run_pattern(growth.get_task("teacher", 100), 100, tuple(tune["best"]), lt=8.0, steps=9)
     assert [x["final"] for x in held["runs"] if x["pattern"] == tune["best"]] == [alone["final"]]  # --jobs 2 = alone
+    bound = orc.main(["--seeds", "100", "--steps", "9"])  # every split on a held-out seed: a bound, not a choice
+    assert "best" not in bound and bound["per_seed_best"] == [min(v[0] for v in bound["ratios"].values())]
     with open(tmp_path / "h.json", "w") as fh:
         json.dump({"args": {"seeds": [100]}, "best": [2, 2, 2, 2]}, fh)
     with pytest.raises(SystemExit, match="tuning run"):
