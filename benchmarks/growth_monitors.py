@@ -38,9 +38,11 @@ run bit for bit.
 ``--init zero`` grows every run (and every probe's copy) function-preservingly: the new blocks' branches zeroed and
 the kept block rescaled (``refine(init="zero")``) instead of copies (Growth 12).
 
-Tuning seeds only (0-99; grow's held-out seeds are 100+):
+Tuning seeds only (0-99; grow's held-out seeds are 100+). ``--chosen-from`` then runs a tuning run's best arm (the
+lowest median ratio), with uniform, on held-out seeds (Growth 13):
 
     python benchmarks/growth_monitors.py --dims 30 3 30 --seeds 0 1 2 3 --json out/monitors_30-3-30.json
+    python benchmarks/growth_monitors.py --seeds 100 101 ... --chosen-from out/monitors_30-3-30.json
 """
 import argparse
 import copy
@@ -186,6 +188,27 @@ def selector(name, task, probe, floor=0.0, when="all", start_depth=4, seed=0, ba
     return split
 
 
+def chosen(path: str):
+    """The arm of tuning run ``path`` with the lowest median ratio to uniform, as ``(monitor, floor)``, and that run's
+    arguments."""
+    with open(path) as fh:
+        result = json.load(fh)
+    tuned = result["args"]
+    bad = [s for s in tuned["seeds"] if s not in TUNING_SEEDS]
+    if bad or tuned.get("chosen_from"):
+        raise SystemExit(f"--chosen-from must hold a tuning run (seeds 0-99, no --chosen-from), {path} has seeds "
+                         f"{tuned['seeds']}")
+    arms = [(m, f) for m in tuned["monitors"] for f in tuned["floor"]]
+    names = {_arm_name(m, f, tuned.get("when", "all"), tuned.get("probe", 0)): (m, f) for m, f in arms}
+    best = min(result["ratios"], key=lambda a: statistics.median(result["ratios"][a]))
+    return names[best], {"init": "copy", "probe": 0, "when": "all", **tuned}
+
+
+def _arm_name(monitor_name, floor, when, probe):
+    return ((monitor_name if floor == 0 else f"{monitor_name}+{floor:g}") + ("" if when == "all" else f"@{when}")
+            + (f"?{probe}" if probe else ""))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", nargs="+", type=int, default=list(growth.TEACHER_DIMS), help="the teacher's layer sizes")
@@ -202,23 +225,31 @@ def main(argv=None):
                         "(function-preserving)")
     p.add_argument("--lt", type=float, default=8.0)
     p.add_argument("--steps", type=int, default=None, help="override the budget (smoke tests)")
+    p.add_argument("--chosen-from", default=None,
+                   help="a tuning run's JSON: run only its best arm (its monitor, floor, --when, --probe, --init, --lt "
+                        "and --dims), with uniform, on --seeds, held-out ones included")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.chosen_from:
+        arm, tuned = chosen(args.chosen_from)
+        for key in ("dims", "when", "probe", "init", "lt"):
+            setattr(args, key, tuned[key])
+        args.monitors, args.floor = [arm[0]], [arm[1]]
     if not all(math.isfinite(f) and f >= 0 for f in args.floor):
         raise SystemExit(f"--floor values must be finite and >= 0, got {args.floor}")
     if args.probe < 0:
         raise SystemExit(f"--probe must be >= 0 (0: no trial, follow the monitor), got {args.probe}")
     bad = [s for s in args.seeds if s not in TUNING_SEEDS]
-    if bad:
-        raise SystemExit(f"--seeds must be tuning seeds 0-99 (grow's held-out seeds are 100+), got {bad}")
+    if bad and not args.chosen_from:
+        raise SystemExit(f"--seeds must be tuning seeds 0-99 (grow's held-out seeds are 100+), got {bad}; held-out "
+                         "seeds run an arm chosen on tuning seeds (--chosen-from)")
     torch.set_num_threads(1)
     settings = dict(growth.SETTINGS_LONG["teacher"], depth=16, lr=0.01)
     if args.steps:
         settings["steps"] = args.steps
     common = dict(at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=settings["steps"], settings=settings, lt=args.lt,
                   init=args.init)
-    suffix = ("" if args.when == "all" else f"@{args.when}") + (f"?{args.probe}" if args.probe else "")
-    arms = {(m if f == 0 else f"{m}+{f:g}") + suffix: (m, f) for m in args.monitors for f in args.floor}
+    arms = {_arm_name(m, f, args.when, args.probe): (m, f) for m in args.monitors for f in args.floor}
     start = growth.start_depth(common["at"], settings["depth"])
     ratios = {a: [] for a in arms}
     runs = []

@@ -593,6 +593,29 @@ def test_growth_monitors_script_runs_every_monitor_on_tuning_seeds_only(tmp_path
         mon.main(["--seeds", "100", "--steps", "6"])
 
 
+def test_growth_monitors_chosen_from_runs_the_tuning_runs_best_arm_with_its_settings_on_held_out_seeds(tmp_path):
+    """--chosen-from (Growth 13): the arm with the lowest median ratio in a tuning run, grown with that run's
+    monitor, --when, --init, --lt and --dims, is the same run as that arm run directly; a held-out run cannot be
+    the source."""
+    mon = _script("growth_monitors")
+    tune = tmp_path / "t.json"
+    mon.main(["--seeds", "0", "1", "--steps", "6", "--dims", "8", "2", "8", "--monitors", "distance", "kernel",
+              "--when", "last", "--init", "zero", "--lt", "4", "--json", str(tune)])
+    ratios = json.loads(tune.read_text())["ratios"]
+    best = min(ratios, key=lambda a: sorted(ratios[a])[0] + sorted(ratios[a])[1])  # the median of two
+    held = tmp_path / "h.json"
+    mon.main(["--seeds", "100", "--steps", "6", "--chosen-from", str(tune), "--json", str(held)])
+    got = json.loads(held.read_text())
+    assert list(got["ratios"]) == [best] and got["args"]["dims"] == [8, 2, 8] and got["args"]["lt"] == 4.0
+    task = get_task("teacher", 100, dims=[8, 2, 8])
+    settings = dict(growth.SETTINGS_LONG["teacher"], depth=16, lr=0.01, steps=6)
+    direct = train_one(task, "adaptive", 100, at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=6, settings=settings,
+                       lt=4.0, init="zero", split=mon.splitter(best.split("@")[0], 0.0, "last"))
+    assert [r["final"] for r in got["runs"] if r["arm"] == best] == [direct["final"]]
+    with pytest.raises(SystemExit, match="chosen-from"):
+        mon.main(["--seeds", "101", "--steps", "6", "--chosen-from", str(held)])
+
+
 def test_splitgrad_monitor_is_the_gradient_gap_between_the_halves_of_each_split_block():
     """'splitgrad' (Growth 9) against a twin built by hand: every block copied into two blocks with
     half its step (the constructor and ``set_steps``, not ``refine``), float64; the monitor of block l is the norm
