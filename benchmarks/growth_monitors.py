@@ -211,7 +211,9 @@ def _arm_name(monitor_name, floor, when, probe):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dims", nargs="+", type=int, default=list(growth.TEACHER_DIMS), help="the teacher's layer sizes")
+    p.add_argument("--dims", nargs="+", type=int, default=None,
+                   help=f"the teacher's layer sizes (default {list(growth.TEACHER_DIMS)}; with --chosen-from, the tuning "
+                        "run's: pass them to apply its arm to another teacher)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="tuning seeds (0-99)")
     p.add_argument("--monitors", nargs="+", choices=MONITORS, default=list(MONITORS))
     p.add_argument("--floor", nargs="+", type=float, default=[0.0],
@@ -227,14 +229,16 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="override the budget (smoke tests)")
     p.add_argument("--chosen-from", default=None,
                    help="a tuning run's JSON: run only its best arm (its monitor, floor, --when, --probe, --init, --lt "
-                        "and --dims), with uniform, on --seeds, held-out ones included")
+                        "and, unless given, --dims), with uniform, on --seeds, held-out ones included")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.chosen_from:
         arm, tuned = chosen(args.chosen_from)
-        for key in ("dims", "when", "probe", "init", "lt"):
+        for key in ("when", "probe", "init", "lt"):
             setattr(args, key, tuned[key])
+        args.dims = args.dims or tuned["dims"]
         args.monitors, args.floor = [arm[0]], [arm[1]]
+    args.dims = args.dims or list(growth.TEACHER_DIMS)
     if not all(math.isfinite(f) and f >= 0 for f in args.floor):
         raise SystemExit(f"--floor values must be finite and >= 0, got {args.floor}")
     if args.probe < 0:

@@ -612,6 +612,10 @@ def test_growth_monitors_chosen_from_runs_the_tuning_runs_best_arm_with_its_sett
     direct = train_one(task, "adaptive", 100, at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=6, settings=settings,
                        lt=4.0, init="zero", split=mon.splitter(best.split("@")[0], 0.0, "last"))
     assert [r["final"] for r in got["runs"] if r["arm"] == best] == [direct["final"]]
+    other = tmp_path / "o.json"  # the arm applied to another teacher
+    mon.main(["--seeds", "100", "--steps", "6", "--chosen-from", str(tune), "--dims", "6", "2", "6", "--json",
+              str(other)])
+    assert json.loads(other.read_text())["args"]["dims"] == [6, 2, 6]
     with pytest.raises(SystemExit, match="chosen-from"):
         mon.main(["--seeds", "101", "--steps", "6", "--chosen-from", str(held)])
 
