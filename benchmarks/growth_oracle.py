@@ -141,8 +141,7 @@ def main(argv=None):
     order = sorted(rat, key=lambda k: statistics.median(rat[k]))
     what = "error" if higher else "test MSE"
     print(f"\n{args.task} {args.dims or ''} Lt {args.lt:g}, zero init, {args.growth} growth split, seeds {args.seeds}: "
-          f"final {what} / uniform "
-          "(2, 2, 2, 2)'s, median [min, max], best first")
+          f"final {what} / uniform (2, 2, 2, 2)'s, median [min, max], best first")
     for k in order:
         v = rat[k]
         print(f"{str(k):14s} {statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]  lower on "
