@@ -58,14 +58,14 @@ def fixed_split(pattern, start_depth: int = 4, growth_no: str = "first"):
     return split
 
 
-def run_pattern(task, seed: int, pattern, *, lt: float, steps=None, growth_no: str = "first"):
+def run_pattern(task, seed: int, pattern, *, lt: float, steps=None, growth_no: str = "first", rewarm: int = 0):
     s = dict(growth.SETTINGS_LONG[task.name], depth=16, lr=SETTINGS[task.name]["lr"])
     if steps:
         s["steps"] = steps
     ident = SETTINGS[task.name]["identity"]
     r = growth.train_one(task, "adaptive", seed, at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=s["steps"], settings=s,
                          lt=lt, init="zero", split=fixed_split(pattern, growth_no=growth_no), branch_norm=ident,
-                         branch_identity=ident)
+                         branch_identity=ident, rewarm=rewarm)
     return {"seed": seed, "pattern": list(pattern), "final": r["final"], "final_train": r["final_train"],
             "cpu_s": r["cpu_s"], "depths": [len(p) for p in r["steps_profile"]],
             "steps": r["steps_profile"][0]}
@@ -77,9 +77,9 @@ def _task(name: str, seed: int, dims):
 
 
 def _job(job):
-    name, seed, dims, pat, lt, steps, growth_no = job
+    name, seed, dims, pat, lt, steps, growth_no, rewarm = job
     torch.set_num_threads(1)
-    r = run_pattern(_task(name, seed, dims), seed, pat, lt=lt, steps=steps, growth_no=growth_no)
+    r = run_pattern(_task(name, seed, dims), seed, pat, lt=lt, steps=steps, growth_no=growth_no, rewarm=rewarm)
     print(f"seed {seed:3d} {pat} final {r['final']:.4g} train {r['final_train']:.4g} cpu {r['cpu_s']:.1f} s",
           flush=True)
     return r
@@ -94,6 +94,18 @@ def ratios(runs, higher: bool):
         if tuple(r["pattern"]) != UNIFORM and r["seed"] in base:
             out.setdefault(tuple(r["pattern"]), []).append(err(r["final"]) / err(base[r["seed"]]))
     return out
+
+
+def _pattern(text: str) -> tuple:
+    """``"5,1,1,1"`` as a split of the 4 blocks into 8."""
+    try:
+        pat = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        pat = None
+    if pat not in patterns():
+        raise SystemExit(f"--patterns takes splits of the 4 blocks into 8 (4 integers >= 1 summing to 8, e.g. "
+                         f"5,1,1,1), got {text!r}")
+    return pat
 
 
 def chosen(path: str, growth_no: str) -> tuple:
@@ -117,6 +129,9 @@ def main(argv=None):
     p.add_argument("--growth", choices=("first", "second"), default="first",
                    help="the growth the patterns split (4 -> 8 blocks, or 8 -> 16 with block l's two halves each "
                         "into p_l); the other doubles uniformly")
+    p.add_argument("--patterns", nargs="+", default=None, metavar="P1,P2,P3,P4",
+                   help="only these splits (and uniform), e.g. 5,1,1,1")
+    p.add_argument("--rewarm", type=int, default=0, help="a linear lr warm-up of this many steps after each growth")
     p.add_argument("--chosen-from", default=None, help="a tuning run's JSON: run only its best pattern and uniform")
     p.add_argument("--steps", type=int, default=None, help="override the budget (smoke tests)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each")
@@ -124,12 +139,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.dims is not None and args.task != "teacher":
         raise SystemExit("--dims applies to --task teacher")
+    if args.rewarm < 0:
+        raise SystemExit(f"--rewarm must be >= 0 (warm-up steps after a growth), got {args.rewarm}")
+    if args.patterns and args.chosen_from:
+        raise SystemExit("--patterns and --chosen-from both name the splits to run: pass one")
     todo = [UNIFORM, chosen(args.chosen_from, args.growth)] if args.chosen_from else patterns()
+    if args.patterns:
+        todo = [UNIFORM] + [_pattern(p) for p in args.patterns]
     heldout = [s for s in args.seeds if s not in TUNING_SEEDS]
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     dims = tuple(args.dims) if args.dims else None
-    jobs = [(args.task, seed, dims, pat, args.lt, args.steps, args.growth)
+    jobs = [(args.task, seed, dims, pat, args.lt, args.steps, args.growth, args.rewarm)
             for seed in args.seeds for pat in dict.fromkeys(todo)]
     if args.jobs == 1:
         runs = [_job(j) for j in jobs]

@@ -835,3 +835,12 @@ def test_growth_oracle_tries_every_split_of_a_growth_and_reports_the_tuning_choi
         orc.main(["--task", "digits", "--dims", "8", "3", "8", "--steps", "9"])
     with pytest.raises(SystemExit, match="--jobs"):
         orc.main(["--seeds", "0", "--steps", "9", "--jobs", "0"])
+    few = orc.main(["--seeds", "0", "--steps", "9", "--patterns", "4,1,1,2", "--rewarm", "2"])  # only these, rewarmed
+    assert [tuple(x["pattern"]) for x in few["runs"]] == [orc.UNIFORM, pat]
+    warm = growth.train_one(task, "uniform", 0, at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=9, settings=s, lt=8.0,
+                            init="zero", rewarm=2)
+    assert few["runs"][0]["final"] == warm["final"] != ref["final"]
+    for bad in (["--patterns", "4,1,1"], ["--patterns", "4,1,1,2", "--chosen-from", str(tmp_path / "t.json")],
+                ["--rewarm", "-1"]):
+        with pytest.raises(SystemExit, match="--patterns|--rewarm"):
+            orc.main(["--seeds", "0", "--steps", "9"] + bad)
