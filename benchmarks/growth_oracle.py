@@ -108,15 +108,19 @@ def _pattern(text: str) -> tuple:
     return pat
 
 
-def chosen(path: str, growth_no: str) -> tuple:
+def chosen(path: str, args) -> tuple:
+    """The best split of tuning run ``path``, which must have run the same task, Lt, growth and rewarm as ``args``
+    (``--dims`` may differ: a split chosen on one teacher, tried on another)."""
     with open(path) as fh:
         result = json.load(fh)
     bad = [s for s in result["args"]["seeds"] if s not in TUNING_SEEDS]
     if bad:
         raise SystemExit(f"--chosen-from must hold a tuning run (seeds 0-99), {path} has seeds {bad}")
-    if result["args"].get("growth", "first") != growth_no:
-        raise SystemExit(f"--chosen-from {path} split the {result['args'].get('growth', 'first')} growth, "
-                         f"not the --growth {growth_no}")
+    tuned = {"task": "teacher", "growth": "first", "rewarm": 0, **result["args"]}
+    for key in ("task", "lt", "growth", "rewarm"):
+        if tuned[key] != getattr(args, key):
+            raise SystemExit(f"--chosen-from {path} ran --{key} {tuned[key]}, not the --{key} {getattr(args, key)} "
+                             "asked for here")
     return tuple(result["best"])
 
 
@@ -143,7 +147,7 @@ def main(argv=None):
         raise SystemExit(f"--rewarm must be >= 0 (warm-up steps after a growth), got {args.rewarm}")
     if args.patterns and args.chosen_from:
         raise SystemExit("--patterns and --chosen-from both name the splits to run: pass one")
-    todo = [UNIFORM, chosen(args.chosen_from, args.growth)] if args.chosen_from else patterns()
+    todo = [UNIFORM, chosen(args.chosen_from, args)] if args.chosen_from else patterns()
     if args.patterns:
         todo = [UNIFORM] + [_pattern(p) for p in args.patterns]
     heldout = [s for s in args.seeds if s not in TUNING_SEEDS]

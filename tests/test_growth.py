@@ -829,6 +829,8 @@ def test_growth_oracle_tries_every_split_of_a_growth_and_reports_the_tuning_choi
         json.dump({"args": {"seeds": [100]}, "best": [2, 2, 2, 2]}, fh)
     with pytest.raises(SystemExit, match="tuning run"):
         orc.main(["--seeds", "101", "--steps", "9", "--chosen-from", str(tmp_path / "h.json")])
+    with pytest.raises(SystemExit, match="--rewarm 0, not the --rewarm 5"):
+        orc.main(["--seeds", "100", "--steps", "9", "--rewarm", "5", "--chosen-from", str(tmp_path / "t.json")])
     with pytest.raises(SystemExit, match="--growth second"):
         orc.main(["--seeds", "100", "--steps", "9", "--growth", "second", "--chosen-from", str(tmp_path / "t.json")])
     with pytest.raises(SystemExit, match="--dims"):
