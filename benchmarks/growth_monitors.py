@@ -212,8 +212,8 @@ def _arm_name(monitor_name, floor, when, probe):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", nargs="+", type=int, default=None,
-                   help=f"the teacher's layer sizes (default {list(growth.TEACHER_DIMS)}; with --chosen-from, the tuning "
-                        "run's: pass them to apply its arm to another teacher)")
+                   help=f"the teacher's layer sizes (default {list(growth.TEACHER_DIMS)}; with --chosen-from, the "
+                        "tuning run's: pass them to apply its arm to another teacher)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="tuning seeds (0-99)")
     p.add_argument("--monitors", nargs="+", choices=MONITORS, default=list(MONITORS))
     p.add_argument("--floor", nargs="+", type=float, default=[0.0],
@@ -233,6 +233,11 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.chosen_from:
+        fixed = [k for k in ("monitors", "floor", "when", "probe", "init", "lt")
+                 if getattr(args, k) != p.get_default(k)]
+        if fixed:
+            raise SystemExit(f"--chosen-from takes the arm and its settings from the tuning run; drop "
+                             f"{', '.join('--' + k for k in fixed)}")
         arm, tuned = chosen(args.chosen_from)
         for key in ("when", "probe", "init", "lt"):
             setattr(args, key, tuned[key])

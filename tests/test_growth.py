@@ -618,6 +618,8 @@ def test_growth_monitors_chosen_from_runs_the_tuning_runs_best_arm_with_its_sett
     assert json.loads(other.read_text())["args"]["dims"] == [6, 2, 6]
     with pytest.raises(SystemExit, match="chosen-from"):
         mon.main(["--seeds", "101", "--steps", "6", "--chosen-from", str(held)])
+    with pytest.raises(SystemExit, match="drop --when"):  # not silently replaced by the tuning run's
+        mon.main(["--seeds", "101", "--steps", "6", "--chosen-from", str(tune), "--when", "first"])
 
 
 def test_splitgrad_monitor_is_the_gradient_gap_between_the_halves_of_each_split_block():
