@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from adaptive_depth.depth import depths
 from adaptive_depth.experiments import growth
 from adaptive_depth.experiments.tasks import TUNING_SEEDS
 
@@ -49,7 +50,7 @@ def fixed_split(pattern, start_depth: int = 4, growth_no: str = "first"):
     the growth from ``start_depth`` blocks; ``"second"``: at the growth from ``2 start_depth``, where block l's
     pieces go to each of the two blocks the first growth made of it, ``(p_1, p_1, p_2, p_2, ...)``."""
     def split(model, opt, x, y):
-        blocks = [g.depth for g in growth._groups(model)]
+        blocks = depths(model)
         if blocks == [start_depth] and growth_no == "first":
             return [list(pattern)]
         if blocks == [2 * start_depth] and growth_no == "second":
