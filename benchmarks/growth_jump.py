@@ -18,14 +18,10 @@ from adaptive_depth.experiments.tasks import TUNING_SEEDS
 
 def jump(lt: float, init: str, seed: int, steps=None, lr: float = 0.01):
     """Test MSE after / before each growth of one uniform growth run."""
-    task = growth.get_task("teacher", seed)
-    s = dict(growth.SETTINGS_LONG["teacher"], depth=16, lr=lr)
-    if steps:
-        s["steps"] = steps
-    at = (1 / 3, 2 / 3)
-    r = growth.train_one(task, "uniform", seed, settings=s, lt=lt, init=init, eval_every=1, at=at, hold=2 / 3)
+    run = growth.long_growth("teacher", lr, steps)
+    r = growth.train_one(growth.get_task("teacher", seed), "uniform", seed, lt=lt, init=init, eval_every=1, **run)
     c = {row[0]: row[3] for row in r["curve"]}
-    return [c[k] / c[k - 1] for k in growth.growth_steps(at, s["steps"])]
+    return [c[k] / c[k - 1] for k in growth.growth_steps(run["at"], run["settings"]["steps"])]
 
 
 def main(argv=None):

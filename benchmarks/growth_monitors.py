@@ -253,11 +253,9 @@ def main(argv=None):
         raise SystemExit(f"--seeds must be tuning seeds 0-99 (grow's held-out seeds are 100+), got {bad}; held-out "
                          "seeds run an arm chosen on tuning seeds (--chosen-from)")
     torch.set_num_threads(1)
-    settings = dict(growth.SETTINGS_LONG["teacher"], depth=16, lr=0.01)
-    if args.steps:
-        settings["steps"] = args.steps
-    common = dict(at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=settings["steps"], settings=settings, lt=args.lt,
-                  init=args.init)
+    common = dict(growth.long_growth("teacher", 0.01, args.steps), lt=args.lt, init=args.init)
+    settings = common["settings"]
+    common["eval_every"] = settings["steps"]
     arms = {_arm_name(m, f, args.when, args.probe): (m, f) for m in args.monitors for f in args.floor}
     start = growth.start_depth(common["at"], settings["depth"])
     ratios = {a: [] for a in arms}

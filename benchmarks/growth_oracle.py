@@ -60,13 +60,11 @@ def fixed_split(pattern, start_depth: int = 4, growth_no: str = "first"):
 
 
 def run_pattern(task, seed: int, pattern, *, lt: float, steps=None, growth_no: str = "first", rewarm: int = 0):
-    s = dict(growth.SETTINGS_LONG[task.name], depth=16, lr=SETTINGS[task.name]["lr"])
-    if steps:
-        s["steps"] = steps
+    run = growth.long_growth(task.name, SETTINGS[task.name]["lr"], steps)
     ident = SETTINGS[task.name]["identity"]
-    r = growth.train_one(task, "adaptive", seed, at=(1 / 3, 2 / 3), hold=2 / 3, eval_every=s["steps"], settings=s,
-                         lt=lt, init="zero", split=fixed_split(pattern, growth_no=growth_no), branch_norm=ident,
-                         branch_identity=ident, rewarm=rewarm)
+    r = growth.train_one(task, "adaptive", seed, eval_every=run["settings"]["steps"], lt=lt, init="zero",
+                         split=fixed_split(pattern, growth_no=growth_no), branch_norm=ident, branch_identity=ident,
+                         rewarm=rewarm, **run)
     return {"seed": seed, "pattern": list(pattern), "final": r["final"], "final_train": r["final_train"],
             "cpu_s": r["cpu_s"], "depths": [len(p) for p in r["steps_profile"]],
             "steps": r["steps_profile"][0]}

@@ -242,6 +242,15 @@ def growth_steps(at: Sequence[float], steps: int) -> List[int]:
     return sorted({max(1, round(f * steps)) for f in at})
 
 
+def long_growth(task_name: str, lr: float, steps: Optional[int] = None) -> Dict:
+    """``train_one``'s budget and schedule for the 16-block growth runs of docs/depth.md Growth 7-13: the long
+    budget (``steps`` overrides it), growth at 1/3 and 2/3 of it from 4 blocks, the lr held until the last growth."""
+    settings = dict(SETTINGS_LONG[task_name], depth=16, lr=lr)
+    if steps:
+        settings["steps"] = steps
+    return {"settings": settings, "at": (1 / 3, 2 / 3), "hold": 2 / 3}
+
+
 def lr_multiplier(step: int, steps: int, grow_at: Sequence[int] = (), *, rewarm: int = 0,
                   hold: float = 0.0) -> float:
     """The learning rate of optimizer step ``step + 1`` over the base rate (``step`` steps done so far).
