@@ -390,7 +390,7 @@ def _train(model, opt, x, steps=1, sched=None, depth_sched=None):
         if sched is not None:
             sched.step()
         if depth_sched is not None:
-            depth_sched.step(loss=float(loss), inputs=x)
+            depth_sched.step(loss=float(loss.detach()), inputs=x)
 
 
 @pytest.mark.parametrize("state", ["copy", "fresh"])
@@ -642,6 +642,111 @@ def test_resume_across_zero_refinement_of_identity_blocks_is_exact():
         assert torch.equal(p, q), n
 
 
+# ------------------------------------------------------------------------------------------ lr rewarm
+def _lr_spy(opt):
+    """Records every group's lr as the optimizer's step sees it (a pre-hook: it runs inside the wrapper the
+    DepthScheduler puts on ``opt.step``)."""
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append([g["lr"] for g in o.param_groups]))
+    return seen
+
+
+def test_rewarm_scales_the_steps_after_each_growth_and_leaves_the_lr_scheduler_alone():
+    from adaptive_depth.experiments.growth import lr_multiplier
+    net = _conv_net(depth=2)
+    decay = [p for n, p in net.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in net.named_parameters() if not n.endswith("weight")]
+    opt = torch.optim.SGD([{"params": decay, "lr": 0.1}, {"params": rest, "lr": 0.05}], momentum=0.9)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12)  # chainable: reads the lr it set last
+    grow = DepthScheduler(net, opt, at=[3, 6], rewarm=4)
+    seen = _lr_spy(opt)
+    # the scheduler's own lrs, from a twin optimizer that no DepthScheduler touches
+    twin = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": 0.1}, {"params": [torch.zeros(1)], "lr": 0.05}])
+    twin_cosine = torch.optim.lr_scheduler.CosineAnnealingLR(twin, T_max=12)
+    # growths after steps 3 and 6: the 4 steps after each run at 1/5, 2/5, 3/5, 4/5 (the second cuts the first)
+    factors = [1, 1, 1, 0.2, 0.4, 0.6, 0.2, 0.4, 0.6, 0.8, 1, 1]
+    measured = [lr_multiplier(k, 12, [3, 6], rewarm=4) / lr_multiplier(k, 12, [3, 6]) for k in range(12)]
+    assert measured == pytest.approx(factors)  # the warm-up Growth 13 measured (on top of its cosine)
+    x = torch.randn(4, 8, 6)
+    for k, factor in enumerate(factors):
+        assert grow.lr_factor() == pytest.approx(factor)
+        plain = [g["lr"] for g in twin.param_groups]
+        _train(net, opt, x, sched=cosine, depth_sched=grow)
+        assert seen[k] == pytest.approx([lr * factor for lr in plain], rel=1e-12), k
+        twin.step()  # no gradients: only the order LR schedulers expect
+        twin_cosine.step()
+        assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in twin.param_groups], k  # untouched
+    assert net.depth == 8
+
+
+def test_rewarm_step_that_raises_or_is_skipped_neither_keeps_the_scaled_lr_nor_counts():
+    net = _conv_net(depth=2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    grow = DepthScheduler(net, opt, at=[1], rewarm=3)
+    seen = _lr_spy(opt)
+    x = torch.randn(4, 8, 6)
+    _train(net, opt, x, depth_sched=grow)  # grows after this step
+
+    def failing():
+        raise RuntimeError("closure failed")
+
+    with pytest.raises(RuntimeError, match="closure failed"):
+        opt.step(failing)
+    assert opt.param_groups[0]["lr"] == 0.1
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(net(x).pow(2).mean() * float("inf")).backward()
+    scaler.step(opt)  # inf gradients: GradScaler skips the step
+    scaler.update()
+    opt.zero_grad()
+    _train(net, opt, x)
+    assert opt.param_groups[0]["lr"] == 0.1
+    assert seen == [[0.1], [pytest.approx(0.025)], [pytest.approx(0.025)]]  # neither the failed nor the skipped
+    assert grow.lr_factor() == pytest.approx(0.5)                          # step counted
+
+
+def test_rewarm_is_validated_before_anything_changes():
+    net = _conv_net(depth=2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for bad in (-1, True, 2.5, "50"):
+        with pytest.raises(ValueError, match="rewarm must be an integer >= 0"):
+            DepthScheduler(net, opt, at=[1], rewarm=bad)
+    with pytest.raises(ValueError, match="rewarm=5 needs the torch.optim.Optimizer"):
+        DepthScheduler(net, None, at=[1], rewarm=5)
+    with pytest.raises(ValueError, match="how"):
+        DepthScheduler(net, opt, at=[1], rewarm=5, how="everywhere")
+    assert "step" not in vars(opt)  # optimizer.step was not wrapped
+    assert DepthScheduler(net, opt, at=[1]).lr_factor() == 1.0 and "step" not in vars(opt)
+
+
+def test_resume_in_the_middle_of_a_rewarm_is_exact():
+    def build():
+        torch.manual_seed(0)
+        net = LeakyMLP(5, 3, width=8, depth=2, effective_depth=4.0, scheme="exponential")
+        opt = AdaptiveSteps(torch.optim.AdamW(net.parameters(), lr=1e-2), net, every=2)
+        lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+        return net, opt, lr, DepthScheduler(net, opt, at=[3], init="zero", rewarm=5)
+
+    x = torch.randn(16, 5)
+    net, opt, lr, grow = build()
+    seen = _lr_spy(opt.base_optimizer)  # AdaptiveSteps' hooks scale the groups it shares with the inner optimizer
+    _train(net, opt, x, steps=5, sched=lr, depth_sched=grow)  # two steps into the warm-up
+    ckpt = copy.deepcopy({"model": net.state_dict(), "opt": opt.state_dict(), "lr": lr.state_dict(),
+                          "grow": grow.state_dict()})
+    _train(net, opt, x, steps=6, sched=lr, depth_sched=grow)
+    assert seen[3][0] < seen[2][0] / 5  # the first step after the growth ran at 1/6 of the lr
+    assert grow.lr_factor() == 1.0
+
+    net2, opt2, lr2, grow2 = build()
+    grow2.load_state_dict(ckpt["grow"])
+    net2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    lr2.load_state_dict(ckpt["lr"])
+    assert grow2.lr_factor() == pytest.approx(3 / 6)
+    _train(net2, opt2, x, steps=6, sched=lr2, depth_sched=grow2)
+    for (n, p), q in zip(net.named_parameters(), net2.parameters()):
+        assert torch.equal(p, q), n
+
+
 # ------------------------------------------------------------------------------------------ Lightning
 def _lightning_module(pl):
     class Module(pl.LightningModule):
@@ -707,6 +812,41 @@ def test_lightning_callback_grows_during_fit_and_resumes(tmp_path):
     assert max(int(st["step"]) for st in opt2.state.values()) == 10
     head = saved["head.weight"]
     assert head.shape == fresh.head.weight.shape and not torch.equal(head, fresh.head.weight)  # trained on
+
+
+def test_lightning_callback_rewarm_resumes_in_the_middle_of_a_warm_up(tmp_path):
+    """DepthCallback(rewarm=3): the steps after the growth see 1/4, 2/4, 3/4 of StepLR's lr, also across a
+    resume from a checkpoint taken in the middle of the warm-up (the hooks are in place before the first step)."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from adaptive_depth.depth import DepthCallback
+    base = _lightning_module(pl)
+
+    class Module(base):
+        def configure_optimizers(self):
+            seen = self.seen = []
+
+            class Spy(torch.optim.AdamW):  # the lr inside step() (its super().step() runs torch's hooks twice)
+                def step(self, closure=None):
+                    seen.append(self.param_groups[0]["lr"])
+                    return super().step(closure)
+
+            opt = Spy(self.parameters(), lr=1e-2)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)]  # stepped once per epoch
+
+    def fit_and_resume(rewarm):
+        torch.manual_seed(0)
+        module = Module()
+        trainer = _lightning_fit(pl, module, DepthCallback(at=[2], rewarm=rewarm), 4, tmp_path)
+        path = tmp_path / f"rewarm{rewarm}.ckpt"
+        trainer.save_checkpoint(path)
+        fresh = DepthCallback.replay(Module(), path)
+        _lightning_fit(pl, fresh, DepthCallback(at=[2], rewarm=rewarm), 6, tmp_path, ckpt_path=path)
+        assert fresh.net.depth == 4
+        return module.seen + fresh.seen
+
+    plain = fit_and_resume(0)  # what Lightning's StepLR gives (stepped once per epoch of 4 batches)
+    assert fit_and_resume(3) == pytest.approx([lr * f for lr, f in zip(plain, [1, 1, 0.25, 0.5, 0.75, 1])],
+                                              rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ benchmark
