@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import types
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -637,7 +638,7 @@ def _warm_up_steps(optimizer, scheduler: "DepthScheduler") -> None:
     step = optimizer.step
 
     @functools.wraps(step)
-    def warmed_step(*args, **kwargs):
+    def warmed_step(self, *args, **kwargs):
         factor = scheduler.lr_factor()
         lrs = [group["lr"] for group in optimizer.param_groups]
         if factor != 1.0:
@@ -652,7 +653,8 @@ def _warm_up_steps(optimizer, scheduler: "DepthScheduler") -> None:
             scheduler._since += 1
         return out
 
-    optimizer.step = warmed_step
+    # a bound method, as torch's LR schedulers expect when they wrap ``step`` in turn (they call its __func__)
+    optimizer.step = types.MethodType(warmed_step, optimizer)
 
 
 class DepthScheduler:

@@ -651,14 +651,18 @@ def _lr_spy(opt):
     return seen
 
 
-def test_rewarm_scales_the_steps_after_each_growth_and_leaves_the_lr_scheduler_alone():
+@pytest.mark.parametrize("lr_scheduler_first", [True, False])
+def test_rewarm_scales_the_steps_after_each_growth_and_leaves_the_lr_scheduler_alone(lr_scheduler_first):
     from adaptive_depth.experiments.growth import lr_multiplier
     net = _conv_net(depth=2)
     decay = [p for n, p in net.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in net.named_parameters() if not n.endswith("weight")]
     opt = torch.optim.SGD([{"params": decay, "lr": 0.1}, {"params": rest, "lr": 0.05}], momentum=0.9)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12)  # chainable: reads the lr it set last
+    if lr_scheduler_first:
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12)  # chainable: reads the lr it set last
     grow = DepthScheduler(net, opt, at=[3, 6], rewarm=4)
+    if not lr_scheduler_first:  # it wraps the rewarm's step in turn
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12)
     seen = _lr_spy(opt)
     # the scheduler's own lrs, from a twin optimizer that no DepthScheduler touches
     twin = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": 0.1}, {"params": [torch.zeros(1)], "lr": 0.05}])
