@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import types
 from dataclasses import dataclass
@@ -630,6 +631,30 @@ def depths(model: nn.Module) -> List[int]:
 
 
 # -------------------------------------------------------------------------------------- schedule
+def _check_schedule(*, at, how, factor, init, state, patience, threshold, cooldown, max_depth, rewarm,
+                    **_) -> List[int]:
+    """Check ``DepthScheduler``'s arguments (also ``DepthCallback``'s, when it is built); returns ``at`` as a list."""
+    _check_choice(how, "how", HOWS)
+    _check_choice(init, "init", INITS)
+    _check_choice(state, "state", STATES)
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+        raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
+    at = list(at)
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in at):
+        raise ValueError(f"at must list integers >= 1 (step counts), got {at!r}")
+    for name, value, low in (("patience", patience, 1), ("cooldown", cooldown, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
+        raise ValueError(f"threshold must lie in [0, 1), got {threshold!r}")
+    if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1):
+        raise ValueError(f"max_depth must be None or an integer >= 1, got {max_depth!r}")
+    if isinstance(rewarm, bool) or not isinstance(rewarm, int) or rewarm < 0:
+        raise ValueError(f"rewarm must be an integer >= 0 (optimizer steps of lr warm-up after a growth), "
+                         f"got {rewarm!r}")
+    return at
+
+
 def _warm_up_steps(optimizer, scheduler: "DepthScheduler") -> None:
     """Wrap ``optimizer.step`` (this instance only) so each step runs at ``scheduler.lr_factor()`` of every group's
     lr, put back when the step returns or raises: an LR scheduler never sees the factor. Not a step hook, since
@@ -685,24 +710,8 @@ class DepthScheduler:
                  factor: int = 2, init: str = "copy", state: str = DEFAULT_STATE, plateau: bool = False,
                  patience: int = 100, threshold: float = 1e-3, cooldown: int = 0,
                  max_depth: Optional[int] = None, rewarm: int = 0):
-        _check_choice(how, "how", HOWS)
-        _check_choice(init, "init", INITS)
-        _check_choice(state, "state", STATES)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
-            raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
-        at = list(at)
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in at):
-            raise ValueError(f"at must list integers >= 1 (step counts), got {at!r}")
-        for name, value, low in (("patience", patience, 1), ("cooldown", cooldown, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
-            raise ValueError(f"threshold must lie in [0, 1), got {threshold!r}")
-        if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1):
-            raise ValueError(f"max_depth must be None or an integer >= 1, got {max_depth!r}")
-        if isinstance(rewarm, bool) or not isinstance(rewarm, int) or rewarm < 0:
-            raise ValueError(f"rewarm must be an integer >= 0 (optimizer steps of lr warm-up after a growth), "
-                             f"got {rewarm!r}")
+        at = _check_schedule(at=at, how=how, factor=factor, init=init, state=state, patience=patience,
+                             threshold=threshold, cooldown=cooldown, max_depth=max_depth, rewarm=rewarm)
         if rewarm and not (callable(getattr(optimizer, "step", None)) and hasattr(optimizer, "param_groups")):
             raise ValueError(f"rewarm={rewarm} needs the torch.optim.Optimizer that trains the model, "
                              f"got optimizer={optimizer!r}")
@@ -820,6 +829,15 @@ class _DepthCallbackMixin:
                  inputs: Callable = lambda batch: batch[0], **kwargs):
         if every not in ("step", "epoch"):
             raise ValueError(f"every must be 'step' or 'epoch', got {every!r}")
+        if "optimizer" in kwargs:
+            raise TypeError("DepthCallback takes the optimizer from the trainer (trainer.optimizers[0]); "
+                            "do not pass optimizer=")
+        try:  # check the DepthScheduler arguments now, not at the first training batch
+            bound = inspect.signature(DepthScheduler).bind(None, at=at, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"DepthCallback passes its keyword arguments to DepthScheduler: {err}") from None
+        bound.apply_defaults()
+        _check_schedule(**bound.arguments)
         super().__init__()
         self.at, self.every, self.attr, self.inputs, self.kwargs = list(at), every, attr, inputs, kwargs
         self.scheduler: Optional[DepthScheduler] = None

@@ -818,6 +818,20 @@ def test_lightning_callback_grows_during_fit_and_resumes(tmp_path):
     assert head.shape == fresh.head.weight.shape and not torch.equal(head, fresh.head.weight)  # trained on
 
 
+def test_lightning_callback_checks_its_arguments_when_built():
+    pytest.importorskip("pytorch_lightning")
+    from adaptive_depth.depth import DepthCallback
+    for kwargs, match in (({"rewarm": -1}, "rewarm must be an integer >= 0"), ({"how": "fast"}, "how"),
+                          ({"at": [0]}, "at must list integers >= 1"), ({"max_depth": 0}, "max_depth")):
+        with pytest.raises(ValueError, match=match):
+            DepthCallback(**kwargs)
+    with pytest.raises(TypeError, match="DepthScheduler.*hw"):
+        DepthCallback(at=[2], hw="adaptive")
+    with pytest.raises(TypeError, match="trainer.optimizers"):
+        DepthCallback(at=[2], optimizer=None)
+    assert DepthCallback(at=[2], how="adaptive", rewarm=5).kwargs == {"how": "adaptive", "rewarm": 5}
+
+
 def test_lightning_callback_rewarm_resumes_in_the_middle_of_a_warm_up(tmp_path):
     """DepthCallback(rewarm=3): the steps after the growth see 1/4, 2/4, 3/4 of StepLR's lr, also across a
     resume from a checkpoint taken in the middle of the warm-up (the hooks are in place before the first step)."""
