@@ -704,6 +704,8 @@ class DepthScheduler:
     ``state_dict()`` holds the refinements made so far; ``load_state_dict`` replays them on the (fresh) model
     and optimizer, so load it *before* ``model.load_state_dict`` and ``optimizer.load_state_dict``.
     ``step()`` returns True when it changed the depth (rebuild a ``DistributedDataParallel`` wrapper then).
+    A copy or an unpickled optimizer loses the rewarm's wrapper (as it loses an LR scheduler's): to move the
+    schedule, build a new ``DepthScheduler`` on the new optimizer and load the ``state_dict()``.
     """
 
     def __init__(self, model: nn.Module, optimizer=None, *, at: Sequence[int] = (), how: str = "uniform",
@@ -768,12 +770,14 @@ class DepthScheduler:
                 "plateau": {"best": self._best, "bad": self._bad, "cool": self._cool},
                 "rewarm_since": self._since}
 
-    def _load_counts(self, state_dict: dict) -> None:
-        self.steps_done = int(state_dict["steps_done"])
+    @staticmethod
+    def _counts(state_dict: dict) -> dict:
+        """The counters of a ``state_dict()``, read (and so checked) before anything changes."""
         p = state_dict.get("plateau", {})
-        self._best, self._bad, self._cool = p.get("best", math.inf), p.get("bad", 0), p.get("cool", 0)
         since = state_dict.get("rewarm_since")
-        self._since = None if since is None else int(since)
+        return {"steps_done": int(state_dict["steps_done"]), "_best": float(p.get("best", math.inf)),
+                "_bad": int(p.get("bad", 0)), "_cool": int(p.get("cool", 0)),
+                "_since": None if since is None else int(since)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the count and replay the saved refinements not yet applied to this model."""
@@ -782,10 +786,11 @@ class DepthScheduler:
         history = state_dict["history"]
         if history[:len(self.history)] != self.history:
             raise ValueError("state_dict's refinements do not extend the ones this scheduler already made")
+        counts = self._counts(state_dict)
         for plan in history[len(self.history):]:
             _apply(self.model, self.optimizer, plan)
             self.history.append(copy.deepcopy(plan))
-        self._load_counts(state_dict)
+        vars(self).update(counts)
 
 
 def _lightning_callback_base():
@@ -851,8 +856,8 @@ class _DepthCallbackMixin:
             opt = trainer.optimizers[0] if trainer.optimizers else None
             self.scheduler = DepthScheduler(self._target(pl_module), opt, at=self.at, **self.kwargs)
             if self._pending is not None:
-                self.scheduler.history = copy.deepcopy(self._pending["history"])
-                self.scheduler._load_counts(self._pending)
+                vars(self.scheduler).update(DepthScheduler._counts(self._pending),
+                                            history=copy.deepcopy(self._pending["history"]))
                 self._pending = None
         return self.scheduler
 

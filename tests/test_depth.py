@@ -720,6 +720,14 @@ def test_rewarm_is_validated_before_anything_changes():
         DepthScheduler(net, opt, at=[1], rewarm=5, how="everywhere")
     assert "step" not in vars(opt)  # optimizer.step was not wrapped
     assert DepthScheduler(net, opt, at=[1]).lr_factor() == 1.0 and "step" not in vars(opt)
+    grow = DepthScheduler(net, opt, at=[1], rewarm=2)
+    _train(net, opt, torch.randn(4, 8, 6), depth_sched=grow)
+    state = dict(grow.state_dict(), rewarm_since="soon")
+    fresh = _conv_net(depth=2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="soon"):
+        DepthScheduler(fresh, fresh_opt, at=[1], rewarm=2).load_state_dict(state)
+    assert fresh.depth == 2 and len(fresh_opt.param_groups[0]["params"]) == len(list(_conv_net(depth=2).parameters()))
 
 
 def test_resume_in_the_middle_of_a_rewarm_is_exact():
