@@ -424,7 +424,7 @@ def _add_copies(optimizer, blk, copies, grp: _Group, l: int, init: str, state_po
     for j, c in enumerate(copies, start=1):
         new = list(c.parameters())
         _insert_after(optimizer, anchors, new)
-        if state_policy == "copy" and init != "zero":
+        if state_policy == "copy":
             for name, p_src, p_new in zip(names, src, new):
                 s = optimizer.state.get(p_src)
                 if not s:
