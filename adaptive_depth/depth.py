@@ -698,8 +698,8 @@ class DepthScheduler:
             step after a growth runs at ``k / (rewarm + 1)`` of every group's lr (a wrapper on ``optimizer.step``
             scales the lr for that step only, so any LR scheduler composes with it and sees its own values; a
             step that raises or that ``GradScaler`` skips does not count).
-            On a ``LeakyMLP`` the new blocks' fresh optimizer state otherwise shocks the net; ~50 steps helped on
-            held-out teachers and changed nothing on conv nets (docs/depth.md, Growth 13). 0: off.
+            On a ``LeakyMLP`` the new blocks' fresh optimizer state otherwise shocks the net; ~25 steps helped on
+            held-out teachers, and a rewarm changed nothing on conv nets (docs/depth.md, Growth 13-14). 0: off.
 
     ``state_dict()`` holds the refinements made so far; ``load_state_dict`` replays them on the (fresh) model
     and optimizer, so load it *before* ``model.load_state_dict`` and ``optimizer.load_state_dict``.
