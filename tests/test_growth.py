@@ -62,6 +62,39 @@ def test_train_one_applies_the_schedule_it_reports():
     assert r["lr_trace"][3] == pytest.approx(settings["lr"] / 3)  # the first step after the growth at 3
 
 
+def test_plateau_trigger_that_never_fires_is_the_fixed_schedule_bit_for_bit():
+    """plateau=P runs the growths through the library's DepthScheduler (fixed times as fallbacks): with a
+    patience longer than the run it makes the fixed-time run's growths, and everything else, exactly."""
+    task = get_task("teacher", 0)
+    settings = dict(growth.SETTINGS["teacher"], steps=16, width=8)
+    for arm in ("uniform", "adaptive"):
+        fixed = train_one(task, arm, 0, at=(0.25, 0.5), settings=settings, eval_every=4, rewarm=2, init="zero")
+        late = train_one(task, arm, 0, at=(0.25, 0.5), settings=settings, eval_every=4, rewarm=2, init="zero",
+                         plateau=1000)
+        assert late["grew_at"] == fixed["grew_at"] == [4, 8] and late["plateau"] == 1000
+        metrics = lambda run: [(c[0], c[2], c[3]) for c in run["curve"]]  # noqa: E731 (not the clock columns)
+        assert metrics(late) == metrics(fixed) and late["final"] == fixed["final"]
+        assert late["steps_profile"] == fixed["steps_profile"] and late["block_steps"] == fixed["block_steps"]
+        assert late["lr_trace"] == fixed["lr_trace"]
+
+
+def test_plateau_trigger_grows_before_the_fixed_times_and_the_rewarm_follows_it():
+    task = get_task("teacher", 0)
+    settings = dict(growth.SETTINGS["teacher"], steps=60, width=8, lr=1e-9)  # nothing improves: a plateau
+    r = train_one(task, "uniform", 0, at=(0.5, 0.75), settings=settings, eval_every=30, rewarm=3, plateau=3)
+    assert len(r["grew_at"]) == 2 and r["grew_at"][1] < 30  # both growths long before the first fixed time
+    assert len(r["steps_profile"][0]) == 8 and r["start_depth"] == 2  # and no third: max_depth is the final
+    assert r["block_steps"] == 2 * r["grew_at"][0] + 4 * (r["grew_at"][1] - r["grew_at"][0]) \
+        + 8 * (60 - r["grew_at"][1])
+    assert r["lr_trace"] == pytest.approx([1e-9 * lr_multiplier(k, 60, r["grew_at"], rewarm=3) for k in range(60)],
+                                          rel=1e-12)
+    assert train_one(task, "full", 0, settings=settings, eval_every=30, plateau=3)["plateau"] == 0  # no growth
+    with pytest.raises(ValueError, match="plateau must be an integer >= 0"):
+        train_one(task, "uniform", 0, settings=settings, plateau=-1)
+    with pytest.raises(ValueError, match="plateau applies to the 'uniform' and 'adaptive' arms"):
+        train_one(task, "mirror", 0, settings=settings, plateau=5)
+
+
 # ------------------------------------------------------------------------------------------ shapes
 @pytest.mark.parametrize("at, start, depths", [((0.5,), 4, [4] * 6 + [8] * 6),
                                                ((0.25, 0.5, 0.75), 1, [1] * 3 + [2] * 3 + [4] * 3 + [8] * 3)])
@@ -321,6 +354,21 @@ def test_cli_lt_sets_the_teachers_effective_depth_and_is_checked_first(tmp_path)
         with pytest.raises(ValueError, match="lt"):
             cli_main(["grow", "--tasks", "teacher", "digits", "--arms", "full", "--seeds", "100", "--steps", "2",
                       "--json", str(tmp_path / "bad.json")] + bad)
+        assert not (tmp_path / "bad.json").exists()
+
+
+def test_cli_plateau_reaches_the_growth_arms_and_is_checked_first(tmp_path):
+    out = tmp_path / "p.json"
+    assert cli_main(["grow", "--tasks", "teacher", "--arms", "full", "uniform", "--seeds", "100", "--steps", "8",
+                     "--width", "8", "--eval-every", "4", "--plateau", "2", "--json", str(out)]) == 0
+    runs = {r["arm"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs["uniform"]["plateau"] == 2 and runs["full"]["plateau"] == 0
+    assert "--plateau 2" in json.loads(out.read_text())["meta"]["command"]
+    for bad, match in ((["--plateau", "-3"], "--plateau must be an integer >= 0"),
+                       (["--plateau", "5", "--arms", "uniform", "mirror"], "--plateau applies")):
+        with pytest.raises(ValueError, match=match):
+            cli_main(["grow", "--tasks", "teacher", "--seeds", "100", "--steps", "2", "--json",
+                      str(tmp_path / "bad.json")] + bad)
         assert not (tmp_path / "bad.json").exists()
 
 

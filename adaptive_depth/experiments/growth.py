@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .._validate import check_int, check_range
-from ..depth import refine, refine_plan
+from ..depth import DepthScheduler, refine, refine_plan
 from ..recipes import identity_param_groups
 from ..residual import LeakyMLP, LeakyResNet
 from ._common import command_argv as _argv, spread as _spread
@@ -281,7 +281,7 @@ def _check_variant(arm: str, init: str, rewarm: int, hold: float) -> None:
 def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str = "fresh",
               eval_every: int = 50, settings: Optional[Dict] = None, init: str = "copy", rewarm: int = 0,
               hold: float = 0.0, branch_norm: bool = False, lt: Optional[float] = None,
-              split: Optional[Callable] = None, branch_identity: bool = False) -> Dict:
+              split: Optional[Callable] = None, branch_identity: bool = False, plateau: int = 0) -> Dict:
     """One run; returns its curve ``[(step, wall_s, block_steps, metric, cpu_s), ...]`` and the final metric.
 
     ``arm``: ``"full"`` (``settings["depth"]`` blocks throughout, default ``FINAL_DEPTH``), ``"uniform"`` /
@@ -295,9 +295,19 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     tasks at ``lt`` > 0, the leak cancelled at initialisation, its coefficients trained at lr / Lt
     (``recipes.identity_param_groups``; a refinement puts the new blocks' in that group too). ``split``: for the
     ``"adaptive"`` arm, another rule: ``split(model, optimizer, x, y)`` (the step's batch) returns ``refine``'s
-    ``pieces``.
+    ``pieces``. ``plateau``: the growth arms ``"uniform"``/``"adaptive"`` also grow when the training loss
+    plateaus, through the library's ``DepthScheduler(plateau=True, patience=plateau, max_depth=...)`` fed an
+    exponential moving average (0.98) of the minibatch loss; the fixed times ``at`` stay as fallbacks, so each
+    growth comes at the earlier of the two. The lr schedule is unchanged (``hold`` is a fixed fraction); a rewarm
+    follows the growths where they happen. 0: off (ignored by the other arms, which do not grow).
     """
     _check_variant(arm, init, rewarm, hold)
+    check_int(plateau, "plateau", 0)
+    plateau = plateau if arm in GROWING else 0
+    if plateau and arm not in ("uniform", "adaptive"):
+        raise ValueError(f"plateau applies to the 'uniform' and 'adaptive' arms, not {arm!r}")
+    if plateau and split is not None:
+        raise ValueError("plateau and split (another refinement rule) cannot be combined")
     if split is not None and arm != "adaptive":
         raise ValueError(f"split (another refinement rule) applies to the 'adaptive' arm, not {arm!r}")
     s = dict(SETTINGS[task.name] if settings is None else settings)
@@ -309,7 +319,12 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     params = identity_param_groups(model, lr=s["lr"]) if branch_identity else model.parameters()
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)
     grow_at = growth_steps(at, s["steps"]) if arm in GROWING else []
-    if rewarm == 0 and hold == 0:
+    grower = None
+    if plateau:  # the fixed times become the scheduler's; grow_at then lists the growths as they happen
+        grower = DepthScheduler(model, opt, at=grow_at, how=arm, init=init, state=state, plateau=True,
+                                patience=plateau, max_depth=final)
+        grow_at, ema = [], None
+    if rewarm == 0 and hold == 0 and not plateau:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["steps"])  # the first benchmark's
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -333,7 +348,12 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
         opt.step()
         opt.zero_grad(set_to_none=True)
         block_steps += blocks  # the blocks this step trained (before any growth after it)
-        if step in grow_at:
+        if grower is not None:
+            ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
+            if grower.step(loss=ema, inputs=x if arm == "adaptive" else None):
+                grow_at.append(step)
+                blocks = sum(g.depth for g in _groups(model))
+        elif step in grow_at:
             if arm == "adaptive" and split is not None:
                 refine(model, opt, pieces=split(model, opt, x, y), state=state, init=init)
             elif arm in ("mirror", "shuffled"):
@@ -353,7 +373,8 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
             curve.append((step, wall, block_steps, _metric(model, task), cpu))
     profile = [g.rho.detach().double().tolist() for g in _groups(model)]
     return {"task": task.name, "arm": arm, "seed": seed, "at": list(at), "state": state, "init": init,
-            "rewarm": rewarm, "hold": hold, "branch_norm": branch_norm, "branch_identity": branch_identity,
+            "rewarm": rewarm, "hold": hold, "plateau": plateau, "grew_at": list(grow_at),
+            "branch_norm": branch_norm, "branch_identity": branch_identity,
             "lt": lt, "settings": s,
             "start_depth": depth, "curve": curve, "final": curve[-1][3], "final_train": _metric(model, task, "train"),
             "wall_s": wall, "cpu_s": cpu,
@@ -484,6 +505,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-task settings: 'short' (the first benchmark) or 'long' (growth2: near convergence)")
     p.add_argument("--init", choices=["copy", "zero", "interpolate"], default=None, help="the new blocks")
     p.add_argument("--rewarm", type=int, default=None, help="linear lr warm-up steps after each growth")
+    p.add_argument("--plateau", type=int, default=0,
+                   help="uniform/adaptive arms: also grow when the training loss (moving average) has not improved "
+                        "by 0.1%% for this many steps, at the latest at --at (DepthScheduler's plateau trigger)")
     p.add_argument("--hold", type=float, default=None,
                    help="growth arms: constant lr for this fraction of the budget, then cosine")
     p.add_argument("--full-hold", type=float, default=None, help="the same for the full arm")
@@ -631,7 +655,8 @@ def _variant(args, tuned: Dict) -> Dict:
             "state": pick("state", "fresh"), "init": pick("init", "copy"), "rewarm": pick("rewarm", 0),
             "hold": pick("hold", 0.0), "full_hold": pick("full_hold", 0.0),
             "branch_norm": bool(tuned.get("branch_norm", False)) if bn is None else bn == "on",
-            "lt": getattr(args, "lt", None), "branch_identity": getattr(args, "branch_identity", "off") == "on"}
+            "lt": getattr(args, "lt", None), "branch_identity": getattr(args, "branch_identity", "off") == "on",
+            "plateau": getattr(args, "plateau", 0)}
 
 
 def tune2_table(result: Dict) -> str:
@@ -735,6 +760,9 @@ def run(args) -> int:
         if any(s in TUNING_SEEDS for s in args.seeds):
             print(f"note: seeds {TUNING_SEEDS} are the tuning seeds; report on held-out seeds (100+)")
         variants = {t: _variant(args, _tuned_choice(args.tuned, t) or {}) for t in args.tasks}
+        check_int(args.plateau, "--plateau", 0)
+        if args.plateau and set(args.arms) & {"mirror", "shuffled"}:
+            raise ValueError("--plateau applies to the uniform and adaptive arms; drop mirror/shuffled from --arms")
         for t, v in variants.items():  # a schedule the final depth cannot follow fails before any training
             start_depth(v["at"], _settings(args, t).get("depth", FINAL_DEPTH))
             check_lt(t, v["lt"], v["branch_norm"], v["branch_identity"])
