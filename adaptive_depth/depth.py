@@ -692,7 +692,7 @@ class DepthScheduler:
         how, factor, init, state: as ``refine``.
         plateau: also refine when the loss passed to ``step(loss)`` has not improved by a relative
             ``threshold`` for ``patience`` calls (like ``ReduceLROnPlateau``), at most once per ``cooldown``
-            calls.
+            calls; calls during a rewarm's warm-up do not count.
         max_depth: never grow a group beyond this many blocks.
         rewarm: after each growth, warm the learning rate up again over this many optimizer steps: the k-th
             step after a growth runs at ``k / (rewarm + 1)`` of every group's lr (a wrapper on ``optimizer.step``
@@ -744,6 +744,8 @@ class DepthScheduler:
             self._best, self._bad = value, 0
             return False
         self._bad += 1
+        if self._since is not None and self._since <= self.rewarm:  # the last step ran warming up: a slow
+            self._bad = 0                                                # start is not a plateau
         return self._bad >= self.patience and self._cool == 0
 
     def step(self, loss=None, inputs=None) -> bool:

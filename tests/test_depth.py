@@ -710,6 +710,21 @@ def test_rewarm_step_that_raises_or_is_skipped_neither_keeps_the_scaled_lr_nor_c
     assert grow.lr_factor() == pytest.approx(0.5)                          # step counted
 
 
+def test_plateau_does_not_count_during_a_rewarm():
+    net = _conv_net(depth=2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    grow = DepthScheduler(net, opt, at=[1], plateau=True, patience=2, rewarm=4, max_depth=8)
+    x = torch.randn(4, 8, 6)
+    grown = []
+    for _ in range(10):
+        _train(net, opt, x)
+        grown.append(grow.step(loss=1.0))  # a flat loss: a plateau at every call but the first after a growth
+    # grown after call 1 (at=[1]); the calls after the next 4 optimizer steps (run warming up) do not count; then
+    # two flat calls reach the patience; max_depth stops a third growth
+    assert grown == [True, False, False, False, False, False, True, False, False, False]
+    assert net.depth == 8
+
+
 def test_rewarm_is_validated_before_anything_changes():
     net = _conv_net(depth=2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -296,10 +296,11 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     (``recipes.identity_param_groups``; a refinement puts the new blocks' in that group too). ``split``: for the
     ``"adaptive"`` arm, another rule: ``split(model, optimizer, x, y)`` (the step's batch) returns ``refine``'s
     ``pieces``. ``plateau``: the growth arms ``"uniform"``/``"adaptive"`` also grow when the training loss
-    plateaus, through the library's ``DepthScheduler(plateau=True, patience=plateau, max_depth=...)`` fed an
-    exponential moving average (0.98) of the minibatch loss; the fixed times ``at`` stay as fallbacks, so each
-    growth comes at the earlier of the two. The lr schedule is unchanged (``hold`` is a fixed fraction); a rewarm
-    follows the growths where they happen. 0: off (ignored by the other arms, which do not grow).
+    plateaus, through the library's ``DepthScheduler(plateau=True, patience=plateau, max_depth=..., rewarm=rewarm)``
+    fed an exponential moving average (0.98) of the minibatch loss, as a user would run it: the fixed times ``at``
+    stay as fallbacks, so each growth comes at the earlier of the two; the scheduler's rewarm follows the growths
+    where they happen (and its warm-up steps do not count towards a plateau); ``hold`` stays a fixed fraction.
+    0: off (ignored by the other arms, which do not grow).
     """
     _check_variant(arm, init, rewarm, hold)
     check_int(plateau, "plateau", 0)
@@ -322,13 +323,13 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     grower = None
     if plateau:  # the fixed times become the scheduler's; grow_at then lists the growths as they happen
         grower = DepthScheduler(model, opt, at=grow_at, how=arm, init=init, state=state, plateau=True,
-                                patience=plateau, max_depth=final)
+                                patience=plateau, max_depth=final, rewarm=rewarm)
         grow_at, ema = [], None
     if rewarm == 0 and hold == 0 and not plateau:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["steps"])  # the first benchmark's
-    else:
+    else:  # (with plateau, the rewarm is the DepthScheduler's)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: lr_multiplier(k, s["steps"], grow_at, rewarm=rewarm, hold=hold))
+            opt, lambda k: lr_multiplier(k, s["steps"], grow_at, rewarm=0 if plateau else rewarm, hold=hold))
     gen = torch.Generator().manual_seed(seed + 12345)
     n = task.x_train.shape[0]
     perm, pos = torch.randperm(n, generator=gen), 0
@@ -341,7 +342,7 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
         idx = perm[pos:pos + s["batch"]]
         pos += s["batch"]
         x, y = task.x_train[idx], task.y_train[idx]
-        lr_trace.append(opt.param_groups[0]["lr"])
+        lr_trace.append(opt.param_groups[0]["lr"] * (grower.lr_factor() if grower is not None else 1.0))
         t0, c0 = time.perf_counter(), time.process_time()
         loss = task.loss_fn(model(x), y)
         loss.backward()
