@@ -818,7 +818,8 @@ def _dump(path: str, result: Dict) -> None:
 
 def _log(r: Dict) -> None:
     extra = (f" init {r.get('init', 'copy')} rewarm {r.get('rewarm', 0)} hold {r.get('hold', 0.0):.2f} "
-             f"bn {int(r.get('branch_norm', False))}" + (" identity" if r.get("branch_identity") else ""))
+             f"bn {int(r.get('branch_norm', False))}" + (" identity" if r.get("branch_identity") else "")
+             + (f" plateau {r['plateau']} grew at {r['grew_at']}" if r.get("plateau") else ""))
     print(f"{r['task']:8s} {r['arm']:9s} seed {r['seed']:4d} at {[round(a, 3) for a in r['at']]} "
           f"{r['state']:5s}{extra}: final {r['final']:.4f}  cpu {r.get('cpu_s', float('nan')):.1f}s  "
           f"wall {r['wall_s']:.1f}s", flush=True)
