@@ -665,15 +665,17 @@ def _warm_up_steps(optimizer, scheduler: "DepthScheduler") -> None:
     @functools.wraps(step)
     def warmed_step(self, *args, **kwargs):
         factor = scheduler.lr_factor()
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        if factor != 1.0:
+        if factor == 1.0:  # outside a warm-up the step is the optimizer's own, lrs untouched
+            out = step(*args, **kwargs)
+        else:
+            lrs = [group["lr"] for group in optimizer.param_groups]
             for group in optimizer.param_groups:
                 group["lr"] = group["lr"] * factor
-        try:
-            out = step(*args, **kwargs)
-        finally:
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
+            try:
+                out = step(*args, **kwargs)
+            finally:
+                for group, lr in zip(optimizer.param_groups, lrs):
+                    group["lr"] = lr
         if scheduler._since is not None:
             scheduler._since += 1
         return out

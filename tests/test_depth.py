@@ -710,6 +710,23 @@ def test_rewarm_step_that_raises_or_is_skipped_neither_keeps_the_scaled_lr_nor_c
     assert grow.lr_factor() == pytest.approx(0.5)                          # step counted
 
 
+def test_rewarm_leaves_an_optimizer_that_sets_its_own_lr_alone_outside_a_warm_up():
+    class Halving(torch.optim.SGD):  # an optimizer that adapts its own lr inside step()
+        def step(self, closure=None):
+            out = super().step(closure)
+            for group in self.param_groups:
+                group["lr"] = group["lr"] / 2
+            return out
+
+    net = _conv_net(depth=2)
+    opt = Halving(net.parameters(), lr=0.8)
+    grow = DepthScheduler(net, opt, at=[5], rewarm=3)
+    x = torch.randn(4, 8, 6)
+    for _ in range(3):
+        _train(net, opt, x, depth_sched=grow)
+    assert opt.param_groups[0]["lr"] == 0.1  # 0.8 halved by each of the three steps, none undone
+
+
 def test_plateau_does_not_count_during_a_rewarm():
     net = _conv_net(depth=2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
