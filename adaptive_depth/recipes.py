@@ -22,6 +22,7 @@ The large-Lt identity recipe (``docs/large_lt.md``): blocks built with ``branch_
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Union
 
 import torch
@@ -69,12 +70,13 @@ def bottleneck_param_groups(model: nn.Module, *, lr: float, io_decay: float = 0.
     return [g for g in out if g["params"]]
 
 
-def identity_param_groups(model: nn.Module, *, lr: float) -> List[Dict]:
+def identity_param_groups(model: nn.Module, *, lr: float, scale: float = 1.0) -> List[Dict]:
     """Optimizer groups for blocks built with ``branch_identity=True``: every identity coefficient ``r`` at
-    ``lr / Lt`` of its block's group (one group per Lt; at Lt = 0 the term is absent and ``r`` stays with the
-    rest), everything else in one group at the optimizer's lr. Pass the result to any optimizer."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    ``scale * lr / Lt`` of its block's group (one group per Lt; at Lt = 0 the term is absent and ``r`` stays with
+    the rest), everything else in one group at the optimizer's lr. Pass the result to any optimizer."""
+    for name, value in (("lr", lr), ("scale", scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     by_lt: Dict[float, List[nn.Parameter]] = {}
     found = False
     for m in model.modules():  # a LeakyResidual's .identity, or a wrapped block's leaky_identity
@@ -88,7 +90,7 @@ def identity_param_groups(model: nn.Module, *, lr: float) -> List[Dict]:
                          "(or wrap(..., branch_identity=True))")
     apart = {id(r) for rs in by_lt.values() for r in rs}
     rest = [p for p in model.parameters() if id(p) not in apart]
-    return [{"params": rest}] + [{"params": rs, "lr": lr / lt} for lt, rs in sorted(by_lt.items())]
+    return [{"params": rest}] + [{"params": rs, "lr": scale * lr / lt} for lt, rs in sorted(by_lt.items())]
 
 
 def _lr_scale(value: Union[float, str], groups) -> float:

@@ -224,6 +224,38 @@ def test_branch_identity_growth_keeps_every_identity_coefficient_at_lr_over_lt(t
         cli_main(["grow", "--tune", "--tasks", "digits", "--branch-identity", "on", "--json", str(tmp_path / "t.json")])
 
 
+
+def test_identity_lr_scale_sets_the_coefficients_lr_and_is_refused_without_the_identity_term(tmp_path, monkeypatch):
+    """``--identity-lr-scale c``: the identity coefficients train at c * lr / Lt (the run records c); it needs
+    ``--branch-identity on`` and a finite c > 0, and a bad value fails before any training."""
+    out = tmp_path / "g.json"
+    common = ["grow", "--tasks", "digits", "--arms", "full", "--seeds", "100", "--steps", "2", "--width", "4",
+              "--depth", "4", "--lt", "8", "--branch-norm", "on", "--lr", "0.02", "--eval-every", "2"]
+    assert cli_main(common + ["--branch-identity", "on", "--identity-lr-scale", "0.25", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["settings"]["identity_lr_scale"] == 0.25 and run["branch_identity"]
+    task = get_task("digits", 100)
+    settings = dict(run["settings"], steps=1)
+    seen = []
+    real = growth.identity_param_groups
+
+    def spy(model, **kw):
+        groups = real(model, **kw)
+        seen.append([g.get("lr") for g in groups])  # before the optimizer and its schedule fill them in
+        return groups
+    monkeypatch.setattr(growth, "identity_param_groups", spy)
+    growth.train_one(task, "full", 100, eval_every=1, settings=settings, lt=8.0, branch_norm=True,
+                     branch_identity=True)
+    assert seen == [[None, 0.25 * 0.02 / 8]]
+    for extra, match in ((["--identity-lr-scale", "0.5"], "--branch-identity on"),
+                         (["--branch-identity", "on", "--identity-lr-scale", "0"], "finite number > 0"),
+                         (["--branch-identity", "on", "--identity-lr-scale", "inf"], "finite number > 0")):
+        bad = tmp_path / "bad.json"
+        with pytest.raises(ValueError, match=match):
+            cli_main(common + extra + ["--json", str(bad)])
+        assert not bad.exists()
+
+
 # ------------------------------------------------------------------------------------------ search and CLI
 def test_tune2_stages_and_choice():
     settings = dict(growth.SETTINGS["digits"], steps=4, width=4, batch=8)

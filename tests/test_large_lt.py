@@ -343,8 +343,14 @@ def test_identity_param_groups_put_r_at_lr_over_lt_of_its_group():
     torch.optim.AdamW(groups, lr=0.04)  # a valid grouping: no parameter twice
     with pytest.raises(ValueError, match="branch_identity=True"):
         identity_param_groups(LeakyResNet(conv_blocks(2)), lr=0.1)
-    with pytest.raises(ValueError, match="lr must be a number > 0"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         identity_param_groups(model, lr=0.0)
+    scaled = identity_param_groups(model, lr=0.04, scale=0.25)
+    assert [g.get("lr") for g in scaled] == [None, 0.005, 0.00125]
+    assert [[id(p) for p in g["params"]] for g in scaled] == [[id(p) for p in g["params"]] for g in groups]
+    for bad in (0.0, -1.0, math.inf, math.nan, True, "1"):
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            identity_param_groups(model, lr=0.04, scale=bad)
 
 
 def _small_resnet():

@@ -317,7 +317,8 @@ def train_one(task: Task, arm: str, seed: int, *, at=(1 / 3, 2 / 3), state: str 
     depth = final if arm == "full" else start_depth(at, final)
     lt = check_lt(task.name, lt, branch_norm, branch_identity)
     model = make_model(task, depth, s["width"], branch_norm, lt, branch_identity)
-    params = identity_param_groups(model, lr=s["lr"]) if branch_identity else model.parameters()
+    params = identity_param_groups(model, lr=s["lr"], scale=s.get("identity_lr_scale", 1.0)) if branch_identity \
+        else model.parameters()
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=1e-4)
     grow_at = growth_steps(at, s["steps"]) if arm in GROWING else []
     grower = None
@@ -517,6 +518,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch-identity", choices=["on", "off"], default="off",
                    help="held-out runs, conv tasks at --lt > 0 with --branch-norm on: the leak cancelled at "
                         "initialisation (branch_identity, its coefficients at lr / Lt; docs/large_lt.md)")
+    p.add_argument("--identity-lr-scale", type=float, default=None,
+                   help="with --branch-identity on: the coefficients' lr is this times lr / Lt (default 1)")
     p.add_argument("--tuned", default=os.path.join("benchmarks", "results", "growth_tune.json"),
                    help="the tuning JSON the defaults of --at/--state (and, from --tune2, of --init, --rewarm, "
                         "--hold, --full-hold, --branch-norm) are read from")
@@ -644,6 +647,13 @@ def _settings(args, task_name: str) -> Dict:
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"--lr must be a finite number > 0, got {lr}")
         s["lr"] = lr
+    scale = getattr(args, "identity_lr_scale", None)
+    if scale is not None:
+        if getattr(args, "branch_identity", "off") != "on":
+            raise ValueError("--identity-lr-scale applies with --branch-identity on only")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"--identity-lr-scale must be a finite number > 0, got {scale}")
+        s["identity_lr_scale"] = scale
     return s
 
 
