@@ -12,7 +12,7 @@ never reaches the target counts as a miss.
 ``--ref-arm``: the reference file's arm to measure against (default ``full``); ``--by``: the speed-up in CPU
 seconds (default), optimizer steps or block-steps (both free of machine noise, so the measure for two growth arms
 of equal cost per step). For a loss the paired final ratio (arm / reference) is printed too, on the test set and,
-for runs that recorded it, the training set.
+for runs that recorded it, the training set; for an accuracy, the paired difference on the training set.
 """
 import argparse
 import json
@@ -58,12 +58,16 @@ def main(reference: str, grown: str, ref_arm: str = "full", by: str = "cpu") -> 
                 f", speed-up to the target {_spread(got, '.2f') if got else '-'} on {len(got)} of {len(speed)}")
         if len(got) < len(speed):
             line += f" (median with misses as 0: {statistics.median([s or 0 for s in speed]):.2f})"
+        paired = [r for r in rows if "final_train" in r and "final_train" in ref[r["seed"]]]
+        if higher and paired:  # accuracy: the paired difference on the training set too
+            train = [scale * (r["final_train"] - ref[r["seed"]]["final_train"]) for r in paired]
+            line += (f"; train: final - reference {_spread(train, unit)}, higher on "
+                     f"{sum(d > 0 for d in train)} of {len(train)}")
         if not higher:
             ratio = [r["final"] / ref[r["seed"]]["final"] for r in rows]
             line += (f", final / reference's {_spread(ratio, '.3f')}, lower on "
                      f"{sum(q < 1 for q in ratio)} of {len(ratio)}")
-            train = [r["final_train"] / ref[r["seed"]]["final_train"] for r in rows
-                     if "final_train" in r and "final_train" in ref[r["seed"]]]
+            train = [r["final_train"] / ref[r["seed"]]["final_train"] for r in paired]
             if train:  # runs since the train metric was recorded
                 line += (f"; train: final / reference's {_spread(train, '.3f')}, lower on "
                          f"{sum(q < 1 for q in train)} of {len(train)}")

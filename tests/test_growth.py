@@ -456,7 +456,15 @@ def test_growth_vs_reference_script_pairs_by_seed_by_hand(tmp_path, capsys):
     assert "target: the reference's median final minus 1 point = 90.0" in out
     # seed 1: 8.0 / 2.0 = 4x; seed 2 never reaches 0.90 (0.89): a miss, counted as 0 in the second median
     assert ("uniform  : final - reference -1.0 [-3.0, +1.0], CPU / reference's 0.50 [0.50, 0.50], "
-            "speed-up to the target 4.00 [4.00, 4.00] on 1 of 2 (median with misses as 0: 2.00)") in out
+            "speed-up to the target 4.00 [4.00, 4.00] on 1 of 2 (median with misses as 0: 2.00)\n") in out
+    for path, trains in ((ref, (0.95, 0.99)), (grown, (0.97, 0.985))):  # runs that recorded train accuracy
+        got = json.loads(path.read_text())
+        for r, train in zip(got["runs"], trains):
+            r["final_train"] = train
+        path.write_text(json.dumps(got))
+    script.main(str(ref), str(grown))  # train: 0.97 - 0.95 and 0.985 - 0.99, in points
+    assert ("(median with misses as 0: 2.00); train: final - reference +0.8 [-0.5, +2.0], higher on 1 of 2\n"
+            in capsys.readouterr().out)
     # a loss (the teacher): the target is the reference's median x 1.01 and lower is better; a seed whose
     # reference never reaches it is a miss too
     def mse(arm, seed, final, hit_cpu, cpu):
