@@ -169,7 +169,7 @@ def test_bottleneck_table_counts_the_goal_per_task():
     assert "| 4 | 2 | - | 2 (3) / 0.5 / 1 |" in md
 
 
-def test_finishing_phase_turns_the_penalty_off_and_trains_on():
+def test_finishing_phase_turns_the_penalty_off_or_down_and_trains_on():
     import dataclasses
     from adaptive_depth.experiments.bottleneck import recipe_config
     from adaptive_depth.experiments.train import finishing_config
@@ -178,27 +178,33 @@ def test_finishing_phase_turns_the_penalty_off_and_trains_on():
     fin = finishing_config(c)
     assert (fin.decay(), fin.io_decay, fin.lr, fin.plugin["weight_decay"]) == (0.0, 0.0, 1e-4, 0.0)
     assert fin.branch_lr_scale == "lt" and recipe_config("c0.1+io+lt", 12.0).finish_steps == 0
-    for bad in (dict(finish_steps=-1), dict(finish_steps=1.5), dict(finish_lr=0.0)):
+    for bad in (dict(finish_steps=-1), dict(finish_steps=1.5), dict(finish_lr=0.0), dict(finish_keep=-0.1),
+                dict(finish_keep=1.5), dict(finish_keep=math.nan), dict(finish_keep=True)):
         with pytest.raises(ValueError, match="finish_"):
             finishing_config(dataclasses.replace(c, **bad))
-    # a first phase at lr 0 changes nothing; the finish then equals plain Adam without any decay
+    kept = finishing_config(recipe_config("c0.1+io+lt+finish", 12.0, steps=40, finish_keep=0.25))
+    assert (kept.decay(), kept.io_decay, kept.plugin["weight_decay"]) == pytest.approx((0.025 / 12, 0.025, 0.025 / 12))
+    with pytest.raises(ValueError, match="finish_keep applies to a finish recipe"):
+        recipe_config("c0.1+io+lt", 12.0, finish_keep=0.5)
+    # a first phase at lr 0 changes nothing; the finish then equals plain Adam with finish_keep x the decays
     spec, task = tasks.draw(1, "tuning")
-    config = RunConfig(width=8, depth=3, effective_depth=4.0, scheme="exponential", steps=2, lr=1e-12,
-                       weight_decay=0.5, io_decay=0.5, branch_lr_scale="lt", eval_every=1, finish_steps=3,
-                       finish_lr=1e-2, data_seed=1)
-    result = run(config, task, keep_model=True)
-    assert result.history["step"] == [0, 1, 2, 3, 4, 5]
-    torch.manual_seed(config.seed)
-    ref = LeakyMLP(task.in_dim, task.out_dim, 8, 3, effective_depth=4.0, scheme="exponential")
-    inner = torch.optim.Adam(bottleneck_param_groups(ref, lr=1e-2, io_decay=0.0, branch_lr_scale="lt"), lr=1e-2)
-    opt = AdaptiveSteps(inner, ref, weight_decay=0.0, rule="fixed")
-    for _ in range(3):
-        loss = task.loss_fn(ref(task.x_train), task.y_train)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for p, q in zip(result.model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for keep in (0.0, 0.5):
+        config = RunConfig(width=8, depth=3, effective_depth=4.0, scheme="exponential", steps=2, lr=1e-12,
+                           weight_decay=0.5, io_decay=0.5, branch_lr_scale="lt", eval_every=1, finish_steps=3,
+                           finish_lr=1e-2, data_seed=1, finish_keep=keep)
+        result = run(config, task, keep_model=True)
+        assert result.history["step"] == [0, 1, 2, 3, 4, 5]
+        torch.manual_seed(config.seed)
+        ref = LeakyMLP(task.in_dim, task.out_dim, 8, 3, effective_depth=4.0, scheme="exponential")
+        groups = bottleneck_param_groups(ref, lr=1e-2, io_decay=0.5 * keep, branch_lr_scale="lt")
+        opt = AdaptiveSteps(torch.optim.Adam(groups, lr=1e-2), ref, weight_decay=0.5 * keep, rule="fixed")
+        for _ in range(3):
+            loss = task.loss_fn(ref(task.x_train), task.y_train)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for p, q in zip(result.model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_bottleneck_table_cli_shows_the_rules_asked_for(tmp_path, capsys):

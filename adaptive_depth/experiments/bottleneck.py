@@ -39,26 +39,29 @@ RECIPES: Dict[str, Dict] = {
 
 
 def recipe_config(name: str, lt: float, *, finish_steps: Optional[int] = None, finish_lr: Optional[float] = None,
-                  **kw) -> RunConfig:
+                  finish_keep: float = 0.0, **kw) -> RunConfig:
     """The ``RunConfig`` of recipe ``name`` at effective depth ``lt`` (other fields from ``kw``). A ``finish``
-    recipe adds the penalty-free finishing phase: ``finish_steps`` (None: as many as ``kw["steps"]``) at
-    ``finish_lr`` (None: the first phase's lr)."""
+    recipe adds the finishing phase: ``finish_steps`` (None: as many as ``kw["steps"]``) at ``finish_lr`` (None:
+    the first phase's lr), with ``finish_keep`` of the penalties (default 0: off)."""
     r = RECIPES[name]
     lam = None if r["c"] is None else (r["c"] / lt if lt > 0 else r["c"])
     io = None if r["io"] is None else (r["c"] if r["io"] == "c" else lam)
     if r.get("finish"):
         kw.update(finish_steps=kw.get("steps", RunConfig.steps) if finish_steps is None else finish_steps,
-                  finish_lr=finish_lr)
+                  finish_lr=finish_lr, finish_keep=finish_keep)
+    elif finish_keep:
+        raise ValueError(f"finish_keep applies to a finish recipe, not {name!r}")
     return RunConfig(effective_depth=lt, weight_decay=lam, io_decay=io, branch_lr_scale=r["scale"], **kw)
 
 
 def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth: int, steps: int, lr: float,
             rule: str = "uniform", schedule: str = "cosine", optimizer: str = "adam",
             plugin: Optional[Dict] = None, finish_steps: Optional[int] = None,
-            finish_lr: Optional[float] = None) -> Dict:
+            finish_lr: Optional[float] = None, finish_keep: float = 0.0) -> Dict:
     """Train one network and return its losses, its rank profile and k*."""
     spec, task = draw(seed, split)
-    config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, data=spec.name, width=width,
+    config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, finish_keep=finish_keep,
+                           data=spec.name, width=width,
                            depth=depth, steps=steps, lr=lr, rule=rule, scheme="exponential", seed=seed,
                            data_seed=seed, n_train=spec.n_train, n_test=spec.n_test, eval_every=steps,
                            schedule=schedule, optimizer=optimizer, plugin=dict(plugin or {}))
@@ -70,7 +73,8 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             "train_loss": result.train_loss, "test_loss": result.test_loss, "val_loss": result.history["val_loss"][-1],
             "middle_rank": ranks[len(ranks) // 2], "min_rank": min(ranks[1:-1]), "ranks": ranks,
             "middle_rank_1pct": ranks1[len(ranks1) // 2], "final_steps": result.final_steps,
-            "steps": steps, "finish_steps": config.finish_steps, "finish_lr": config.finish_lr}
+            "steps": steps, "finish_steps": config.finish_steps, "finish_lr": config.finish_lr,
+            "finish_keep": config.finish_keep}
 
 
 def table(rows: List[Dict], recipe: str, lt: float, rules=("uniform", "equal_distance")) -> str:
@@ -129,6 +133,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--finish-steps", type=int, default=None, help="the finish recipe's penalty-free last phase "
                    "(default: as many steps as --steps)")
     p.add_argument("--finish-lr", type=float, default=None, help="its lr (default: --lr)")
+    p.add_argument("--finish-keep", type=float, default=0.0, help="the fraction of the penalties it keeps "
+                   "(default 0: off)")
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
     args = p.parse_args(argv)
     if args.table:
@@ -151,7 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     start = time.time()
                     r = measure(seed, args.split, lt, recipe, width=args.width, depth=args.depth, steps=args.steps,
                                 lr=args.lr, rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin),
-                                finish_steps=args.finish_steps, finish_lr=args.finish_lr)
+                                finish_steps=args.finish_steps, finish_lr=args.finish_lr,
+                                finish_keep=args.finish_keep)
                     rows.append(r)
                     print(f"seed {seed} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank {r['middle_rank']} "
                           f"(1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "

@@ -71,6 +71,9 @@ class RunConfig:
     #: the io decay 0), a fresh optimizer of the same kind at ``finish_lr`` (None: ``lr``), the same schedule
     finish_steps: int = 0
     finish_lr: Optional[float] = None
+    #: the fraction of the first phase's penalties (the plugin's weight decay, the io decay) the finishing phase
+    #: keeps: 0 (default) turns them off, 1 keeps them whole
+    finish_keep: float = 0.0
 
     def decay(self) -> float:
         if self.weight_decay is not None:
@@ -252,13 +255,19 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
 
 
 def finishing_config(config: RunConfig) -> RunConfig:
-    """The finishing phase's settings: the penalty off (plugin and io decay), lr ``finish_lr``."""
+    """The finishing phase's settings: the penalties (plugin and io decay) times ``finish_keep`` (default 0: off),
+    lr ``finish_lr``."""
     if isinstance(config.finish_steps, bool) or not isinstance(config.finish_steps, int) or config.finish_steps < 0:
         raise ValueError(f"finish_steps must be an integer >= 0, got {config.finish_steps!r}")
     if config.finish_lr is not None and not (isinstance(config.finish_lr, (int, float)) and config.finish_lr > 0):
         raise ValueError(f"finish_lr must be None (the first phase's lr) or a number > 0, got {config.finish_lr!r}")
-    return dataclasses.replace(config, weight_decay=0.0, io_decay=None if config.io_decay is None else 0.0,
-                               lr=config.finish_lr or config.lr, plugin={**config.plugin, "weight_decay": 0.0})
+    keep = config.finish_keep
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 <= keep <= 1:
+        raise ValueError(f"finish_keep must be a number in [0, 1] (the fraction of the penalties kept), got {keep!r}")
+    decay = keep * config.plugin.get("weight_decay", config.decay())
+    return dataclasses.replace(config, weight_decay=decay, io_decay=None if config.io_decay is None else
+                               keep * config.io_decay, lr=config.finish_lr or config.lr,
+                               plugin={**config.plugin, "weight_decay": decay})
 
 
 @torch.no_grad()
