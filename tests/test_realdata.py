@@ -2,6 +2,7 @@
 the models of each arm, and the tables."""
 import dataclasses
 import json
+import math
 import statistics
 
 import pytest
@@ -327,3 +328,12 @@ def test_identity_builds_the_cancelled_leak_and_trains_r_at_lr_over_lt(tmp_path)
         rd.run_protocol("mnist1d-mlp", ["uniform"], identity=True, lrs=[1e-3], tune_seeds=[0], report_seeds=[])
     with pytest.raises(TypeError, match="identity must be True or False"):
         rd.run_protocol("digits-conv", ["uniform"], identity=1, lrs=[1e-3], tune_seeds=[0], report_seeds=[])
+    # identity_scale: the coefficients at scale x lr / Lt; the plain arm resets it; refused without identity
+    scaled = dataclasses.replace(cfg, identity_scale=4.0)
+    assert rd._param_groups(rd.build_model(scaled, x.shape[1:], 10), scaled)[1]["lr"] == pytest.approx(4 * cfg.lr / 6)
+    assert dataclasses.replace(scaled, arm="plain").canonical() == plain.canonical()
+    for bad, kw in ((4.0, {}), (0.0, dict(identity=True)), (math.inf, dict(identity=True)),
+                    (True, dict(identity=True))):
+        with pytest.raises(ValueError, match="identity_scale"):
+            rd.run_protocol("digits-conv", ["uniform"], identity_scale=bad, lrs=[1e-3], tune_seeds=[0],
+                            report_seeds=[], **kw)

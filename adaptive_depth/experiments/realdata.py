@@ -73,6 +73,7 @@ class RealConfig:
     lt_warmup: float = 0.0  # fraction of the budget over which Lt rises linearly from 0 (EffectiveDepthScheduler)
     lt: Optional[float] = None  # the large-Lt arms' effective depth; None: the task's
     identity: bool = False  # conv arms: branch_identity=True, gain 1, the identity coefficients at lr / Lt
+    identity_scale: float = 1.0  # with identity: the coefficients at identity_scale x lr / Lt
 
     def budget(self) -> int:
         return self.steps if self.steps is not None else TASKS[self.task]["steps"]
@@ -87,7 +88,7 @@ class RealConfig:
         protocol with those options reuses the plain runs of one without them."""
         if self.effective_depth() > 0:
             return self
-        return replace(self, rescaled_gain=False, lt_warmup=0.0, lt=None, identity=False)
+        return replace(self, rescaled_gain=False, lt_warmup=0.0, lt=None, identity=False, identity_scale=1.0)
 
 
 @dataclass
@@ -249,7 +250,7 @@ def _param_groups(model: nn.Module, config: RealConfig) -> List[dict]:
         groups.append(dict(params=gains, lr=config.lr * k, weight_decay=config.weight_decay / k))
         apart |= {id(g) for g in gains}
     if config.identity and config.effective_depth() > 0:
-        _, *identity = identity_param_groups(model, lr=config.lr)  # its first group is "everything else"
+        _, *identity = identity_param_groups(model, lr=config.lr, scale=config.identity_scale)  # [0]: the rest
         groups += identity
         apart |= {id(r) for g in identity for r in g["params"]}
     return [dict(params=[p for p in model.parameters() if id(p) not in apart])] + groups
@@ -284,22 +285,28 @@ def _result(config, model, split, curve, reached, seconds, diverged=None) -> dic
 def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] = None, *, tune_seeds=TUNE_SEEDS,
                  report_seeds=REPORT_SEEDS, steps: Optional[int] = None, workers: int = 1,
                  log: Optional[str] = None, logged_only: bool = False, rescaled_gain: bool = False,
-                 lt_warmup: float = 0.0, lt: Optional[float] = None, identity: bool = False) -> dict:
+                 lt_warmup: float = 0.0, lt: Optional[float] = None, identity: bool = False,
+                 identity_scale: float = 1.0) -> dict:
     """Pick each arm's lr on validation (tuning seeds), then train the report seeds on train, score on test.
 
     ``log``: a JSON-lines file; each finished run is appended, and runs already in it are reused (resume).
     ``logged_only``: train nothing, tabulate what the log holds (missing runs are left out).
     ``rescaled_gain``, ``lt_warmup``: the large-Lt options of ``RealConfig`` for every arm (no-ops at Lt = 0).
     ``lt``: the large-Lt arms' effective depth (None: the task's). ``identity``: conv arms use
-    ``branch_identity=True`` with gain 1 (``RealConfig.identity``)."""
+    ``branch_identity=True`` with gain 1 (``RealConfig.identity``), their coefficients at ``identity_scale`` x lr / Lt."""
     if not isinstance(identity, bool):
         raise TypeError(f"identity must be True or False, got {identity!r}")
+    if isinstance(identity_scale, bool) or not isinstance(identity_scale, (int, float)) or \
+            not 0 < identity_scale < math.inf:
+        raise ValueError(f"identity_scale must be a finite number > 0, got {identity_scale!r}")
+    if identity_scale != 1.0 and not identity:
+        raise ValueError("identity_scale applies with identity=True (--identity) only")
     if identity and task == "mnist1d-mlp":
         raise ValueError("identity applies to the conv tasks; the MLP task has LeakyMLP's own near-identity init")
     if lt is not None and not (math.isfinite(lt) and lt > 0):
         raise ValueError(f"lt (the large-Lt arms' effective depth) must be a finite number > 0, got {lt!r}")
     base = RealConfig(task=_check_task(task), steps=steps, rescaled_gain=rescaled_gain, lt_warmup=lt_warmup, lt=lt,
-                      identity=identity)
+                      identity=identity, identity_scale=float(identity_scale))
     _lt_ramp_check(lt_warmup)
     lrs = list(lrs or TASKS[task]["lrs"])
     canon = lambda c: c.canonical()  # noqa: E731
@@ -311,7 +318,7 @@ def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] 
     return dict(task=task, spec=TASKS[task], lrs=lrs, steps=steps, tune_seeds=list(tune_seeds),
                 report_seeds=list(report_seeds), chosen_lr=chosen, tuning=tuned,
                 report=_map(report, workers, log, logged_only), rescaled_gain=rescaled_gain, lt_warmup=lt_warmup,
-                lt=lt, identity=identity)
+                lt=lt, identity=identity, identity_scale=float(identity_scale))
 
 
 def _best_lr(runs: List[dict], arm: str, lrs: Sequence[float]) -> float:
@@ -436,10 +443,14 @@ def _options_line(result: dict) -> str:
         parts.append("branch gains trained as g / Lt (lr x Lt, weight decay / Lt)")
     if result.get("identity"):
         parts.append("branch_identity=True with branch gain 1 (the leak cancelled at initialisation, "
-                     "Lt * r * x learned from r = 1, r at lr / Lt)")
+                     f"Lt * r * x learned from r = 1, r at {_scale_word(result.get('identity_scale', 1.0))}lr / Lt)")
     if result.get("lt_warmup"):
         parts.append(f"Lt raised linearly from 0 over the first {100 * result['lt_warmup']:g}% of the steps")
     return f" Large-Lt arms: {'; '.join(parts)} (no-ops at Lt = 0)." if parts else ""
+
+
+def _scale_word(scale: float) -> str:
+    return "" if scale == 1.0 else f"{scale:g} x "
 
 
 def to_markdown(result: dict, command: str) -> str:
@@ -495,6 +506,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", action="store_true", help="conv large-Lt arms: branch_identity=True with "
                         "branch gain 1, the identity coefficients at lr / Lt (the leak cancelled at initialisation; "
                         "docs/large_lt.md)")
+    parser.add_argument("--identity-scale", type=float, default=1.0, help="with --identity: the identity "
+                        "coefficients at this x lr / Lt (default 1; recipes.identity_param_groups(scale=))")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -505,7 +518,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_protocol(args.task, args.arms, args.lrs, tune_seeds=args.tune_seeds, report_seeds=report_seeds,
                           steps=args.steps, workers=args.workers, log=args.log, logged_only=args.logged_only,
                           rescaled_gain=args.rescaled_gain, lt_warmup=args.lt_warmup, lt=args.lt,
-                          identity=args.identity)
+                          identity=args.identity, identity_scale=args.identity_scale)
     command = _command(args)
     md = to_markdown(result, command)
     print(md)
@@ -523,7 +536,7 @@ def _command(args: argparse.Namespace) -> str:
     for k, v in vars(args).items():
         if k.startswith("_") or k in ("command", "log", "logged_only") or v is None or v is False:
             continue
-        if k == "lt_warmup" and v == 0:
+        if (k == "lt_warmup" and v == 0) or (k == "identity_scale" and v == 1.0):
             continue
         flag = f"--{k.replace('_', '-')}"
         words.append(flag if v is True else f"{flag} {' '.join(map(str, v)) if isinstance(v, list) else v}")
