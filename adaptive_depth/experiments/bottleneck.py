@@ -61,10 +61,10 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
     """Train one network and return its losses, its rank profile and k*."""
     spec, task = draw(seed, split)
     config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, finish_keep=finish_keep,
-                           data=spec.name, width=width,
-                           depth=depth, steps=steps, lr=lr, rule=rule, scheme="exponential", seed=seed,
-                           data_seed=seed, n_train=spec.n_train, n_test=spec.n_test, eval_every=steps,
-                           schedule=schedule, optimizer=optimizer, plugin=dict(plugin or {}))
+                           data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
+                           scheme="exponential", seed=seed, data_seed=seed, n_train=spec.n_train,
+                           n_test=spec.n_test, eval_every=steps, schedule=schedule, optimizer=optimizer,
+                           plugin=dict(plugin or {}))
     result = train_run(config, task, keep_model=True)
     ranks = representation_ranks(result.model, task.x_test)
     ranks1 = representation_ranks(result.model, task.x_test, threshold=0.01)
@@ -130,8 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--plugin", default="{}", help="extra AdaptiveSteps keyword arguments as JSON")
-    p.add_argument("--finish-steps", type=int, default=None, help="the finish recipe's penalty-free last phase "
-                   "(default: as many steps as --steps)")
+    p.add_argument("--finish-steps", type=int, default=None, help="the finish recipe's last phase (penalty off "
+                   "unless --finish-keep; default: as many steps as --steps)")
     p.add_argument("--finish-lr", type=float, default=None, help="its lr (default: --lr)")
     p.add_argument("--finish-keep", type=float, default=0.0, help="the fraction of the penalties it keeps "
                    "(default 0: off)")

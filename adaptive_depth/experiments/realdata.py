@@ -293,7 +293,8 @@ def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] 
     ``logged_only``: train nothing, tabulate what the log holds (missing runs are left out).
     ``rescaled_gain``, ``lt_warmup``: the large-Lt options of ``RealConfig`` for every arm (no-ops at Lt = 0).
     ``lt``: the large-Lt arms' effective depth (None: the task's). ``identity``: conv arms use
-    ``branch_identity=True`` with gain 1 (``RealConfig.identity``), their coefficients at ``identity_scale`` x lr / Lt."""
+    ``branch_identity=True`` with gain 1 (``RealConfig.identity``), their coefficients at ``identity_scale`` x
+    lr / Lt."""
     if not isinstance(identity, bool):
         raise TypeError(f"identity must be True or False, got {identity!r}")
     if isinstance(identity_scale, bool) or not isinstance(identity_scale, (int, float)) or \
