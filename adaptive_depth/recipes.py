@@ -75,9 +75,9 @@ def identity_param_groups(model: nn.Module, *, lr: float, scale: float = 1.0) ->
     ``scale * lr / Lt`` of its block's group (one group per Lt; at Lt = 0 the term is absent and ``r`` stays with
     the rest), everything else in one group at the optimizer's lr. Pass the result to any optimizer.
 
-    ``scale`` 1 trains the net leak ``Lt (1 - r)`` like any other weight, and is the measured best on the 8-block
-    conv nets of docs/large_lt.md; on their 16-block nets 4 trained further (chosen on tuning seeds). Keep
-    ``scale * lr / Lt`` below about 0.1: at 0.16 those nets diverged."""
+    ``scale`` 1 trains the net leak ``Lt (1 - r)`` like any other weight, and is the measured best on one conv net
+    of docs/large_lt.md; on another (at 8 and 16 blocks) 4 trained further. Search it next to the lr, and keep
+    ``scale * lr / Lt`` below about 0.1: at 0.16 a net diverged."""
     for name, value in (("lr", lr), ("scale", scale)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
