@@ -224,7 +224,6 @@ def test_branch_identity_growth_keeps_every_identity_coefficient_at_lr_over_lt(t
         cli_main(["grow", "--tune", "--tasks", "digits", "--branch-identity", "on", "--json", str(tmp_path / "t.json")])
 
 
-
 def test_identity_lr_scale_sets_the_coefficients_lr_and_is_refused_without_the_identity_term(tmp_path, monkeypatch):
     """``--identity-lr-scale c``: the identity coefficients train at c * lr / Lt (the run records c); it needs
     ``--branch-identity on`` and a finite c > 0, and a bad value fails before any training."""
