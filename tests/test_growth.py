@@ -420,6 +420,26 @@ def test_cli_growth_budget_shortens_the_growth_arms_only(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_cli_growth_lr_sets_the_growth_arms_lr_only_and_they_train_with_it(tmp_path):
+    """``--growth-lr``: the growth and shallow arms' own lr, the full arm keeps ``--lr``; both run interleaved per
+    seed. The lr each step used (``lr_trace``, the cosine from its start) starts at the arm's lr. Bad values, and
+    the tuning and merge modes, are refused before any training."""
+    out = tmp_path / "glr.json"
+    assert cli_main(["grow", "--tasks", "digits", "--arms", "full", "uniform", "shallow", "--seeds", "100",
+                     "--steps", "4", "--eval-every", "2", "--at", "0.5", "--lr", "0.02", "--growth-lr", "0.05",
+                     "--json", str(out)]) == 0
+    full, uniform, shallow = json.loads(out.read_text())["runs"]
+    assert full["settings"]["lr"] == 0.02 and uniform["settings"]["lr"] == shallow["settings"]["lr"] == 0.05
+    assert (full["lr_trace"][0], uniform["lr_trace"][0], shallow["lr_trace"][0]) == (0.02, 0.05, 0.05)
+    for extra, match in ((["--growth-lr", "0"], "--growth-lr must be a finite number > 0"),
+                         (["--growth-lr", "nan"], "--growth-lr must be a finite number > 0"),
+                         (["--growth-lr", "0.01", "--tune"], "--growth-lr applies to held-out runs only")):
+        with pytest.raises(ValueError, match=match):
+            cli_main(["grow", "--tasks", "digits", "--arms", "full", "--seeds", "100", "--steps", "2", *extra,
+                      "--json", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_cli_depth_sets_every_arms_final_depth(tmp_path):
     out = tmp_path / "d.json"
     assert cli_main(["grow", "--tasks", "digits", "--arms", "full", "uniform", "--seeds", "100", "--steps", "8",

@@ -527,6 +527,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="target: full arm's median final accuracy minus this (or its test MSE times 1 + this)")
     p.add_argument("--growth-budget", type=float, default=1.0, help="held-out runs: the growth and shallow arms "
                    "train this fraction of the full arm's steps (default 1: the same budget)")
+    p.add_argument("--growth-lr", type=float, default=None, help="held-out runs: the growth and shallow arms' lr "
+                   "(default: --lr, or the task's), so arms tuned to different lrs still run interleaved per seed")
     p.add_argument("--lt", type=float, default=None, help="held-out runs: every task's effective depth: the conv "
                    f"nets' (exponential scheme, needs --branch-norm on; default 0), the teacher's LeakyMLP (default "
                    f"{TEACHER_LT:g})")
@@ -626,12 +628,14 @@ def tune2(task_name: str, settings: Dict, *, slack: float, eval_every: int, seed
     return {"runs": runs, "choice": {task_name: choice}}
 
 
-def _growth_budget(settings: Dict, fraction: float) -> Dict:
-    """The growth (and shallow) arms' settings with ``fraction`` of the full arm's steps; their growth times
-    and lr schedule are fractions of that shorter budget."""
+def _growth_budget(settings: Dict, fraction: float, lr: Optional[float] = None) -> Dict:
+    """The growth (and shallow) arms' settings with ``fraction`` of the full arm's steps (their growth times
+    and lr schedule are fractions of that shorter budget) and, unless None, their own ``lr``."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"--growth-budget must be a fraction of the full arm's steps in (0, 1], got {fraction!r}")
-    return dict(settings, steps=max(1, round(fraction * settings["steps"])))
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
+        raise ValueError(f"--growth-lr must be a finite number > 0, got {lr!r}")
+    return dict(settings, steps=max(1, round(fraction * settings["steps"])), **({} if lr is None else {"lr": lr}))
 
 
 def _settings(args, task_name: str) -> Dict:
@@ -720,14 +724,16 @@ def _choose(runs: List[Dict]) -> Dict:
 
 
 def run(args) -> int:
-    _growth_budget({"steps": 1}, getattr(args, "growth_budget", 1.0))  # a bad value fails before any training
+    growth_lr = getattr(args, "growth_lr", None)
+    _growth_budget({"steps": 1}, getattr(args, "growth_budget", 1.0), growth_lr)  # bad values fail before training
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     runs: List[Dict] = []
     t_start = time.time()
     noise, dims = getattr(args, "noise", 0.0), getattr(args, "teacher_dims", None)
     identity = getattr(args, "branch_identity", "off") == "on"
-    for flag, value in (("--noise", noise), ("--teacher-dims", dims), ("--branch-identity on", identity)):
+    for flag, value in (("--noise", noise), ("--teacher-dims", dims), ("--branch-identity on", identity),
+                        ("--growth-lr", growth_lr)):
         if value and (args.from_json or args.tune or args.tune2):
             raise ValueError(f"{flag} applies to held-out runs only, not to --tune, --tune2 or --from-json")
     sources = None
@@ -790,7 +796,8 @@ def run(args) -> int:
                 for arm in args.arms:  # interleaved per seed: the arms see the same machine load
                     kw = dict(v, hold=v["full_hold"] if arm == "full" else v["hold"])
                     del kw["full_hold"]
-                    mine = settings if arm == "full" else _growth_budget(settings, getattr(args, "growth_budget", 1.0))
+                    mine = settings if arm == "full" else \
+                        _growth_budget(settings, getattr(args, "growth_budget", 1.0), growth_lr)
                     runs.append(train_one(task, arm, seed, eval_every=args.eval_every, settings=mine, **kw))
                     _log(runs[-1])
                     _dump(args.json_out, {"runs": runs, "partial": True})
