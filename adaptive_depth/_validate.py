@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Sequence, Tuple
 
-__all__ = ["check_int", "check_range", "check_step_range", "CheckpointError"]
+__all__ = ["check_int", "check_positive", "check_range", "check_step_range", "CheckpointError"]
 
 
 class CheckpointError(ValueError, RuntimeError):
@@ -23,6 +23,13 @@ def check_int(value, name: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def check_positive(value, name: str) -> float:
+    """``value`` as a finite float > 0 (bools are rejected): a learning rate, a scale."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_range(value, name: str, low: float, high: float, *, left_open: bool = False,

@@ -22,12 +22,12 @@ The large-Lt identity recipe (``docs/large_lt.md``): blocks built with ``branch_
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_positive
 from .steps import step_groups
 from .wrap import identity_coefficient
 
@@ -78,9 +78,8 @@ def identity_param_groups(model: nn.Module, *, lr: float, scale: float = 1.0) ->
     ``scale`` 1 trains the net leak ``Lt (1 - r)`` like any other weight, and is the measured best on one conv net
     of docs/large_lt.md; on another (at 8 and 16 blocks) 4 trained further. Search it next to the lr, and keep
     ``scale * lr / Lt`` below about 0.1: at 0.16 a net diverged."""
-    for name, value in (("lr", lr), ("scale", scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    check_positive(lr, "lr")
+    check_positive(scale, "scale")
     by_lt: Dict[float, List[nn.Parameter]] = {}
     found = False
     for m in model.modules():  # a LeakyResidual's .identity, or a wrapped block's leaky_identity

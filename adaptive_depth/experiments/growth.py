@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._validate import check_int, check_range
+from .._validate import check_int, check_positive, check_range
 from ..depth import DepthScheduler, refine, refine_plan
 from ..recipes import identity_param_groups
 from ..residual import LeakyMLP, LeakyResNet
@@ -633,8 +633,8 @@ def _growth_budget(settings: Dict, fraction: float, lr: Optional[float] = None) 
     and lr schedule are fractions of that shorter budget) and, unless None, their own ``lr``."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"--growth-budget must be a fraction of the full arm's steps in (0, 1], got {fraction!r}")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
-        raise ValueError(f"--growth-lr must be a finite number > 0, got {lr!r}")
+    if lr is not None:
+        check_positive(lr, "--growth-lr")
     return dict(settings, steps=max(1, round(fraction * settings["steps"])), **({} if lr is None else {"lr": lr}))
 
 
@@ -648,16 +648,12 @@ def _settings(args, task_name: str) -> Dict:
             s[name] = value
     lr = getattr(args, "lr", None)
     if lr is not None:
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"--lr must be a finite number > 0, got {lr}")
-        s["lr"] = lr
+        s["lr"] = check_positive(lr, "--lr")
     scale = getattr(args, "identity_lr_scale", None)
     if scale is not None:
         if getattr(args, "branch_identity", "off") != "on":
             raise ValueError("--identity-lr-scale applies with --branch-identity on only")
-        if not (scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"--identity-lr-scale must be a finite number > 0, got {scale}")
-        s["identity_lr_scale"] = scale
+        s["identity_lr_scale"] = check_positive(scale, "--identity-lr-scale")
     return s
 
 

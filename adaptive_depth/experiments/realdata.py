@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_positive
 from ..optim import AdaptiveSteps
 from ..recipes import identity_param_groups
 from ..residual import LeakyMLP, LeakyResNet, balanced_gain
@@ -297,9 +298,7 @@ def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] 
     lr / Lt."""
     if not isinstance(identity, bool):
         raise TypeError(f"identity must be True or False, got {identity!r}")
-    if isinstance(identity_scale, bool) or not isinstance(identity_scale, (int, float)) or \
-            not 0 < identity_scale < math.inf:
-        raise ValueError(f"identity_scale must be a finite number > 0, got {identity_scale!r}")
+    check_positive(identity_scale, "identity_scale")
     if identity_scale != 1.0 and not identity:
         raise ValueError("identity_scale applies with identity=True (--identity) only")
     if identity and task == "mnist1d-mlp":
