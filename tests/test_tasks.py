@@ -220,3 +220,108 @@ def test_bottleneck_table_cli_shows_the_rules_asked_for(tmp_path, capsys):
     assert main(["--table", str(path)]) == 0  # the default: both rules, equal_distance's column empty here
     both = capsys.readouterr().out
     assert "Lt = 12 equal_distance" in both and "| 1 | 2 | 9 / 1 / 1 | 3 (3) / +0.0% / +0.0% | - |" in both
+
+
+def _rank_one_mlp():
+    """A LeakyMLP at Lt = 0 with zero branches, so every representation is the input layer's: rank 1 here."""
+    torch.manual_seed(0)
+    model = LeakyMLP(6, 3, 8, 4, effective_depth=0.0)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.block.linear.weight.zero_()
+            block.block.linear.bias.zero_()
+        model.input.weight.copy_(torch.outer(torch.randn(8), torch.randn(6)))
+    return model, torch.randn(64, 6)
+
+
+def _raise_rank(model):
+    with torch.no_grad():
+        model.input.weight.add_(torch.outer(torch.randn(8), torch.randn(6)))
+
+
+def test_rank_guard_trips_when_the_rank_rises_and_restores_the_last_weights_that_held_it():
+    from adaptive_depth.recipes import RankGuard
+    model, x = _rank_one_mlp()
+    guard = RankGuard(model, x, every=2)
+    assert guard.reference == middle_rank(model, x) == 1
+    assert [guard.step(), guard.step()] == [False, False]  # the check at 2 holds the rank
+    held = model.input.weight.detach().clone()
+    _raise_rank(model)
+    assert middle_rank(model, x) == 2
+    assert guard.step() is False  # no check at 3
+    assert guard.step() is True and guard.tripped  # the check at 4 sees rank 2
+    assert guard.step() is True and guard.history == [(0, 1), (2, 1), (4, 2)]  # measures nothing more
+    assert guard.kept_at == 2
+    assert guard.restore() is model
+    torch.testing.assert_close(model.input.weight, held, rtol=0, atol=0)
+    assert middle_rank(model, x) == 1
+
+
+def test_rank_guard_checks_the_last_steps_at_the_end_and_honours_the_slack():
+    from adaptive_depth.recipes import RankGuard
+    model, x = _rank_one_mlp()
+    guard = RankGuard(model, x, every=3)
+    assert [guard.step() for _ in range(4)] == [False] * 4  # checked at 3 only
+    held = model.input.weight.detach().clone()
+    _raise_rank(model)  # after the last check: restore() must look again
+    guard.restore()
+    assert guard.history == [(0, 1), (3, 1), (4, 2)] and guard.tripped and guard.kept_at == 3
+    torch.testing.assert_close(model.input.weight, held, rtol=0, atol=0)
+    # an unchanged rank keeps the current weights, unchecked steps included
+    model, x = _rank_one_mlp()
+    guard = RankGuard(model, x, every=3)
+    guard.step()
+    with torch.no_grad():
+        model.input.weight.mul_(2.0)  # same rank
+    now = model.input.weight.detach().clone()
+    guard.restore()
+    assert not guard.tripped and guard.history == [(0, 1), (1, 1)]
+    torch.testing.assert_close(model.input.weight, now, rtol=0, atol=0)
+    # slack 1 lets the rank rise by one
+    model, x = _rank_one_mlp()
+    guard = RankGuard(model, x, every=1, slack=1)
+    _raise_rank(model)
+    assert guard.step() is False and guard.history == [(0, 1), (1, 2)] and guard.limit == 2
+
+
+def test_rank_guard_refuses_bad_arguments_by_name():
+    from adaptive_depth.recipes import RankGuard
+    model, x = _rank_one_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, name in ((dict(every=0), "every"), (dict(every=True), "every"), (dict(every=2.0), "every"),
+                         (dict(threshold=0.0), "threshold"), (dict(threshold=1.0), "threshold"),
+                         (dict(threshold=math.nan), "threshold"), (dict(slack=-1), "slack")):
+        with pytest.raises(ValueError, match=name):
+            RankGuard(model, x, **kwargs)
+    with pytest.raises(TypeError, match="x must be a Tensor"):
+        RankGuard(model, x.tolist())
+    with pytest.raises(TypeError, match="LeakyMLP"):
+        RankGuard(torch.nn.Linear(6, 6), x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_finish_guard_in_the_training_loop():
+    from adaptive_depth.experiments.bottleneck import recipe_config
+    spec, task = tasks.draw(1, "tuning")
+    base = dict(width=8, depth=3, steps=20, lr=1e-2, eval_every=10, finish_steps=30, data_seed=1,
+                data=spec.name, n_train=spec.n_train, n_test=spec.n_test)
+    plain = run(recipe_config("c0.1+io+lt+finish", 4.0, **base), task)
+    # a guard that cannot trip only watches: the same run to the last bit
+    watched = run(recipe_config("c0.1+io+lt+finish", 4.0, finish_guard=7, guard_slack=99, **base), task)
+    assert watched.history["train_loss"] == plain.history["train_loss"]
+    assert [c for c, _ in watched.history["guard"]] == [0, 7, 14, 21, 28, 30]
+    assert watched.history["guard_kept_at"] == [30]
+    # slack 0: whatever happened, the run ends on weights whose rank the start of the finish held
+    guarded = run(recipe_config("c0.1+io+lt+finish", 4.0, finish_guard=5, **base), task, keep_model=True)
+    reference = guarded.history["guard"][0][1]
+    assert middle_rank(guarded.model, task.x_train) <= reference
+    with torch.no_grad():
+        final = float(task.loss_fn(guarded.model.eval()(task.x_train), task.y_train))
+    assert guarded.history["train_loss"][-1] == pytest.approx(final, rel=1e-6)
+    with pytest.raises(ValueError, match="finish_guard guards the finishing phase"):
+        run(RunConfig(width=8, depth=3, steps=2, finish_guard=5), task)
+    with pytest.raises(ValueError, match="finish_guard applies to a finish recipe"):
+        recipe_config("c0.1+io+lt", 4.0, finish_guard=5)
+    with pytest.raises(ValueError, match="guard_slack"):
+        run(recipe_config("c0.1+io+lt+finish", 4.0, finish_guard=5, guard_slack=-1, **base), task)

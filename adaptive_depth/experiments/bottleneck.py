@@ -39,28 +39,33 @@ RECIPES: Dict[str, Dict] = {
 
 
 def recipe_config(name: str, lt: float, *, finish_steps: Optional[int] = None, finish_lr: Optional[float] = None,
-                  finish_keep: float = 0.0, **kw) -> RunConfig:
+                  finish_keep: float = 0.0, finish_guard: int = 0, guard_slack: int = 0, **kw) -> RunConfig:
     """The ``RunConfig`` of recipe ``name`` at effective depth ``lt`` (other fields from ``kw``). A ``finish``
     recipe adds the finishing phase: ``finish_steps`` (None: as many as ``kw["steps"]``) at ``finish_lr`` (None:
-    the first phase's lr), with ``finish_keep`` of the penalties (default 0: off)."""
+    the first phase's lr), with ``finish_keep`` of the penalties (default 0: off), guarded by a ``RankGuard``
+    checking every ``finish_guard`` steps (0: none) with ``guard_slack``."""
     r = RECIPES[name]
     lam = None if r["c"] is None else (r["c"] / lt if lt > 0 else r["c"])
     io = None if r["io"] is None else (r["c"] if r["io"] == "c" else lam)
     if r.get("finish"):
         kw.update(finish_steps=kw.get("steps", RunConfig.steps) if finish_steps is None else finish_steps,
-                  finish_lr=finish_lr, finish_keep=finish_keep)
-    elif finish_keep:
-        raise ValueError(f"finish_keep applies to a finish recipe, not {name!r}")
+                  finish_lr=finish_lr, finish_keep=finish_keep, finish_guard=finish_guard, guard_slack=guard_slack)
+    elif finish_keep or finish_guard:
+        given = [arg for arg, value in (("finish_keep", finish_keep), ("finish_guard", finish_guard)) if value]
+        raise ValueError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to a finish recipe, "
+                         f"not {name!r}")
     return RunConfig(effective_depth=lt, weight_decay=lam, io_decay=io, branch_lr_scale=r["scale"], **kw)
 
 
 def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth: int, steps: int, lr: float,
             rule: str = "uniform", schedule: str = "cosine", optimizer: str = "adam",
             plugin: Optional[Dict] = None, finish_steps: Optional[int] = None,
-            finish_lr: Optional[float] = None, finish_keep: float = 0.0) -> Dict:
+            finish_lr: Optional[float] = None, finish_keep: float = 0.0, finish_guard: int = 0,
+            guard_slack: int = 0) -> Dict:
     """Train one network and return its losses, its rank profile and k*."""
     spec, task = draw(seed, split)
     config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, finish_keep=finish_keep,
+                           finish_guard=finish_guard, guard_slack=guard_slack,
                            data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
                            scheme="exponential", seed=seed, data_seed=seed, n_train=spec.n_train,
                            n_test=spec.n_test, eval_every=steps, schedule=schedule, optimizer=optimizer,
@@ -74,7 +79,9 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             "middle_rank": ranks[len(ranks) // 2], "min_rank": min(ranks[1:-1]), "ranks": ranks,
             "middle_rank_1pct": ranks1[len(ranks1) // 2], "final_steps": result.final_steps,
             "steps": steps, "finish_steps": config.finish_steps, "finish_lr": config.finish_lr,
-            "finish_keep": config.finish_keep}
+            "finish_keep": config.finish_keep, "finish_guard": config.finish_guard,
+            "guard_slack": config.guard_slack, "guard": result.history.get("guard"),
+            "guard_kept_at": (result.history.get("guard_kept_at") or [None])[0]}
 
 
 def table(rows: List[Dict], recipe: str, lt: float, rules=("uniform", "equal_distance")) -> str:
@@ -135,6 +142,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--finish-lr", type=float, default=None, help="its lr (default: --lr)")
     p.add_argument("--finish-keep", type=float, default=0.0, help="the fraction of the penalties it keeps "
                    "(default 0: off)")
+    p.add_argument("--finish-guard", type=int, default=0, metavar="N", help="check the middle rank (training "
+                   "inputs) every N finish steps and end the finish on the last weights whose rank is at most the "
+                   "finish's start rank + --guard-slack (default 0: no guard)")
+    p.add_argument("--guard-slack", type=int, default=0)
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
     args = p.parse_args(argv)
     if args.table:
@@ -158,11 +169,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     r = measure(seed, args.split, lt, recipe, width=args.width, depth=args.depth, steps=args.steps,
                                 lr=args.lr, rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin),
                                 finish_steps=args.finish_steps, finish_lr=args.finish_lr,
-                                finish_keep=args.finish_keep)
+                                finish_keep=args.finish_keep, finish_guard=args.finish_guard,
+                                guard_slack=args.guard_slack)
                     rows.append(r)
                     print(f"seed {seed} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank {r['middle_rank']} "
                           f"(1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "
-                          f"test {r['test_loss']:.4g} ({time.time() - start:.0f} s) ranks {r['ranks']}", flush=True)
+                          f"test {r['test_loss']:.4g} ({time.time() - start:.0f} s) ranks {r['ranks']}"
+                          + (f" guard {r['guard']} kept at {r['guard_kept_at']}" if r["guard"] else ""), flush=True)
                     _save(args, rows)  # after every run: a stopped sweep keeps what it measured
     return 0
 

@@ -20,7 +20,7 @@ from ..diagnostics import format_table  # noqa: F401 - re-exported for the exper
 from .data import Task, get_task
 from . import candidates, mechanism
 from ..optim import AdaptiveSteps
-from ..recipes import bottleneck_param_groups
+from ..recipes import RankGuard, bottleneck_param_groups
 from ..residual import LeakyMLP
 from ..steps import over_lt
 
@@ -74,6 +74,11 @@ class RunConfig:
     #: the fraction of the first phase's penalties (the plugin's weight decay, the io decay) the finishing phase
     #: keeps: 0 (default) turns them off, 1 keeps them whole
     finish_keep: float = 0.0
+    #: ``recipes.RankGuard`` on the finishing phase: check the middle rank (training inputs) every this many steps
+    #: and end the phase on the last weights whose rank is at most the phase's start rank + ``guard_slack``
+    #: (0: no guard)
+    finish_guard: int = 0
+    guard_slack: int = 0
 
     def decay(self) -> float:
         if self.weight_decay is not None:
@@ -184,6 +189,9 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
     ``model``: train this module instead of ``build_model(config, task)`` (it must hold the step sizes, and
     its fixed profile is the caller's business); parameters with ``requires_grad=False`` stay fixed.
     """
+    if config.finish_guard and not config.finish_steps:
+        raise ValueError(f"finish_guard guards the finishing phase: it needs finish_steps > 0, "
+                         f"got finish_guard={config.finish_guard!r} with finish_steps={config.finish_steps!r}")
     task = task or get_task(config.data, seed=config.data_seed, n_train=config.n_train, n_test=config.n_test)
     model = build_model(config, task) if model is None else model
     preserve = candidates.preserves(config.rule)
@@ -216,9 +224,11 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
         return tr
 
     record()
-    for inner, count, phase_config, schedule in phases:
+    for index, (inner, count, phase_config, schedule) in enumerate(phases):
         opt = _plugin(phase_config, inner, model)
         sched = _schedule(opt, schedule, count)
+        guard = (RankGuard(model, task.x_train, every=config.finish_guard, slack=config.guard_slack)
+                 if config.finish_guard and config.finish_steps and index == len(phases) - 1 else None)
         for _ in range(count):
             start = time.perf_counter()
             if config.batch_size and config.batch_size < n:
@@ -248,6 +258,14 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
                     bar.set_postfix(train=f"{tr:.4f}", test=f"{history['test_loss'][-1]:.4f}")
             if bar is not None:
                 bar.update(1)
+            if guard is not None and guard.step():
+                break
+        if guard is not None:
+            guard.restore()
+            history["guard"] = [list(check) for check in guard.history]
+            history["guard_kept_at"] = [guard.kept_at]
+            if guard.tripped or history["step"][-1] != step:
+                record()  # the weights the phase ended on
     if bar is not None:
         bar.close()
     return RunResult(config, history, model.step_sizes().tolist(), train_seconds / max(total, 1), reached,
@@ -261,6 +279,10 @@ def finishing_config(config: RunConfig) -> RunConfig:
         raise ValueError(f"finish_steps must be an integer >= 0, got {config.finish_steps!r}")
     if config.finish_lr is not None and not (isinstance(config.finish_lr, (int, float)) and config.finish_lr > 0):
         raise ValueError(f"finish_lr must be None (the first phase's lr) or a number > 0, got {config.finish_lr!r}")
+    if isinstance(config.finish_guard, bool) or not isinstance(config.finish_guard, int) or config.finish_guard < 0:
+        raise ValueError(f"finish_guard must be an integer >= 0 (0: no guard), got {config.finish_guard!r}")
+    if isinstance(config.guard_slack, bool) or not isinstance(config.guard_slack, int) or config.guard_slack < 0:
+        raise ValueError(f"guard_slack must be an integer >= 0, got {config.guard_slack!r}")
     keep = config.finish_keep
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 <= keep <= 1:
         raise ValueError(f"finish_keep must be a number in [0, 1] (the fraction of the penalties kept), got {keep!r}")
