@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_positive
 from .steps import over_lt
 
 __all__ = ["singular_values", "effective_rank", "features", "cost_of_identity", "coi_lower_bound",
@@ -400,8 +401,7 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, *, lam: Optional[float] = N
     lt = float(stack.steps.effective_depth)
     if lam is None:
         lam = over_lt(1e-3, lt)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (lam > 0 and math.isfinite(lam)):
-        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+    lam = check_positive(lam, "lam")
     if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[0] != y.shape[0]:
         raise ValueError("x and y must be tensors with the same number of examples (dim 0)")
     loss = loss or _mse

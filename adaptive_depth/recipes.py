@@ -54,8 +54,7 @@ def bottleneck_param_groups(model: nn.Module, *, lr: float, io_decay: float = 0.
     groups = step_groups(model)
     if not groups:
         raise ValueError("model has no step sizes: build it with LeakyResNet / LeakyMLP or adaptive_depth.wrap()")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    check_positive(lr, "lr")
     if not (isinstance(io_decay, (int, float)) and io_decay >= 0):
         raise ValueError(f"io_decay must be a number >= 0, got {io_decay!r}")
     scale = _lr_scale(branch_lr_scale, groups)

@@ -327,8 +327,9 @@ def test_diagnose_errors():
     x, y = torch.randn(6, 3, dtype=D), torch.randn(6, 2, dtype=D)
     with pytest.raises(TypeError, match="model must be"):
         diagnose(nn.Linear(3, 2), x, y)
-    with pytest.raises(ValueError, match="lam"):
-        diagnose(m, x, y, lam=0.0)
+    for bad in (0.0, float("inf"), True):
+        with pytest.raises(ValueError, match="lam must be a finite number > 0"):
+            diagnose(m, x, y, lam=bad)
     with pytest.raises(ValueError, match="gamma"):
         diagnose(m, x, y, gamma=0.0)
     with pytest.raises(ValueError, match="x and y"):

@@ -292,7 +292,7 @@ def test_lt_sets_the_large_lt_arms_only_and_keeps_the_plain_runs_reusable(tmp_pa
     assert after[:len(before)] == before and len(after) == len(before) + 2  # the uniform arm only, at Lt = 2.5
     assert all(json.loads(line)["config"]["lt"] == 2.5 for line in after[len(before):])
     assert out["lt"] == 2.5 and "large Lt = 2.5" in rd.to_markdown(out, "cmd")
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="lt .* must be a finite number > 0"):
             rd.run_protocol("digits-conv", ["uniform"], lt=bad, **kwargs)
 

@@ -72,7 +72,8 @@ def test_bottleneck_param_groups_split_io_branches_and_steps():
     io, branches, steps = bottleneck_param_groups(learned, lr=1e-3)  # learned steps: their own group
     assert steps["params"] == [learned.steps.rho] and steps["weight_decay"] == 0.0
     assert bottleneck_param_groups(model, lr=1e-3, branch_lr_scale=2.5)[1]["lr"] == pytest.approx(2.5e-3)
-    for kw, match in (({"lr": 0}, "lr must be"), ({"lr": 1e-3, "io_decay": -1}, "io_decay must be"),
+    for kw, match in (({"lr": 0}, "lr must be"), ({"lr": float("inf")}, "lr must be a finite number > 0"),
+                      ({"lr": True}, "lr must be"), ({"lr": 1e-3, "io_decay": -1}, "io_decay must be"),
                       ({"lr": 1e-3, "branch_lr_scale": "deep"}, "branch_lr_scale must be")):
         with pytest.raises(ValueError, match=match):
             bottleneck_param_groups(model, **kw)

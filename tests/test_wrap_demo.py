@@ -77,3 +77,16 @@ def test_wrap_demo_arms_selects_the_runs(tmp_path):
         ("plain", "adaptive", "uniform")
     with pytest.raises(SystemExit):
         parser.parse_args(["--arms", "wide"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], "--lr must be a finite number > 0"), (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"), (["--ramp", "-1"], "--ramp must be >= 0"),
+    (["--init", "identity", "--lt", "0"], "--init identity needs --lt > 0")])
+def test_wrap_demo_refuses_bad_arguments_by_name(capsys, argv, message):
+    import argparse
+    from adaptive_depth.experiments import wrap_demo
+    parser = argparse.ArgumentParser()
+    wrap_demo.add_arguments(parser)
+    assert wrap_demo.run(parser.parse_args(argv)) == 2
+    assert message in capsys.readouterr().out

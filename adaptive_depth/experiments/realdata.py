@@ -303,8 +303,8 @@ def run_protocol(task: str, arms: Sequence[str], lrs: Optional[Sequence[float]] 
         raise ValueError("identity_scale applies with identity=True (--identity) only")
     if identity and task == "mnist1d-mlp":
         raise ValueError("identity applies to the conv tasks; the MLP task has LeakyMLP's own near-identity init")
-    if lt is not None and not (math.isfinite(lt) and lt > 0):
-        raise ValueError(f"lt (the large-Lt arms' effective depth) must be a finite number > 0, got {lt!r}")
+    if lt is not None:
+        check_positive(lt, "lt (the large-Lt arms' effective depth)")
     base = RealConfig(task=_check_task(task), steps=steps, rescaled_gain=rescaled_gain, lt_warmup=lt_warmup, lt=lt,
                       identity=identity, identity_scale=float(identity_scale))
     _lt_ramp_check(lt_warmup)

@@ -18,6 +18,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._validate import check_positive
+
 CLASSES = ("disk", "ring", "square", "cross", "h-stripes", "v-stripes", "diagonal", "checker")
 ARMS = ("plain", "uniform", "adaptive")  # the unwrapped resnet18; wrapped with uniform steps; with AdaptiveSteps
 
@@ -181,8 +183,7 @@ def _check(args) -> None:
         raise ValueError(f"--ramp must be >= 0, got {args.ramp}")
     if args.init == "identity" and (args.ramp or args.lt <= 0):
         raise ValueError("--init identity needs --lt > 0 and no --ramp (its r trains at lr / Lt)")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    check_positive(args.lr, "--lr")
 
 
 def arms(args) -> Tuple[str, ...]:
