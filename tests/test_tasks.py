@@ -166,8 +166,19 @@ def test_bottleneck_table_counts_the_goal_per_task():
             row(1, 12.0, "r", "uniform", 3, 1.05, 1.0)]  # a later row replaces the earlier one
     md = table(rows, "r", 12.0, ("uniform",))
     assert "met on 1 of 3 tasks" in md
-    assert "| 1 | 2 | 9 / 1 / 2 | 3 (4) / +5.0% / -50.0% |" in md
-    assert "| 4 | 2 | - | 2 (3) / 0.5 / 1 |" in md
+    assert "| 1 | 2 | 0 | 9 / 1 / 2 | 3 (4) / +5.0% / -50.0% |" in md
+    assert "| 4 | 2 | 0 | - | 2 (3) / 0.5 / 1 |" in md
+    assert "noise-aware (train loss within 10% of Lt = 0's or at most the noise floor): met on 1 of 3" in md
+    # task 2 (24 outputs, noise 0.1: floor 0.24) underfits Lt = 0 by 20% but sits below the floor: noise-aware, met
+    low = [row(2, 0.0, "default", "uniform", 9, 0.1, 2.0), row(2, 12.0, "r", "uniform", 3, 0.12, 1.0),
+           row(3, 0.0, "default", "uniform", 9, 0.1, 2.0), row(3, 12.0, "r", "uniform", 3, 0.21, 1.0),  # at 0.2
+           row(5, 0.0, "default", "uniform", 9, 0.1, 2.0), row(5, 12.0, "r", "uniform", 4, 0.1, 1.0)]  # rank
+    md = table(low, "r", 12.0, ("uniform",))
+    assert "| 2 | 2 | 0.24 |" in md and "| 3 | 2 | 0.2 |" in md
+    assert "met on 0 of 3 tasks" in md and "noise floor): met on 1 of 3 tasks" in md
+    from adaptive_depth.experiments.bottleneck import noise_floor
+    assert noise_floor(2) == pytest.approx(24 * 0.1 ** 2) and noise_floor(1) == 0.0 and noise_floor(500) is None
+    assert noise_floor(1003) == pytest.approx(16 * 0.1 ** 2)
 
 
 def test_finishing_phase_turns_the_penalty_off_or_down_and_trains_on():
@@ -220,7 +231,7 @@ def test_bottleneck_table_cli_shows_the_rules_asked_for(tmp_path, capsys):
     assert "Lt = 12 uniform" in only and "equal_distance" not in only
     assert main(["--table", str(path)]) == 0  # the default: both rules, equal_distance's column empty here
     both = capsys.readouterr().out
-    assert "Lt = 12 equal_distance" in both and "| 1 | 2 | 9 / 1 / 1 | 3 (3) / +0.0% / +0.0% | - |" in both
+    assert "Lt = 12 equal_distance" in both and "| 1 | 2 | 0 | 9 / 1 / 1 | 3 (3) / +0.0% / +0.0% | - |" in both
 
 
 def _rank_one_mlp():
@@ -241,7 +252,7 @@ def _raise_rank(model):
 
 
 def test_rank_guard_trips_when_the_rank_rises_and_restores_the_last_weights_that_held_it():
-    from adaptive_depth.recipes import RankGuard
+    from adaptive_depth.experiments.rank_guard import RankGuard
     model, x = _rank_one_mlp()
     guard = RankGuard(model, x, every=2)
     assert guard.reference == middle_rank(model, x) == 1
@@ -259,7 +270,7 @@ def test_rank_guard_trips_when_the_rank_rises_and_restores_the_last_weights_that
 
 
 def test_rank_guard_checks_the_last_steps_at_the_end_and_honours_the_slack():
-    from adaptive_depth.recipes import RankGuard
+    from adaptive_depth.experiments.rank_guard import RankGuard
     model, x = _rank_one_mlp()
     guard = RankGuard(model, x, every=3)
     assert [guard.step() for _ in range(4)] == [False] * 4  # checked at 3 only
@@ -286,7 +297,7 @@ def test_rank_guard_checks_the_last_steps_at_the_end_and_honours_the_slack():
 
 
 def test_rank_guard_refuses_bad_arguments_by_name():
-    from adaptive_depth.recipes import RankGuard
+    from adaptive_depth.experiments.rank_guard import RankGuard
     model, x = _rank_one_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for kwargs, name in ((dict(every=0), "every"), (dict(every=True), "every"), (dict(every=2.0), "every"),
@@ -326,3 +337,22 @@ def test_finish_guard_in_the_training_loop():
         recipe_config("c0.1+io+lt", 4.0, finish_guard=5)
     with pytest.raises(ValueError, match="guard_slack"):
         run(recipe_config("c0.1+io+lt+finish", 4.0, finish_guard=5, guard_slack=-1, **base), task)
+
+
+@pytest.mark.parametrize("seed, split", [(2, "tuning"), (1003, "heldout"), (1014, "heldout")])
+def test_noise_floor_is_the_noiseless_teachers_train_loss(seed, split):
+    """Rebuild the clean labels from the teacher (same generator order as make_task) and measure the loss of the
+    clean teacher on the noisy training labels: the noise floor, up to sampling error."""
+    from adaptive_depth.experiments.bottleneck import noise_floor
+    spec, task = tasks.draw(seed, split)
+    f, _, gen = tasks.teacher_function(spec)
+    n = spec.n_train + spec.n_val + spec.n_test
+    x = torch.randn(n, spec.in_dim, generator=gen, dtype=torch.float64)
+    y = f(x)
+    y = (y - y[:spec.n_train].mean(0)) / y[:spec.n_train].std(0)
+    clean = y[:spec.n_train].float()
+    torch.testing.assert_close(task.x_train, x[:spec.n_train].float())
+    measured = float(task.loss_fn(clean, task.y_train))
+    assert spec.noise > 0
+    # a mean of n_train sums of out_dim squared N(0, noise^2): relative sd sqrt(2 / (n out_dim)) < 3%
+    assert measured == pytest.approx(noise_floor(seed), rel=0.1)

@@ -20,7 +20,8 @@ from ..diagnostics import format_table  # noqa: F401 - re-exported for the exper
 from .data import Task, get_task
 from . import candidates, mechanism
 from ..optim import AdaptiveSteps
-from ..recipes import RankGuard, bottleneck_param_groups
+from ..recipes import bottleneck_param_groups
+from .rank_guard import RankGuard
 from ..residual import LeakyMLP
 from ..steps import over_lt
 
@@ -74,9 +75,9 @@ class RunConfig:
     #: the fraction of the first phase's penalties (the plugin's weight decay, the io decay) the finishing phase
     #: keeps: 0 (default) turns them off, 1 keeps them whole
     finish_keep: float = 0.0
-    #: ``recipes.RankGuard`` on the finishing phase: check the middle rank (training inputs) every this many steps
-    #: and end the phase on the last weights whose rank is at most the phase's start rank + ``guard_slack``
-    #: (0: no guard)
+    #: ``rank_guard.RankGuard`` on the finishing phase (lost held out: off by default): check the middle rank
+    #: (training inputs) every this many steps and end the phase on the last weights whose rank is at most the
+    #: phase's start rank + ``guard_slack`` (0: no guard)
     finish_guard: int = 0
     guard_slack: int = 0
 
