@@ -356,3 +356,20 @@ def test_noise_floor_is_the_noiseless_teachers_train_loss(seed, split):
     assert spec.noise > 0
     # a mean of n_train sums of out_dim squared N(0, noise^2): relative sd sqrt(2 / (n out_dim)) < 3%
     assert measured == pytest.approx(noise_floor(seed), rel=0.1)
+
+
+def test_bottleneck_curve_leaves_training_unchanged_and_steps_to_reads_it():
+    from adaptive_depth.experiments.bottleneck import measure, steps_to
+    kw = dict(width=8, depth=3, steps=20, lr=1e-2, finish_steps=20)
+    plain = measure(1, "tuning", 4.0, "c0.1+io+lt+finish", **kw)
+    traced = measure(1, "tuning", 4.0, "c0.1+io+lt+finish", eval_every=10, **kw)
+    assert plain["curve"] is None
+    assert (traced["train_loss"], traced["test_loss"], traced["ranks"]) == (
+        plain["train_loss"], plain["test_loss"], plain["ranks"])
+    curve = traced["curve"]
+    assert curve["step"] == [0, 10, 20, 30, 40] and curve["test_loss"][-1] == traced["test_loss"]
+    losses = curve["test_loss"]
+    assert steps_to(curve, min(losses)) == curve["step"][losses.index(min(losses))]
+    assert steps_to(curve, losses[0]) == 0 and steps_to(curve, min(losses) / 2) is None
+    with pytest.raises(ValueError, match="eval_every must be an integer >= 1"):
+        measure(1, "tuning", 4.0, "c0.1+io+lt+finish", eval_every=0, **kw)

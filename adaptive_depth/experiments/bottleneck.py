@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .._validate import check_int
 from ..recipes import representation_ranks
 from .tasks import HELDOUT_SEEDS, TUNING_SEEDS, draw, spec_for
 from .train import RunConfig, run as train_run
@@ -61,14 +62,17 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             rule: str = "uniform", schedule: str = "cosine", optimizer: str = "adam",
             plugin: Optional[Dict] = None, finish_steps: Optional[int] = None,
             finish_lr: Optional[float] = None, finish_keep: float = 0.0, finish_guard: int = 0,
-            guard_slack: int = 0) -> Dict:
-    """Train one network and return its losses, its rank profile and k*."""
+            guard_slack: int = 0, eval_every: Optional[int] = None) -> Dict:
+    """Train one network and return its losses, its rank profile and k*; with ``eval_every``, also its curve
+    (``"curve"``: step, train loss and test loss every ``eval_every`` steps; evaluating does not change training)."""
+    if eval_every is not None:
+        check_int(eval_every, "eval_every", 1)
     spec, task = draw(seed, split)
     config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, finish_keep=finish_keep,
                            finish_guard=finish_guard, guard_slack=guard_slack,
                            data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
                            scheme="exponential", seed=seed, data_seed=seed, n_train=spec.n_train,
-                           n_test=spec.n_test, eval_every=steps, schedule=schedule, optimizer=optimizer,
+                           n_test=spec.n_test, eval_every=eval_every or steps, schedule=schedule, optimizer=optimizer,
                            plugin=dict(plugin or {}))
     result = train_run(config, task, keep_model=True)
     ranks = representation_ranks(result.model, task.x_test)
@@ -81,7 +85,13 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             "steps": steps, "finish_steps": config.finish_steps, "finish_lr": config.finish_lr,
             "finish_keep": config.finish_keep, "finish_guard": config.finish_guard,
             "guard_slack": config.guard_slack, "guard": result.history.get("guard"),
-            "guard_kept_at": (result.history.get("guard_kept_at") or [None])[0]}
+            "guard_kept_at": (result.history.get("guard_kept_at") or [None])[0],
+            "curve": None if eval_every is None else {k: result.history[k] for k in ("step", "train_loss", "test_loss")}}
+
+
+def steps_to(curve: Dict, target: float) -> Optional[int]:
+    """The first evaluated step whose test loss is at most ``target`` (None: never)."""
+    return next((s for s, loss in zip(curve["step"], curve["test_loss"]) if loss <= target), None)
 
 
 def noise_floor(seed: int) -> Optional[float]:
@@ -164,6 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "inputs) every N finish steps and end the finish on the last weights whose rank is at most the "
                    "finish's start rank + --guard-slack (default 0: no guard)")
     p.add_argument("--guard-slack", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=None, metavar="N", help="also record the test-loss curve "
+                   "every N steps (default: the end only)")
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
     args = p.parse_args(argv)
     if args.table:
@@ -188,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 lr=args.lr, rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin),
                                 finish_steps=args.finish_steps, finish_lr=args.finish_lr,
                                 finish_keep=args.finish_keep, finish_guard=args.finish_guard,
-                                guard_slack=args.guard_slack)
+                                guard_slack=args.guard_slack, eval_every=args.eval_every)
                     rows.append(r)
                     print(f"seed {seed} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank {r['middle_rank']} "
                           f"(1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "
