@@ -373,3 +373,27 @@ def test_bottleneck_curve_leaves_training_unchanged_and_steps_to_reads_it():
     assert steps_to(curve, losses[0]) == 0 and steps_to(curve, min(losses) / 2) is None
     with pytest.raises(ValueError, match="eval_every must be an integer >= 1"):
         measure(1, "tuning", 4.0, "c0.1+io+lt+finish", eval_every=0, **kw)
+
+
+def test_bottleneck_model_seeds_vary_the_init_only_and_pair_by_seed(tmp_path):
+    from adaptive_depth.experiments.bottleneck import main, measure, seed_spread
+    kw = dict(width=8, depth=3, steps=10, lr=1e-2)
+    default = measure(1, "tuning", 4.0, "c0.1+io+lt", **kw)
+    same = measure(1, "tuning", 4.0, "c0.1+io+lt", model_seed=1, **kw)
+    other = measure(1, "tuning", 4.0, "c0.1+io+lt", model_seed=7, **kw)
+    assert default["model_seed"] == same["model_seed"] == 1 and other["model_seed"] == 7
+    assert same["test_loss"] == default["test_loss"] and other["test_loss"] != default["test_loss"]
+    with pytest.raises(ValueError, match="model_seed must be an integer >= 0"):
+        measure(1, "tuning", 4.0, "c0.1+io+lt", model_seed=-1, **kw)
+    out = tmp_path / "rows.json"
+    assert main(["--split", "tuning", "--seeds", "1", "--model-seeds", "0", "7", "--steps", "10", "--width", "8",
+                 "--depth", "3", "--lr", "0.01", "--lt", "4", "--recipes", "c0.1+io+lt",
+                 "--rules", "uniform", "equal_distance", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model_seed"], r["rule"]) for r in rows] == [(0, "uniform"), (0, "equal_distance"),
+                                                           (7, "uniform"), (7, "equal_distance")]
+    assert rows[2]["test_loss"] == other["test_loss"]
+    ratios = seed_spread(rows, "equal_distance")
+    assert list(ratios) == [1] and ratios[1] == pytest.approx(
+        [rows[1]["test_loss"] / rows[0]["test_loss"], rows[3]["test_loss"] / rows[2]["test_loss"]])
+    assert seed_spread(rows[:3], "equal_distance") == {1: [pytest.approx(rows[1]["test_loss"] / rows[0]["test_loss"])]}

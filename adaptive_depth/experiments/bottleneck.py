@@ -15,6 +15,7 @@ equivalent of W = Lt V).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -62,23 +63,28 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             rule: str = "uniform", schedule: str = "cosine", optimizer: str = "adam",
             plugin: Optional[Dict] = None, finish_steps: Optional[int] = None,
             finish_lr: Optional[float] = None, finish_keep: float = 0.0, finish_guard: int = 0,
-            guard_slack: int = 0, eval_every: Optional[int] = None) -> Dict:
+            guard_slack: int = 0, eval_every: Optional[int] = None, model_seed: Optional[int] = None) -> Dict:
     """Train one network and return its losses, its rank profile and k*; with ``eval_every``, also its curve
-    (``"curve"``: step, train loss and test loss every ``eval_every`` steps; evaluating does not change training)."""
+    (``"curve"``: step, train loss and test loss every ``eval_every`` steps; evaluating does not change training).
+    ``model_seed`` seeds the initialisation (and minibatch order) apart from the task's data (None: the task seed,
+    as in every run before it existed)."""
     if eval_every is not None:
         check_int(eval_every, "eval_every", 1)
+    if model_seed is not None:
+        check_int(model_seed, "model_seed", 0)
     spec, task = draw(seed, split)
     config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, finish_keep=finish_keep,
                            finish_guard=finish_guard, guard_slack=guard_slack,
                            data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
-                           scheme="exponential", seed=seed, data_seed=seed, n_train=spec.n_train,
+                           scheme="exponential", seed=seed if model_seed is None else model_seed, data_seed=seed,
+                           n_train=spec.n_train,
                            n_test=spec.n_test, eval_every=eval_every or steps, schedule=schedule, optimizer=optimizer,
                            plugin=dict(plugin or {}))
     result = train_run(config, task, keep_model=True)
     ranks = representation_ranks(result.model, task.x_test)
     ranks1 = representation_ranks(result.model, task.x_test, threshold=0.01)
-    return {"seed": seed, "k": spec.rank, "lt": lt, "recipe": recipe, "rule": rule, "optimizer": optimizer,
-            "plugin": dict(plugin or {}),
+    return {"seed": seed, "model_seed": config.seed, "k": spec.rank, "lt": lt, "recipe": recipe, "rule": rule,
+            "optimizer": optimizer, "plugin": dict(plugin or {}),
             "train_loss": result.train_loss, "test_loss": result.test_loss, "val_loss": result.history["val_loss"][-1],
             "middle_rank": ranks[len(ranks) // 2], "min_rank": min(ranks[1:-1]), "ranks": ranks,
             "middle_rank_1pct": ranks1[len(ranks1) // 2], "final_steps": result.final_steps,
@@ -86,7 +92,20 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             "finish_keep": config.finish_keep, "finish_guard": config.finish_guard,
             "guard_slack": config.guard_slack, "guard": result.history.get("guard"),
             "guard_kept_at": (result.history.get("guard_kept_at") or [None])[0],
-            "curve": None if eval_every is None else {k: result.history[k] for k in ("step", "train_loss", "test_loss")}}
+            "curve": None if eval_every is None else
+            {k: result.history[k] for k in ("step", "train_loss", "test_loss")}}
+
+
+def seed_spread(rows: List[Dict], rule: str, against: str = "uniform") -> Dict[int, List[float]]:
+    """Per task, the test-loss ratios ``rule`` / ``against`` paired by model seed (rows of one recipe and Lt; a pair
+    with either run missing is left out)."""
+    cell = {(r["seed"], r.get("model_seed", r["seed"]), r["rule"]): r["test_loss"] for r in rows}
+    out: Dict[int, List[float]] = {}
+    for (task, model, name), loss in sorted(cell.items()):
+        base = cell.get((task, model, against))
+        if name == rule and base is not None:
+            out.setdefault(task, []).append(loss / base)
+    return out
 
 
 def steps_to(curve: Dict, target: float) -> Optional[int]:
@@ -174,6 +193,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "inputs) every N finish steps and end the finish on the last weights whose rank is at most the "
                    "finish's start rank + --guard-slack (default 0: no guard)")
     p.add_argument("--guard-slack", type=int, default=0)
+    p.add_argument("--model-seeds", nargs="+", type=int, default=None, metavar="S", help="train each task once per "
+                   "model seed (the initialisation; the data stay the task's); default: the task seed")
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="also record the test-loss curve "
                    "every N steps (default: the end only)")
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
@@ -191,22 +212,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("--seeds is required (unless --table)")
     torch.set_num_threads(1)
     rows = []
-    for seed in args.seeds:
-        for lt in args.lt:
-            for recipe in args.recipes:
-                for rule in args.rules or ["uniform"]:
-                    start = time.time()
-                    r = measure(seed, args.split, lt, recipe, width=args.width, depth=args.depth, steps=args.steps,
-                                lr=args.lr, rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin),
-                                finish_steps=args.finish_steps, finish_lr=args.finish_lr,
-                                finish_keep=args.finish_keep, finish_guard=args.finish_guard,
-                                guard_slack=args.guard_slack, eval_every=args.eval_every)
-                    rows.append(r)
-                    print(f"seed {seed} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank {r['middle_rank']} "
-                          f"(1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "
-                          f"test {r['test_loss']:.4g} ({time.time() - start:.0f} s) ranks {r['ranks']}"
-                          + (f" guard {r['guard']} kept at {r['guard_kept_at']}" if r["guard"] else ""), flush=True)
-                    _save(args, rows)  # after every run: a stopped sweep keeps what it measured
+    grid = itertools.product(args.seeds, args.model_seeds or [None], args.lt, args.recipes, args.rules or ["uniform"])
+    for seed, model_seed, lt, recipe, rule in grid:
+        start = time.time()
+        r = measure(seed, args.split, lt, recipe, width=args.width, depth=args.depth, steps=args.steps, lr=args.lr,
+                    rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin),
+                    finish_steps=args.finish_steps, finish_lr=args.finish_lr, finish_keep=args.finish_keep,
+                    finish_guard=args.finish_guard, guard_slack=args.guard_slack, eval_every=args.eval_every,
+                    model_seed=model_seed)
+        rows.append(r)
+        print(f"seed {seed} model {r['model_seed']} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank "
+              f"{r['middle_rank']} (1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "
+              f"test {r['test_loss']:.4g} ({time.time() - start:.0f} s) ranks {r['ranks']}"
+              + (f" guard {r['guard']} kept at {r['guard_kept_at']}" if r["guard"] else ""), flush=True)
+        _save(args, rows)  # after every run: a stopped sweep keeps what it measured
     return 0
 
 
