@@ -335,8 +335,12 @@ def test_finish_guard_in_the_training_loop():
         run(RunConfig(width=8, depth=3, steps=2, finish_guard=5), task)
     with pytest.raises(ValueError, match="finish_guard applies to a finish recipe"):
         recipe_config("c0.1+io+lt", 4.0, finish_guard=5)
-    with pytest.raises(ValueError, match="guard_slack"):
+    with pytest.raises(ValueError, match="guard_slack must be an integer >= 0"):
         run(recipe_config("c0.1+io+lt+finish", 4.0, finish_guard=5, guard_slack=-1, **base), task)
+    with pytest.raises(ValueError, match="finish_guard must be an integer >= 0"):
+        run(recipe_config("c0.1+io+lt+finish", 4.0, finish_guard=True, **base), task)
+    # seconds per step counts the steps taken, not the ones planned
+    assert guarded.seconds_per_step > 0
 
 
 @pytest.mark.parametrize("seed, split", [(2, "tuning"), (1003, "heldout"), (1014, "heldout")])

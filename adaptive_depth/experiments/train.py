@@ -19,6 +19,7 @@ import torch
 from ..diagnostics import format_table  # noqa: F401 - re-exported for the experiments
 from .data import Task, get_task
 from . import candidates, mechanism
+from .._validate import check_int
 from ..optim import AdaptiveSteps
 from ..recipes import bottleneck_param_groups
 from .rank_guard import RankGuard
@@ -269,21 +270,18 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
                 record()  # the weights the phase ended on
     if bar is not None:
         bar.close()
-    return RunResult(config, history, model.step_sizes().tolist(), train_seconds / max(total, 1), reached,
+    return RunResult(config, history, model.step_sizes().tolist(), train_seconds / max(step, 1), reached,
                      model if keep_model else None)
 
 
 def finishing_config(config: RunConfig) -> RunConfig:
     """The finishing phase's settings: the penalties (plugin and io decay) times ``finish_keep`` (default 0: off),
     lr ``finish_lr``."""
-    if isinstance(config.finish_steps, bool) or not isinstance(config.finish_steps, int) or config.finish_steps < 0:
-        raise ValueError(f"finish_steps must be an integer >= 0, got {config.finish_steps!r}")
+    check_int(config.finish_steps, "finish_steps", 0)
     if config.finish_lr is not None and not (isinstance(config.finish_lr, (int, float)) and config.finish_lr > 0):
         raise ValueError(f"finish_lr must be None (the first phase's lr) or a number > 0, got {config.finish_lr!r}")
-    if isinstance(config.finish_guard, bool) or not isinstance(config.finish_guard, int) or config.finish_guard < 0:
-        raise ValueError(f"finish_guard must be an integer >= 0 (0: no guard), got {config.finish_guard!r}")
-    if isinstance(config.guard_slack, bool) or not isinstance(config.guard_slack, int) or config.guard_slack < 0:
-        raise ValueError(f"guard_slack must be an integer >= 0, got {config.guard_slack!r}")
+    check_int(config.finish_guard, "finish_guard", 0)
+    check_int(config.guard_slack, "guard_slack", 0)
     keep = config.finish_keep
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 <= keep <= 1:
         raise ValueError(f"finish_keep must be a number in [0, 1] (the fraction of the penalties kept), got {keep!r}")
