@@ -339,8 +339,18 @@ def test_finish_guard_in_the_training_loop():
         run(recipe_config("c0.1+io+lt+finish", 4.0, finish_guard=5, guard_slack=-1, **base), task)
     with pytest.raises(ValueError, match="finish_guard must be an integer >= 0"):
         run(recipe_config("c0.1+io+lt+finish", 4.0, finish_guard=True, **base), task)
-    # seconds per step counts the steps taken, not the ones planned
-    assert guarded.seconds_per_step > 0
+    # seconds per step counts the steps taken (fewer than planned when the guard trips)
+    h = guarded.history
+    assert guarded.seconds_per_step == pytest.approx(h["seconds"][-1] / h["step"][-1])
+    # a finish that raises the rank at once (width 16, finish lr 5e-2): the guard trips at its first check and the
+    # run ends on the penalised phase's weights, those of the same recipe without a finish
+    short = dict(base, width=16, steps=100, eval_every=50, finish_steps=60, finish_lr=5e-2)
+    tripped = run(recipe_config("c0.1+io+lt+finish", 4.0, finish_guard=5, **short), task)
+    g = tripped.history["guard"]
+    assert g[-1][1] > g[0][1] and tripped.history["guard_kept_at"] == [0] and tripped.history["step"][-1] < 160
+    no_finish = run(recipe_config("c0.1+io+lt", 4.0, **dict(short, finish_steps=0, finish_lr=None)), task)
+    assert tripped.history["train_loss"][-1] == no_finish.train_loss
+    assert tripped.history["test_loss"][-1] == no_finish.test_loss
 
 
 @pytest.mark.parametrize("seed, split", [(2, "tuning"), (1003, "heldout"), (1014, "heldout")])
