@@ -411,3 +411,23 @@ def test_bottleneck_model_seeds_vary_the_init_only_and_pair_by_seed(tmp_path):
     assert list(ratios) == [1] and ratios[1] == pytest.approx(
         [rows[1]["test_loss"] / rows[0]["test_loss"], rows[3]["test_loss"] / rows[2]["test_loss"]])
     assert seed_spread(rows[:3], "equal_distance") == {1: [pytest.approx(rows[1]["test_loss"] / rows[0]["test_loss"])]}
+
+
+def test_bottleneck_noise_replaces_the_label_noise_only():
+    import dataclasses
+    from adaptive_depth.experiments.bottleneck import measure
+    spec, task = tasks.draw(2, "tuning")  # noise 0.1
+    clean = tasks.make_task(dataclasses.replace(spec, noise=0.0))
+    assert torch.equal(clean.x_train, task.x_train) and torch.equal(clean.x_test, task.x_test)
+    # the same clean labels under the noise: the difference is noise of sd 0.1 per entry
+    diff = (task.y_train - clean.y_train).double()
+    assert 0.09 < float(diff.std()) < 0.11 and abs(float(diff.mean())) < 0.01
+    kw = dict(width=8, depth=3, steps=10, lr=1e-2)
+    own = measure(2, "tuning", 4.0, "c0.1+io+lt", **kw)
+    same = measure(2, "tuning", 4.0, "c0.1+io+lt", noise=0.1, **kw)
+    none = measure(2, "tuning", 4.0, "c0.1+io+lt", noise=0.0, **kw)
+    assert (own["noise"], none["noise"]) == (0.1, 0.0) and same["test_loss"] == own["test_loss"]
+    assert none["test_loss"] != own["test_loss"]
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="noise"):
+            measure(2, "tuning", 4.0, "c0.1+io+lt", noise=bad, **kw)

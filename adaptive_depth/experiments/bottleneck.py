@@ -15,17 +15,19 @@ equivalent of W = Lt V).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import math
 import os
 import time
 from typing import Dict, List, Optional
 
 import torch
 
-from .._validate import check_int
+from .._validate import check_int, check_range
 from ..recipes import representation_ranks
-from .tasks import HELDOUT_SEEDS, TUNING_SEEDS, draw, spec_for
+from .tasks import HELDOUT_SEEDS, TUNING_SEEDS, draw, make_task, spec_for
 from .train import RunConfig, run as train_run
 
 RECIPES: Dict[str, Dict] = {
@@ -63,16 +65,23 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             rule: str = "uniform", schedule: str = "cosine", optimizer: str = "adam",
             plugin: Optional[Dict] = None, finish_steps: Optional[int] = None,
             finish_lr: Optional[float] = None, finish_keep: float = 0.0, finish_guard: int = 0,
-            guard_slack: int = 0, eval_every: Optional[int] = None, model_seed: Optional[int] = None) -> Dict:
+            guard_slack: int = 0, eval_every: Optional[int] = None, model_seed: Optional[int] = None,
+            noise: Optional[float] = None) -> Dict:
     """Train one network and return its losses, its rank profile and k*; with ``eval_every``, also its curve
     (``"curve"``: step, train loss and test loss every ``eval_every`` steps; evaluating does not change training).
     ``model_seed`` seeds the initialisation (and minibatch order) apart from the task's data (None: the task seed,
-    as in every run before it existed)."""
+    as in every run before it existed). ``noise`` replaces the task's label noise (the inputs and clean labels stay
+    the task's; None: its own)."""
     if eval_every is not None:
         check_int(eval_every, "eval_every", 1)
     if model_seed is not None:
         check_int(model_seed, "model_seed", 0)
+    if noise is not None:
+        check_range(noise, "noise", 0.0, math.inf)
     spec, task = draw(seed, split)
+    if noise is not None:
+        spec = dataclasses.replace(spec, noise=float(noise))
+        task = make_task(spec)
     config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, finish_keep=finish_keep,
                            finish_guard=finish_guard, guard_slack=guard_slack,
                            data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
@@ -83,7 +92,7 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
     result = train_run(config, task, keep_model=True)
     ranks = representation_ranks(result.model, task.x_test)
     ranks1 = representation_ranks(result.model, task.x_test, threshold=0.01)
-    return {"seed": seed, "model_seed": config.seed, "k": spec.rank, "lt": lt, "recipe": recipe, "rule": rule,
+    return {"seed": seed, "model_seed": config.seed, "noise": spec.noise, "k": spec.rank, "lt": lt, "recipe": recipe, "rule": rule,
             "optimizer": optimizer, "plugin": dict(plugin or {}),
             "train_loss": result.train_loss, "test_loss": result.test_loss, "val_loss": result.history["val_loss"][-1],
             "middle_rank": ranks[len(ranks) // 2], "min_rank": min(ranks[1:-1]), "ranks": ranks,
@@ -195,6 +204,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--guard-slack", type=int, default=0)
     p.add_argument("--model-seeds", nargs="+", type=int, default=None, metavar="S", help="train each task once per "
                    "model seed (the initialisation; the data stay the task's); default: the task seed")
+    p.add_argument("--noise", type=float, default=None, help="replace every task's label noise (sd per output; "
+                   "the inputs and clean labels stay the task's); default: the task's own")
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="also record the test-loss curve "
                    "every N steps (default: the end only)")
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
@@ -219,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin),
                     finish_steps=args.finish_steps, finish_lr=args.finish_lr, finish_keep=args.finish_keep,
                     finish_guard=args.finish_guard, guard_slack=args.guard_slack, eval_every=args.eval_every,
-                    model_seed=model_seed)
+                    model_seed=model_seed, noise=args.noise)
         rows.append(r)
         print(f"seed {seed} model {r['model_seed']} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank "
               f"{r['middle_rank']} (1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "
