@@ -27,7 +27,7 @@ import torch
 
 from .._validate import check_int, check_range
 from ..recipes import representation_ranks
-from .tasks import HELDOUT_SEEDS, TUNING_SEEDS, draw, make_task, spec_for
+from .tasks import SPLITS, make_task, spec_for
 from .train import RunConfig, run as train_run
 
 RECIPES: Dict[str, Dict] = {
@@ -76,19 +76,16 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
         check_int(eval_every, "eval_every", 1)
     if model_seed is not None:
         check_int(model_seed, "model_seed", 0)
+    spec = spec_for(seed, split)
     if noise is not None:
-        check_range(noise, "noise", 0.0, math.inf)
-    spec, task = draw(seed, split)
-    if noise is not None:
-        spec = dataclasses.replace(spec, noise=float(noise))
-        task = make_task(spec)
+        spec = dataclasses.replace(spec, noise=check_range(noise, "noise", 0.0, math.inf))
+    task = make_task(spec)  # what draw(seed, split) builds, with the noise replaced
     config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, finish_keep=finish_keep,
                            finish_guard=finish_guard, guard_slack=guard_slack,
                            data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
                            scheme="exponential", seed=seed if model_seed is None else model_seed, data_seed=seed,
-                           n_train=spec.n_train,
-                           n_test=spec.n_test, eval_every=eval_every or steps, schedule=schedule, optimizer=optimizer,
-                           plugin=dict(plugin or {}))
+                           n_train=spec.n_train, n_test=spec.n_test, eval_every=eval_every or steps,
+                           schedule=schedule, optimizer=optimizer, plugin=dict(plugin or {}))
     result = train_run(config, task, keep_model=True)
     ranks = representation_ranks(result.model, task.x_test)
     ranks1 = representation_ranks(result.model, task.x_test, threshold=0.01)
@@ -125,7 +122,7 @@ def steps_to(curve: Dict, target: float) -> Optional[int]:
 def noise_floor(seed: int) -> Optional[float]:
     """The train loss of the noiseless teacher on the noisy labels of family task ``seed``: out_dim x noise^2
     (the loss sums over outputs; the noise is added after standardising). None for a seed outside the family."""
-    split = "tuning" if seed in TUNING_SEEDS else "heldout" if seed in HELDOUT_SEEDS else None
+    split = next((name for name, seeds in SPLITS.items() if seed in seeds), None)
     if split is None:
         return None
     spec = spec_for(seed, split)

@@ -230,7 +230,7 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
         opt = _plugin(phase_config, inner, model)
         sched = _schedule(opt, schedule, count)
         guard = (RankGuard(model, task.x_train, every=config.finish_guard, slack=config.guard_slack)
-                 if config.finish_guard and config.finish_steps and index == len(phases) - 1 else None)
+                 if config.finish_guard and index == len(phases) - 1 else None)
         for _ in range(count):
             start = time.perf_counter()
             if config.batch_size and config.batch_size < n:
