@@ -431,3 +431,55 @@ def test_bottleneck_noise_replaces_the_label_noise_only():
     for bad in (-0.1, math.nan, math.inf):
         with pytest.raises(ValueError, match="noise"):
             measure(2, "tuning", 4.0, "c0.1+io+lt", noise=bad, **kw)
+
+
+@pytest.mark.parametrize("seed,split", [(2, "tuning"), (1003, "heldout"), (1, "tuning")])
+def test_clean_test_labels_are_the_teacher_before_the_noise(seed, split):
+    """``y_test_clean`` is the standardised teacher on the test inputs (rebuilt here in float64 from the spec's
+    generator); the noisy labels are it plus the noise drawn next, exactly as before the field existed."""
+    spec, task = tasks.draw(seed, split)
+    f, _, gen = tasks.teacher_function(spec)
+    n = spec.n_train + spec.n_val + spec.n_test
+    x = torch.randn(n, spec.in_dim, generator=gen, dtype=torch.float64)
+    y = f(x)
+    y = (y - y[:spec.n_train].mean(0)) / y[:spec.n_train].std(0)
+    noisy = y + spec.noise * torch.randn(y.shape, generator=gen, dtype=torch.float64) if spec.noise > 0 else y
+    test = slice(spec.n_train + spec.n_val, n)
+    torch.testing.assert_close(task.y_test_clean, y[test].float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(task.y_test, noisy[test].float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(task.y_train, noisy[:spec.n_train].float(), rtol=1e-6, atol=1e-6)
+    if spec.noise == 0:
+        assert torch.equal(task.y_test_clean, task.y_test)
+
+
+def test_clean_test_loss_is_the_loss_on_the_clean_labels_and_the_noise_adds_its_floor():
+    """The run records the test loss on the clean labels; with noise, the noisy test loss is it plus the noise
+    floor out_dim x noise^2, up to sampling error (500 test points)."""
+    from adaptive_depth.experiments.bottleneck import noise_floor
+    spec, task = tasks.draw(2, "tuning")  # noise 0.1, 24 outputs: floor 0.24
+    config = RunConfig(data=spec.name, width=16, depth=3, steps=30, lr=1e-2, effective_depth=2.0, eval_every=10,
+                       scheme="exponential", seed=3, n_train=spec.n_train, n_test=spec.n_test)
+    result = run(config, task, keep_model=True)
+    model = result.model.eval()
+    with torch.no_grad():
+        pred = model(task.x_test).double()
+    by_hand = float(((pred - task.y_test_clean.double()) ** 2).sum(1).mean())
+    assert result.history["clean_test_loss"][-1] == pytest.approx(by_hand, rel=1e-5)
+    assert len(result.history["clean_test_loss"]) == len(result.history["step"]) == 4
+    gap = result.history["test_loss"][-1] - result.history["clean_test_loss"][-1]
+    assert gap == pytest.approx(noise_floor(2), rel=0.25)
+
+
+def test_at_best_val_reads_the_checkpoint_early_stopping_keeps():
+    from adaptive_depth.experiments.bottleneck import at_best_val, measure
+    curve = {"step": [0, 50, 100, 150], "val_loss": [3.0, 1.0, 1.0, 2.0], "clean_test_loss": [4.0, 0.5, 0.4, 0.1],
+             "test_loss": [5.0, 0.7, 0.6, 0.3]}
+    assert at_best_val(curve) == (50, 0.5)  # the first of a tie; never the test's own minimum (150)
+    assert at_best_val(curve, "test_loss") == (50, 0.7)
+    row = measure(2, "tuning", 4.0, "c0.1+io+lt+finish", width=8, depth=3, steps=20, lr=1e-2, finish_steps=20,
+                  eval_every=10)
+    curve = row["curve"]
+    assert (curve["val_loss"][-1], curve["clean_test_loss"][-1]) == (row["val_loss"], row["clean_test_loss"])
+    step, value = at_best_val(curve)
+    assert curve["val_loss"][curve["step"].index(step)] == min(curve["val_loss"])
+    assert value == curve["clean_test_loss"][curve["step"].index(step)]

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -67,8 +67,9 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             finish_lr: Optional[float] = None, finish_keep: float = 0.0, finish_guard: int = 0,
             guard_slack: int = 0, eval_every: Optional[int] = None, model_seed: Optional[int] = None,
             noise: Optional[float] = None) -> Dict:
-    """Train one network and return its losses, its rank profile and k*; with ``eval_every``, also its curve
-    (``"curve"``: step, train loss and test loss every ``eval_every`` steps; evaluating does not change training).
+    """Train one network and return its losses (``clean_test_loss``: on the test labels before the noise, the
+    excess test loss), its rank profile and k*; with ``eval_every``, also its curve (``"curve"``: step and the
+    train, test, validation and clean test losses every ``eval_every`` steps; evaluating does not change training).
     ``model_seed`` seeds the initialisation (and minibatch order) apart from the task's data (None: the task seed,
     as in every run before it existed). ``noise`` replaces the task's label noise (the inputs and clean labels stay
     the task's; None: its own)."""
@@ -92,6 +93,7 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
     return {"seed": seed, "model_seed": config.seed, "noise": spec.noise, "k": spec.rank, "lt": lt, "recipe": recipe, "rule": rule,
             "optimizer": optimizer, "plugin": dict(plugin or {}),
             "train_loss": result.train_loss, "test_loss": result.test_loss, "val_loss": result.history["val_loss"][-1],
+            "clean_test_loss": result.history["clean_test_loss"][-1],
             "middle_rank": ranks[len(ranks) // 2], "min_rank": min(ranks[1:-1]), "ranks": ranks,
             "middle_rank_1pct": ranks1[len(ranks1) // 2], "final_steps": result.final_steps,
             "steps": steps, "finish_steps": config.finish_steps, "finish_lr": config.finish_lr,
@@ -99,7 +101,7 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             "guard_slack": config.guard_slack, "guard": result.history.get("guard"),
             "guard_kept_at": (result.history.get("guard_kept_at") or [None])[0],
             "curve": None if eval_every is None else
-            {k: result.history[k] for k in ("step", "train_loss", "test_loss")}}
+            {k: result.history[k] for k in ("step", "train_loss", "test_loss", "val_loss", "clean_test_loss")}}
 
 
 def seed_spread(rows: List[Dict], rule: str, against: str = "uniform") -> Dict[int, List[float]]:
@@ -117,6 +119,13 @@ def seed_spread(rows: List[Dict], rule: str, against: str = "uniform") -> Dict[i
 def steps_to(curve: Dict, target: float) -> Optional[int]:
     """The first evaluated step whose test loss is at most ``target`` (None: never)."""
     return next((s for s, loss in zip(curve["step"], curve["test_loss"]) if loss <= target), None)
+
+
+def at_best_val(curve: Dict, key: str = "clean_test_loss") -> Tuple[int, float]:
+    """``(step, curve[key] there)`` at the evaluated step of least validation loss (the first, on a tie): the
+    checkpoint early stopping on the validation split keeps. The test labels play no part in the choice."""
+    best = min(range(len(curve["val_loss"])), key=lambda i: (curve["val_loss"][i], i))
+    return curve["step"][best], curve[key][best]
 
 
 def noise_floor(seed: int) -> Optional[float]:

@@ -77,11 +77,13 @@ class FamilySpec:
 
 @dataclass
 class FamilyTask(Task):
-    """A ``Task`` with a validation split (for learning-rate and model selection) and its bottleneck rank."""
+    """A ``Task`` with a validation split (for learning-rate and model selection), its bottleneck rank, and the
+    test labels before the label noise (``y_test_clean``: the loss on them is the excess test loss)."""
 
     x_val: Optional[Tensor] = None
     y_val: Optional[Tensor] = None
     rank: int = 0
+    y_test_clean: Optional[Tensor] = None
 
 
 def check_split(seed: int, split: str) -> None:
@@ -142,13 +144,14 @@ def make_task(spec: FamilySpec) -> FamilyTask:
     x = torch.randn(n, spec.in_dim, generator=gen, dtype=torch.float64)
     y = f(x)
     train = slice(0, spec.n_train)
-    y = (y - y[train].mean(0)) / y[train].std(0).clamp(min=1e-12)
+    clean = (y - y[train].mean(0)) / y[train].std(0).clamp(min=1e-12)
+    y = clean
     if spec.noise > 0:
-        y = y + spec.noise * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        y = clean + spec.noise * torch.randn(y.shape, generator=gen, dtype=torch.float64)
     x, y = x.float(), y.float()
     val, test = slice(spec.n_train, spec.n_train + spec.n_val), slice(spec.n_train + spec.n_val, n)
     return FamilyTask(spec.name, x[train], y[train], x[test], y[test], "mse", x_val=x[val], y_val=y[val],
-                      rank=spec.rank)
+                      rank=spec.rank, y_test_clean=clean[test].float())
 
 
 def draw(seed: int, split: str) -> Tuple[FamilySpec, FamilyTask]:

@@ -204,6 +204,9 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
     x_val = getattr(task, "x_val", None)
     if x_val is not None:
         history["val_loss"] = []
+    y_clean = getattr(task, "y_test_clean", None)
+    if y_clean is not None:
+        history["clean_test_loss"] = []
     phases = [(make_optimizer(config, model), config.steps, config, config.schedule)]
     if config.sgd_steps:
         phases.append((torch.optim.SGD(model.parameters(), lr=config.sgd_lr), config.sgd_steps, config, "constant"))
@@ -223,6 +226,8 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
             history[key].append(value)
         if x_val is not None:
             history["val_loss"].append(_loss(model, task, x_val, task.y_val))
+        if y_clean is not None:
+            history["clean_test_loss"].append(_loss(model, task, task.x_test, y_clean))
         return tr
 
     record()
