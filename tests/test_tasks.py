@@ -359,11 +359,7 @@ def test_noise_floor_is_the_noiseless_teachers_train_loss(seed, split):
     clean teacher on the noisy training labels: the noise floor, up to sampling error."""
     from adaptive_depth.experiments.bottleneck import noise_floor
     spec, task = tasks.draw(seed, split)
-    f, _, gen = tasks.teacher_function(spec)
-    n = spec.n_train + spec.n_val + spec.n_test
-    x = torch.randn(n, spec.in_dim, generator=gen, dtype=torch.float64)
-    y = f(x)
-    y = (y - y[:spec.n_train].mean(0)) / y[:spec.n_train].std(0)
+    x, y, _ = _rebuilt(spec)
     clean = y[:spec.n_train].float()
     torch.testing.assert_close(task.x_train, x[:spec.n_train].float())
     measured = float(task.loss_fn(clean, task.y_train))
@@ -433,18 +429,24 @@ def test_bottleneck_noise_replaces_the_label_noise_only():
             measure(2, "tuning", 4.0, "c0.1+io+lt", noise=bad, **kw)
 
 
+def _rebuilt(spec):
+    """``(x, clean, noisy)``: a task's inputs and labels rebuilt in float64 from its spec's generator, written out
+    apart from ``make_task``: the standardised teacher, then the noise drawn next."""
+    f, _, gen = tasks.teacher_function(spec)
+    x = torch.randn(spec.n_train + spec.n_val + spec.n_test, spec.in_dim, generator=gen, dtype=torch.float64)
+    y = f(x)
+    y = (y - y[:spec.n_train].mean(0)) / y[:spec.n_train].std(0)
+    noisy = y + spec.noise * torch.randn(y.shape, generator=gen, dtype=torch.float64) if spec.noise > 0 else y
+    return x, y, noisy
+
+
 @pytest.mark.parametrize("seed,split", [(2, "tuning"), (1003, "heldout"), (1, "tuning")])
 def test_clean_test_labels_are_the_teacher_before_the_noise(seed, split):
     """``y_test_clean`` is the standardised teacher on the test inputs (rebuilt here in float64 from the spec's
     generator); the noisy labels are it plus the noise drawn next, exactly as before the field existed."""
     spec, task = tasks.draw(seed, split)
-    f, _, gen = tasks.teacher_function(spec)
-    n = spec.n_train + spec.n_val + spec.n_test
-    x = torch.randn(n, spec.in_dim, generator=gen, dtype=torch.float64)
-    y = f(x)
-    y = (y - y[:spec.n_train].mean(0)) / y[:spec.n_train].std(0)
-    noisy = y + spec.noise * torch.randn(y.shape, generator=gen, dtype=torch.float64) if spec.noise > 0 else y
-    test = slice(spec.n_train + spec.n_val, n)
+    _, y, noisy = _rebuilt(spec)
+    test = slice(spec.n_train + spec.n_val, y.shape[0])
     torch.testing.assert_close(task.y_test_clean, y[test].float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(task.y_test, noisy[test].float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(task.y_train, noisy[:spec.n_train].float(), rtol=1e-6, atol=1e-6)
