@@ -179,6 +179,11 @@ def test_bottleneck_table_counts_the_goal_per_task():
     from adaptive_depth.experiments.bottleneck import noise_floor
     assert noise_floor(2) == pytest.approx(24 * 0.1 ** 2) and noise_floor(1) == 0.0 and noise_floor(500) is None
     assert noise_floor(1003) == pytest.approx(16 * 0.1 ** 2)
+    assert noise_floor(2, 0.05) == pytest.approx(24 * 0.05 ** 2) and noise_floor(1, 0.1) == pytest.approx(
+        tasks.spec_for(1, "tuning").out_dim * 0.01) and noise_floor(2, 0.0) == 0.0
+    # rows trained under --noise carry their noise: the floor is theirs, not the task's own
+    replaced = [dict(r, noise=0.0) for r in low]
+    assert "| 2 | 2 | 0 |" in table(replaced, "r", 12.0, ("uniform",))
 
 
 def test_finishing_phase_turns_the_penalty_off_or_down_and_trains_on():

@@ -128,18 +128,19 @@ def at_best_val(curve: Dict, key: str = "clean_test_loss") -> Tuple[int, float]:
     return curve["step"][best], curve[key][best]
 
 
-def noise_floor(seed: int) -> Optional[float]:
+def noise_floor(seed: int, noise: Optional[float] = None) -> Optional[float]:
     """The train loss of the noiseless teacher on the noisy labels of family task ``seed``: out_dim x noise^2
-    (the loss sums over outputs; the noise is added after standardising). None for a seed outside the family."""
+    (the loss sums over outputs; the noise is added after standardising), with the task's own noise or ``noise``
+    where a run replaced it (``--noise``). None for a seed outside the family."""
     split = next((name for name, seeds in SPLITS.items() if seed in seeds), None)
     if split is None:
         return None
     spec = spec_for(seed, split)
-    return spec.out_dim * spec.noise ** 2
+    return spec.out_dim * (spec.noise if noise is None else noise) ** 2
 
 
 def table(rows: List[Dict], recipe: str, lt: float, rules=("uniform", "equal_distance")) -> str:
-    """Markdown: per task, the noise floor (``noise_floor``), the Lt = 0 default network against ``recipe`` at
+    """Markdown: per task, the noise floor (``noise_floor``, at the noise the recipe's runs trained on), the Lt = 0 default network against ``recipe`` at
     ``lt`` under each rule (middle rank against k*, train and test loss as ratios to Lt = 0), then the count of
     tasks meeting the issue's goal (middle rank <= k* + 1 and train loss within 10% of Lt = 0's, under the first
     rule), and the count with the train clause read noise-aware (within 10% of Lt = 0's, or at or below the noise
@@ -155,7 +156,7 @@ def table(rows: List[Dict], recipe: str, lt: float, rules=("uniform", "equal_dis
         base = cell.get((seed, 0.0, "default", "uniform"))
         runs = [cell.get((seed, lt, recipe, rule)) for rule in rules]
         k = next(r["k"] for r in [base, *runs] if r is not None)
-        floor = noise_floor(seed)
+        floor = noise_floor(seed, next((r.get("noise") for r in (*runs, base) if r is not None), None))
         out = [str(seed), str(k), "-" if floor is None else f"{floor:.3g}", "-" if base is None else
                f"{base['middle_rank']} / {base['train_loss']:.4g} / {base['test_loss']:.4g}"]
         for r in runs:
