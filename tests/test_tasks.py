@@ -390,7 +390,7 @@ def test_bottleneck_curve_leaves_training_unchanged_and_steps_to_reads_it():
         measure(1, "tuning", 4.0, "c0.1+io+lt+finish", eval_every=0, **kw)
 
 
-def test_bottleneck_model_seeds_vary_the_init_only_and_pair_by_seed(tmp_path):
+def test_bottleneck_model_seeds_vary_the_init_only_and_pair_by_seed(tmp_path, capsys):
     from adaptive_depth.experiments.bottleneck import main, measure, seed_spread
     kw = dict(width=8, depth=3, steps=10, lr=1e-2)
     default = measure(1, "tuning", 4.0, "c0.1+io+lt", **kw)
@@ -412,6 +412,17 @@ def test_bottleneck_model_seeds_vary_the_init_only_and_pair_by_seed(tmp_path):
     assert list(ratios) == [1] and ratios[1] == pytest.approx(
         [rows[1]["test_loss"] / rows[0]["test_loss"], rows[3]["test_loss"] / rows[2]["test_loss"]])
     assert seed_spread(rows[:3], "equal_distance") == {1: [pytest.approx(rows[1]["test_loss"] / rows[0]["test_loss"])]}
+    # --table --model-seed S tabulates that seed's rows; without it the later seed's rows replace the earlier's
+    assert f"{rows[0]['test_loss']:.4g}" != f"{rows[2]['test_loss']:.4g}"
+    table_args = ["--table", str(out), "--recipe", "c0.1+io+lt", "--lt", "4", "--rules", "uniform"]
+    for seed, row in ((0, rows[0]), (7, rows[2]), (None, rows[2])):
+        capsys.readouterr()
+        assert main(table_args + ([] if seed is None else ["--model-seed", str(seed)])) == 0
+        assert f"/ {row['test_loss']:.4g} |" in capsys.readouterr().out
+    for bad in (table_args + ["--model-seed", "3"], ["--seeds", "1", "--model-seed", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(bad)
+        assert exc.value.code == 2 and "--model-seed" in capsys.readouterr().err
 
 
 def test_bottleneck_noise_replaces_the_label_noise_only():

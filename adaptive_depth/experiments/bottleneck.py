@@ -216,9 +216,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="also record the test-loss curve "
                    "every N steps (default: the end only)")
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
+    p.add_argument("--model-seed", type=int, default=None, metavar="S", help="--table: only the rows of model seed "
+                   "S (a row without one has its task seed); default: all, a later row of a (task, Lt, recipe, "
+                   "rule) replacing an earlier one")
     args = p.parse_args(argv)
+    if args.model_seed is not None and not args.table:
+        p.error("--model-seed picks rows for --table; to train several, use --model-seeds")
     if args.table:
-        rows = [r for path in args.table for r in json.load(open(path))["rows"]]
+        rows = [r for path in args.table for r in json.load(open(path))["rows"]
+                if args.model_seed is None or r.get("model_seed", r["seed"]) == args.model_seed]
+        if not rows:
+            p.error(f"--model-seed {args.model_seed}: no row of {' '.join(args.table)} has that model seed")
         rules = tuple(args.rules) if args.rules else ("uniform", "equal_distance")
         md = table(rows, args.recipe, args.lt[0], rules)
         if args.md:
