@@ -140,12 +140,12 @@ def noise_floor(seed: int, noise: Optional[float] = None) -> Optional[float]:
 
 
 def table(rows: List[Dict], recipe: str, lt: float, rules=("uniform", "equal_distance")) -> str:
-    """Markdown: per task, the noise floor (``noise_floor``, at the noise the recipe's runs trained on), the Lt = 0 default network against ``recipe`` at
-    ``lt`` under each rule (middle rank against k*, train and test loss as ratios to Lt = 0), then the count of
-    tasks meeting the issue's goal (middle rank <= k* + 1 and train loss within 10% of Lt = 0's, under the first
-    rule), and the count with the train clause read noise-aware (within 10% of Lt = 0's, or at or below the noise
-    floor, where matching Lt = 0 means fitting the label noise). A later row of the same (task, Lt, recipe,
-    rule) replaces an earlier one."""
+    """Markdown: per task, the noise floor (``noise_floor``, at the noise the recipe's runs trained on), the Lt = 0
+    default network against ``recipe`` at ``lt`` under each rule (middle rank against k*, train and test loss as
+    ratios to Lt = 0), then the count of tasks meeting the issue's goal (middle rank <= k* + 1 and train loss
+    within 10% of Lt = 0's, under the first rule), and the count with the train clause read noise-aware (within 10%
+    of Lt = 0's, or at or below the noise floor, where matching Lt = 0 means fitting the label noise). A later row
+    of the same (task, Lt, recipe, rule) replaces an earlier one (``--model-seed`` picks one seed's rows)."""
     cell = {(r["seed"], r["lt"], r["recipe"], r["rule"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows if r["lt"] == lt and r["recipe"] == recipe})
     head = ["task", "k*", "noise floor", "Lt = 0: middle rank / train / test"] + [

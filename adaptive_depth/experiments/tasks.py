@@ -145,9 +145,7 @@ def make_task(spec: FamilySpec) -> FamilyTask:
     y = f(x)
     train = slice(0, spec.n_train)
     clean = (y - y[train].mean(0)) / y[train].std(0).clamp(min=1e-12)
-    y = clean
-    if spec.noise > 0:
-        y = clean + spec.noise * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    y = clean + spec.noise * torch.randn(y.shape, generator=gen, dtype=torch.float64) if spec.noise > 0 else clean
     x, y = x.float(), y.float()
     val, test = slice(spec.n_train, spec.n_train + spec.n_val), slice(spec.n_train + spec.n_val, n)
     return FamilyTask(spec.name, x[train], y[train], x[test], y[test], "mse", x_val=x[val], y_val=y[val],
