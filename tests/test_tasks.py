@@ -501,3 +501,29 @@ def test_at_best_val_reads_the_checkpoint_early_stopping_keeps():
     step, value = at_best_val(curve)
     assert curve["val_loss"][curve["step"].index(step)] == min(curve["val_loss"])
     assert value == curve["clean_test_loss"][curve["step"].index(step)]
+
+
+def test_bottleneck_n_train_keeps_the_teacher_and_redraws_the_sample():
+    import dataclasses
+    from adaptive_depth.experiments.bottleneck import main, measure
+    spec = tasks.spec_for(1, "tuning")
+    small = dataclasses.replace(spec, n_train=spec.n_train // 2)
+    f, q, _ = tasks.teacher_function(spec)
+    g, r, _ = tasks.teacher_function(small)
+    x = torch.randn(5, spec.in_dim, dtype=torch.float64)
+    assert torch.equal(f(x), g(x)) and torch.equal(q, r)  # the same teacher
+    task = tasks.make_task(small)
+    assert task.x_train.shape[0] == spec.n_train // 2 and task.x_test.shape[0] == spec.n_test
+    kw = dict(width=8, depth=3, steps=10, lr=1e-2)
+    own = measure(1, "tuning", 4.0, "c0.1+io+lt", **kw)
+    same = measure(1, "tuning", 4.0, "c0.1+io+lt", n_train=spec.n_train, **kw)
+    half = measure(1, "tuning", 4.0, "c0.1+io+lt", n_train=spec.n_train // 2, **kw)
+    assert (own["n_train"], half["n_train"]) == (spec.n_train, spec.n_train // 2)
+    assert same["test_loss"] == own["test_loss"] and half["test_loss"] != own["test_loss"]
+    for bad in (1, 0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="n_train must be an integer >= 2"):
+            measure(1, "tuning", 4.0, "c0.1+io+lt", n_train=bad, **kw)
+    with pytest.raises(ValueError, match="n_train"):
+        main(["--split", "tuning", "--seeds", "1", "--n-train", "1", "--steps", "10", "--width", "8", "--depth", "3",
+              "--recipes", "c0.1+io+lt", "--json", "/dev/null"])
+
