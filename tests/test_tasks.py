@@ -527,3 +527,35 @@ def test_bottleneck_n_train_keeps_the_teacher_and_redraws_the_sample():
         main(["--split", "tuning", "--seeds", "1", "--n-train", "1", "--steps", "10", "--width", "8", "--depth", "3",
               "--recipes", "c0.1+io+lt", "--json", "/dev/null"])
 
+
+def test_bottleneck_nonlinearity_keeps_the_teachers_weights_and_the_inputs():
+    import dataclasses
+    from adaptive_depth.experiments.bottleneck import main, measure
+    spec, task = tasks.draw(1, "tuning")
+    other = next(name for name in tasks.NONLINEARITIES if name != spec.nonlinearity)
+    swapped = dataclasses.replace(spec, nonlinearity=other)
+    # the same weights under the other nonlinearity, written out: M phi(U q^T x + c), drawn in the spec's order
+    gen = torch.Generator().manual_seed(104729 * spec.seed + 3)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(spec.in_dim, spec.rank, **f64))
+    u = spec.gain * torch.randn(spec.hidden, spec.rank, **f64)
+    c = 0.5 * torch.randn(spec.hidden, **f64)
+    m = torch.randn(spec.out_dim, spec.hidden, **f64) / math.sqrt(spec.hidden)
+    x = torch.randn(7, spec.in_dim, dtype=torch.float64)
+    for s_, name in ((spec, spec.nonlinearity), (swapped, other)):
+        f, _, _ = tasks.teacher_function(s_)
+        torch.testing.assert_close(f(x), tasks.NONLINEARITIES[name]((x @ q) @ u.T + c) @ m.T)
+    new = tasks.make_task(swapped)
+    assert torch.equal(new.x_train, task.x_train) and torch.equal(new.x_test, task.x_test)
+    assert not torch.equal(new.y_train, task.y_train)
+    kw = dict(width=8, depth=3, steps=10, lr=1e-2)
+    own = measure(1, "tuning", 4.0, "c0.1+io+lt", **kw)
+    same = measure(1, "tuning", 4.0, "c0.1+io+lt", nonlinearity=spec.nonlinearity, **kw)
+    changed = measure(1, "tuning", 4.0, "c0.1+io+lt", nonlinearity=other, **kw)
+    assert same["test_loss"] == own["test_loss"] and changed["test_loss"] != own["test_loss"]
+    assert (own["nonlinearity"], changed["nonlinearity"]) == (spec.nonlinearity, other)
+    with pytest.raises(ValueError, match="nonlinearity must be one of"):
+        measure(1, "tuning", 4.0, "c0.1+io+lt", nonlinearity="gelu", **kw)
+    with pytest.raises(SystemExit):
+        main(["--split", "tuning", "--seeds", "1", "--nonlinearity", "gelu", "--json", "/dev/null"])
+

@@ -27,7 +27,7 @@ import torch
 
 from .._validate import check_int, check_range
 from ..recipes import representation_ranks
-from .tasks import SPLITS, make_task, spec_for
+from .tasks import NONLINEARITIES, SPLITS, make_task, spec_for
 from .train import RunConfig, run as train_run
 
 RECIPES: Dict[str, Dict] = {
@@ -66,14 +66,15 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             plugin: Optional[Dict] = None, finish_steps: Optional[int] = None,
             finish_lr: Optional[float] = None, finish_keep: float = 0.0, finish_guard: int = 0,
             guard_slack: int = 0, eval_every: Optional[int] = None, model_seed: Optional[int] = None,
-            noise: Optional[float] = None, n_train: Optional[int] = None) -> Dict:
+            noise: Optional[float] = None, n_train: Optional[int] = None,
+            nonlinearity: Optional[str] = None) -> Dict:
     """Train one network and return its losses (``clean_test_loss``: on the test labels before the noise, the
     excess test loss), its rank profile and k*; with ``eval_every``, also its curve (``"curve"``: step and the
     train, test, validation and clean test losses every ``eval_every`` steps; evaluating does not change training).
     ``model_seed`` seeds the initialisation (and minibatch order) apart from the task's data (None: the task seed,
     as in every run before it existed). ``noise`` replaces the task's label noise (the inputs and clean labels stay
     the task's; None: its own). ``n_train`` replaces its training-set size: the teacher stays, the inputs are drawn
-    afresh (None: its own)."""
+    afresh (None: its own). ``nonlinearity`` replaces the teacher's: its weights and the inputs stay (None: its own)."""
     if eval_every is not None:
         check_int(eval_every, "eval_every", 1)
     if model_seed is not None:
@@ -83,7 +84,11 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
         spec = dataclasses.replace(spec, noise=check_range(noise, "noise", 0.0, math.inf))
     if n_train is not None:
         spec = dataclasses.replace(spec, n_train=check_int(n_train, "n_train", 2))
-    task = make_task(spec)  # what draw(seed, split) builds, with the noise or training-set size replaced
+    if nonlinearity is not None:
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {nonlinearity!r}")
+        spec = dataclasses.replace(spec, nonlinearity=nonlinearity)
+    task = make_task(spec)  # what draw(seed, split) builds, with the noise, size or nonlinearity replaced
     config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, finish_keep=finish_keep,
                            finish_guard=finish_guard, guard_slack=guard_slack,
                            data=spec.name, width=width, depth=depth, steps=steps, lr=lr, rule=rule,
@@ -93,8 +98,8 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
     result = train_run(config, task, keep_model=True)
     ranks = representation_ranks(result.model, task.x_test)
     ranks1 = representation_ranks(result.model, task.x_test, threshold=0.01)
-    return {"seed": seed, "model_seed": config.seed, "noise": spec.noise, "n_train": spec.n_train, "k": spec.rank,
-            "lt": lt, "recipe": recipe, "rule": rule, "optimizer": optimizer, "plugin": dict(plugin or {}),
+    return {"seed": seed, "model_seed": config.seed, "noise": spec.noise, "n_train": spec.n_train,
+            "nonlinearity": spec.nonlinearity, "k": spec.rank, "lt": lt, "recipe": recipe, "rule": rule, "optimizer": optimizer, "plugin": dict(plugin or {}),
             "train_loss": result.train_loss, "test_loss": result.test_loss, "val_loss": result.history["val_loss"][-1],
             "clean_test_loss": result.history["clean_test_loss"][-1],
             "middle_rank": ranks[len(ranks) // 2], "min_rank": min(ranks[1:-1]), "ranks": ranks,
@@ -218,6 +223,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "the inputs and clean labels stay the task's); default: the task's own")
     p.add_argument("--n-train", type=int, default=None, metavar="N", help="replace every task's training-set size "
                    "(the teacher stays; the inputs are drawn afresh); default: the task's own")
+    p.add_argument("--nonlinearity", default=None, choices=sorted(NONLINEARITIES), help="replace every teacher's "
+                   "nonlinearity (its weights and the inputs stay); default: the task's own")
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="also record the test-loss curve "
                    "every N steps (default: the end only)")
     p.add_argument("--json", default=os.path.join("out", "bottleneck.json"))
@@ -250,7 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     rule=rule, optimizer=args.optimizer, plugin=json.loads(args.plugin),
                     finish_steps=args.finish_steps, finish_lr=args.finish_lr, finish_keep=args.finish_keep,
                     finish_guard=args.finish_guard, guard_slack=args.guard_slack, eval_every=args.eval_every,
-                    model_seed=model_seed, noise=args.noise, n_train=args.n_train)
+                    model_seed=model_seed, noise=args.noise, n_train=args.n_train, nonlinearity=args.nonlinearity)
         rows.append(r)
         print(f"seed {seed} model {r['model_seed']} k*={r['k']} Lt={lt:g} {recipe:>12} {rule:>14}: middle rank "
               f"{r['middle_rank']} (1%: {r['middle_rank_1pct']}) min {r['min_rank']} train {r['train_loss']:.4g} "
