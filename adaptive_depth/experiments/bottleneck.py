@@ -99,7 +99,8 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
     ranks = representation_ranks(result.model, task.x_test)
     ranks1 = representation_ranks(result.model, task.x_test, threshold=0.01)
     return {"seed": seed, "model_seed": config.seed, "noise": spec.noise, "n_train": spec.n_train,
-            "nonlinearity": spec.nonlinearity, "k": spec.rank, "lt": lt, "recipe": recipe, "rule": rule, "optimizer": optimizer, "plugin": dict(plugin or {}),
+            "nonlinearity": spec.nonlinearity, "k": spec.rank, "lt": lt, "recipe": recipe, "rule": rule,
+            "optimizer": optimizer, "plugin": dict(plugin or {}),
             "train_loss": result.train_loss, "test_loss": result.test_loss, "val_loss": result.history["val_loss"][-1],
             "clean_test_loss": result.history["clean_test_loss"][-1],
             "middle_rank": ranks[len(ranks) // 2], "min_rank": min(ranks[1:-1]), "ranks": ranks,
