@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Sequence, Tuple
 
-__all__ = ["check_int", "check_positive", "check_range", "check_step_range", "CheckpointError"]
+__all__ = ["check_choice", "check_int", "check_positive", "check_range", "check_step_range", "CheckpointError"]
 
 
 class CheckpointError(ValueError, RuntimeError):
@@ -16,6 +16,13 @@ class CheckpointError(ValueError, RuntimeError):
 
     A ``ValueError`` (a bad value) and a ``RuntimeError`` (what ``nn.Module.load_state_dict`` raises for a
     checkpoint that does not fit), so code that catches either keeps working."""
+
+
+def check_choice(value, name: str, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed`` (a name: a scheme, a shape, an arm)."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
 
 
 def check_int(value, name: str, low: int) -> int:

@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_choice
 from .ops import step_coefficients
 from .steps import StepSizes, step_groups
 from .wrap import identity_coefficient
@@ -307,11 +308,6 @@ def _set_container(group: _Group, blocks: List[nn.Module]) -> None:
         mods[str(i)] = child
 
 
-def _check_choice(value, name: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-
-
 def _zero_split_scale(rho: float, n: int, lt: float, scheme: str, identity: bool = False) -> float:
     """Scale for the kept block's branch so that it followed by ``n - 1`` zero-branch blocks, all with step
     ``rho / n``, has the original branch coefficient (exact at Lt = 0, and under the exponential scheme).
@@ -464,9 +460,9 @@ def refine(model: nn.Module, optimizer=None, *, how: str = "uniform", factor: in
             chosen by another rule. Block l of a group then gets ``pieces[g][l]`` steps of ``rho_l /
             pieces[g][l]``.
     """
-    _check_choice(how, "how", HOWS)
-    _check_choice(init, "init", INITS)
-    _check_choice(state, "state", STATES)
+    check_choice(how, "how", HOWS)
+    check_choice(init, "init", INITS)
+    check_choice(state, "state", STATES)
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
     if pieces is None:
@@ -487,7 +483,7 @@ def refine_plan(model: nn.Module, *, how: str = "uniform", factor: int = 2, inpu
     ``distances`` (``how="adaptive"`` only, instead of ``inputs``): your own monitor, per group one finite value
     >= 0 per block, equidistributed as the measured step-distances would be; ``refine(..., pieces=plan["pieces"])``
     then applies the plan."""
-    _check_choice(how, "how", HOWS)
+    check_choice(how, "how", HOWS)
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
     groups = _groups(model)
@@ -519,7 +515,7 @@ def coarsen(model: nn.Module, optimizer=None, *, to: Optional[int] = None, how: 
     with a projection shortcut is never dropped. Distances come from ``inputs`` (one forward pass) or the
     statistics recorded by the last forward pass.
     """
-    _check_choice(how, "how", MERGES)
+    check_choice(how, "how", MERGES)
     if to is not None and (isinstance(to, bool) or not isinstance(to, int) or to < 1):
         raise ValueError(f"to must be None or an integer >= 1 (blocks per group), got {to!r}")
     plan = coarsen_plan(model, to=to, inputs=inputs)
@@ -634,9 +630,9 @@ def depths(model: nn.Module) -> List[int]:
 def _check_schedule(*, at, how, factor, init, state, patience, threshold, cooldown, max_depth, rewarm,
                     **_) -> List[int]:
     """Check ``DepthScheduler``'s arguments (also ``DepthCallback``'s, when it is built); returns ``at`` as a list."""
-    _check_choice(how, "how", HOWS)
-    _check_choice(init, "init", INITS)
-    _check_choice(state, "state", STATES)
+    check_choice(how, "how", HOWS)
+    check_choice(init, "init", INITS)
+    check_choice(state, "state", STATES)
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
     at = list(at)

@@ -15,7 +15,7 @@ from typing import List, Sequence, Union
 
 from torch import nn
 
-from ._validate import check_int
+from ._validate import check_choice, check_int
 from .ops import check_effective_depth
 from .steps import StepSizes, step_groups
 
@@ -53,8 +53,7 @@ class EffectiveDepthScheduler:
         start = check_effective_depth(start, "start")
         check_int(total_steps, "total_steps", 1)
         check_int(delay, "delay", 0)
-        if shape not in SHAPES:
-            raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+        check_choice(shape, "shape", SHAPES)
         for i, (g, lt) in enumerate(zip(groups, targets)):
             g.check_effective_depth(lt, "target", f"group {i}")
             g.check_effective_depth(start, "start", f"group {i}")

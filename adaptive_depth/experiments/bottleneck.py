@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._validate import check_int, check_range
+from .._validate import check_choice, check_int, check_range
 from ..recipes import representation_ranks
 from .tasks import NONLINEARITIES, SPLITS, make_task, spec_for
 from .train import RunConfig, run as train_run
@@ -85,8 +85,7 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
     if n_train is not None:
         spec = dataclasses.replace(spec, n_train=check_int(n_train, "n_train", 2))
     if nonlinearity is not None:
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {nonlinearity!r}")
+        nonlinearity = check_choice(nonlinearity, "nonlinearity", sorted(NONLINEARITIES))
         spec = dataclasses.replace(spec, nonlinearity=nonlinearity)
     task = make_task(spec)  # what draw(seed, split) builds, with the noise, size or nonlinearity replaced
     config = recipe_config(recipe, lt, finish_steps=finish_steps, finish_lr=finish_lr, finish_keep=finish_keep,

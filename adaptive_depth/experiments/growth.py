@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._validate import check_int, check_positive, check_range
+from .._validate import check_choice, check_int, check_positive, check_range
 from ..depth import DepthScheduler, refine, refine_plan
 from ..recipes import identity_param_groups
 from ..residual import LeakyMLP, LeakyResNet
@@ -268,8 +268,7 @@ def lr_multiplier(step: int, steps: int, grow_at: Sequence[int] = (), *, rewarm:
 
 
 def _check_variant(arm: str, init: str, rewarm: int, hold: float) -> None:
-    if arm not in ARMS:
-        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    check_choice(arm, "arm", ARMS)
     if init not in ("copy", "zero", "interpolate"):
         raise ValueError(f"init must be 'copy', 'zero' or 'interpolate', got {init!r}")
     if isinstance(rewarm, bool) or not isinstance(rewarm, int) or rewarm < 0:

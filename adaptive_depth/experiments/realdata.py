@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_positive
+from .._validate import check_choice, check_positive
 from ..optim import AdaptiveSteps
 from ..recipes import identity_param_groups
 from ..residual import LeakyMLP, LeakyResNet, balanced_gain
@@ -195,8 +195,7 @@ def train_one(config: RealConfig, split: Optional[Split] = None) -> dict:
     """Train one run; returns its final train/eval accuracy, the eval curve (step, training seconds, accuracy),
     the first step and training time at which the eval accuracy reached the task's target, and the steps."""
     _check_task(config.task)
-    if config.arm not in ARMS:
-        raise ValueError(f"arm must be one of {ARMS}, got {config.arm!r}")
+    check_choice(config.arm, "arm", ARMS)
     split = split or _split(config.task, config)
     classes = int(split.y_train.max()) + 1
     model = build_model(config, split.x_train.shape[1:], classes)
