@@ -292,7 +292,7 @@ def converge(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lam: floa
 
 
 def _losses(model: torch.nn.Module, task: Task) -> Dict:
-    train_loss, test_loss, _ = _evaluate(model, task)
+    train_loss, test_loss, _, _ = _evaluate(model, task)
     return {"train_loss": train_loss, "test_loss": test_loss}
 
 

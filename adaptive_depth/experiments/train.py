@@ -157,14 +157,16 @@ def _plugin(config: RunConfig, optimizer, model) -> AdaptiveSteps:
 
 
 @torch.no_grad()
-def _evaluate(model, task: Task):
-    """(train loss, test loss, test error), inputs in the model's dtype (the paper's runs end in float64)."""
+def _evaluate(model, task: Task, y_clean: Optional[torch.Tensor] = None):
+    """(train loss, test loss, test error, test loss on ``y_clean`` or None), inputs in the model's dtype (the
+    paper's runs end in float64); one forward pass over the test inputs serves both test labels."""
     dtype = next(model.parameters()).dtype
     model.eval()
     train_loss = float(task.loss_fn(model(task.x_train.to(dtype)), task.y_train))
     pred = model(task.x_test.to(dtype))
     model.train()
-    return train_loss, float(task.loss_fn(pred, task.y_test)), task.error(pred, task.y_test)
+    clean = None if y_clean is None else float(task.loss_fn(pred, y_clean))
+    return train_loss, float(task.loss_fn(pred, task.y_test)), task.error(pred, task.y_test), clean
 
 
 def _schedule(opt, name: str, count: int):
@@ -220,14 +222,14 @@ def run(config: RunConfig, task: Optional[Task] = None, *, progress: bool = Fals
     step, train_seconds, reached = 0, 0.0, None
 
     def record():
-        tr, te, err = _evaluate(model, task)
+        tr, te, err, clean = _evaluate(model, task, y_clean)
         for key, value in zip(("step", "train_loss", "test_loss", "test_error", "seconds"),
                               (step, tr, te, err, train_seconds)):
             history[key].append(value)
         if x_val is not None:
             history["val_loss"].append(_loss(model, task, x_val, task.y_val))
         if y_clean is not None:
-            history["clean_test_loss"].append(_loss(model, task, task.x_test, y_clean))
+            history["clean_test_loss"].append(clean)
         return tr
 
     record()
