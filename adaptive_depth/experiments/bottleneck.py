@@ -112,10 +112,15 @@ def measure(seed: int, split: str, lt: float, recipe: str, *, width: int, depth:
             {k: result.history[k] for k in ("step", "train_loss", "test_loss", "val_loss", "clean_test_loss")}}
 
 
+def _model_seed(row: Dict) -> int:
+    """A row's model seed; rows from before ``--model-seeds`` were initialised from their task seed."""
+    return row.get("model_seed", row["seed"])
+
+
 def seed_spread(rows: List[Dict], rule: str, against: str = "uniform") -> Dict[int, List[float]]:
     """Per task, the test-loss ratios ``rule`` / ``against`` paired by model seed (rows of one recipe and Lt; a pair
     with either run missing is left out)."""
-    cell = {(r["seed"], r.get("model_seed", r["seed"]), r["rule"]): r["test_loss"] for r in rows}
+    cell = {(r["seed"], _model_seed(r), r["rule"]): r["test_loss"] for r in rows}
     out: Dict[int, List[float]] = {}
     for (task, model, name), loss in sorted(cell.items()):
         base = cell.get((task, model, against))
@@ -236,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("--model-seed picks rows for --table; to train several, use --model-seeds")
     if args.table:
         rows = [r for path in args.table for r in json.load(open(path))["rows"]
-                if args.model_seed is None or r.get("model_seed", r["seed"]) == args.model_seed]
+                if args.model_seed is None or _model_seed(r) == args.model_seed]
         if not rows:
             p.error(f"--model-seed {args.model_seed}: no row of {' '.join(args.table)} has that model seed")
         rules = tuple(args.rules) if args.rules else ("uniform", "equal_distance")
