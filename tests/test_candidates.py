@@ -135,3 +135,35 @@ def test_plugin_arguments_override_the_run_penalty():
     assert _plugin(cfg, make_optimizer(cfg, model), model).weight_decay == 0.0
     default = RunConfig(data=spec.name, width=8, depth=3, effective_depth=12.0, scheme="exponential")
     assert _plugin(default, make_optimizer(default, model), model).weight_decay == pytest.approx(1e-3 / 12)
+
+
+@pytest.mark.parametrize("name", ["power_distance_0.5", "power_distance_2", "power_distance_3"])
+def test_power_distance_targets_the_speed_to_minus_p(name):
+    p = float(name.rsplit("_", 1)[1])
+    gen = torch.Generator().manual_seed(int(p * 10))
+    speed = torch.rand(7, dtype=torch.float64, generator=gen) + 0.2
+    rho = torch.full((7,), 2.0 / 7, dtype=torch.float64)
+    rule = candidates.CANDIDATES[name]
+    # damping 1, wide bounds: exactly rho_l = T c_l^-p / sum_i c_i^-p
+    got = rule(speed, rho, 2.0, 1e-9, 2.0, damping=1.0)
+    inv = [c ** -p for c in speed.tolist()]
+    assert got.tolist() == pytest.approx([2.0 * v / sum(inv) for v in inv], rel=1e-12)
+    # damping d: log rho moves a fraction d of the way, then the sum is restored by the projection
+    half = rule(speed, rho, 2.0, 1e-9, 2.0, damping=0.5)
+    mixed = [math.sqrt(r * t) for r, t in zip(rho.tolist(), got.tolist())]
+    assert float(half.sum()) == pytest.approx(2.0, rel=1e-13)
+    shift = [h - m for h, m in zip(half.tolist(), mixed)]
+    assert max(shift) - min(shift) == pytest.approx(0.0, abs=1e-12)  # one shift tau for every step, no bound active
+    # the faster layer gets the smaller step, more so for larger p
+    fast, slow = int(speed.argmax()), int(speed.argmin())
+    assert got[fast] < got[slow]
+
+
+def test_power_distance_one_is_equal_distance_and_bad_power_is_named():
+    speed = torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=torch.float64)
+    rho = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64)
+    got = candidates.power_distance(1.0)(speed, rho, 1.0, 0.05, 0.6, damping=0.5)
+    want = adaptive_depth.rules.equal_distance(speed, rho, 1.0, 0.05, 0.6, damping=0.5)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="power must be > 0"):
+        candidates.power_distance(0.0)

@@ -7,6 +7,11 @@ A candidate is a ``rules.Rule`` that ``AdaptiveSteps(rule=...)`` accepts as it i
                         smoothed across neighbouring layers with a [1, 2, 1] / 4 filter, rho_l ∝ 1 / M_l, damped
                         and projected like ``equal_distance``. The 1 under the root bounds how far a slow layer's
                         step can grow; the filter keeps neighbouring steps alike (a smooth mesh).
+    power_distance_0.5, power_distance_2, power_distance_3
+                        the rule's strength: the target ``rho_l ∝ c_l^(-p)`` instead of ``equal_distance``'s
+                        ``c_l^(-1)`` (p = 1 is ``equal_distance``), damped, guarded and projected the same way.
+                        p > 1 sharpens the profile the default settles into (small steps where the
+                        representation moves fast), p < 1 softens it.
 
 Fixed step profiles (``PROFILES``), for the headroom check of item 4: what the best *fixed* shape, chosen per
 task with hindsight, gains over uniform steps bounds what a rule that sets a profile can gain. Each is
@@ -35,7 +40,7 @@ from torch import Tensor
 from .. import rules
 from ..rules import Rule, equal_distance
 
-__all__ = ["CANDIDATES", "PRESERVING", "preserves", "PROFILES", "profile_steps", "smooth_neighbours", "smoothed_distance", "resolve"]
+__all__ = ["CANDIDATES", "PRESERVING", "preserves", "PROFILES", "power_distance", "profile_steps", "smooth_neighbours", "smoothed_distance", "resolve"]
 
 
 def smooth_neighbours(v: Tensor) -> Tensor:
@@ -53,6 +58,19 @@ def smoothed_distance(speed: Tensor, rho: Tensor, total_time: float, min_step: f
     scale = c.median().clamp(min=1e-300)
     monitor = smooth_neighbours((1 + (c / scale) ** 2).sqrt())
     return equal_distance(monitor, rho, total_time, min_step, max_step, damping=damping, floor=floor)
+
+
+def power_distance(power: float) -> Callable[..., Tensor]:
+    """``equal_distance`` with the target ``rho_l ∝ c_l^(-power)``: the speeds raised to ``power`` first."""
+    if not power > 0:
+        raise ValueError(f"power must be > 0, got {power!r}")
+
+    def fn(speed: Tensor, rho: Tensor, total_time: float, min_step: float, max_step: float, *,
+           damping: float = 0.5, floor: float = 1e-3) -> Tensor:
+        c = torch.as_tensor(speed, dtype=torch.float64).clamp(min=0)
+        return equal_distance(c ** power, rho, total_time, min_step, max_step, damping=damping, floor=floor)
+
+    return fn
 
 
 #: ``fine_ends`` (``rules.fine_ends``, the one the library ships) at its strengths, end step : middle step = 1 : r
@@ -79,7 +97,11 @@ def profile_steps(name: str, depth: int, total_time: float = 1.0) -> Tensor:
     return total_time * w / w.sum()
 
 
-CANDIDATES: Dict[str, Rule] = {r.name: r for r in (Rule("smoothed_distance", smoothed_distance),)}
+#: the strengths of ``power_distance`` under test (name suffix -> power)
+POWERS = {"0.5": 0.5, "2": 2.0, "3": 3.0}
+CANDIDATES: Dict[str, Rule] = {r.name: r for r in (
+    Rule("smoothed_distance", smoothed_distance),
+    *(Rule(f"power_distance_{k}", power_distance(p)) for k, p in POWERS.items()))}
 
 
 #: candidate name -> the rule whose step changes it makes function-preserving
