@@ -7,7 +7,7 @@ A candidate is a ``rules.Rule`` that ``AdaptiveSteps(rule=...)`` accepts as it i
                         smoothed across neighbouring layers with a [1, 2, 1] / 4 filter, rho_l ∝ 1 / M_l, damped
                         and projected like ``equal_distance``. The 1 under the root bounds how far a slow layer's
                         step can grow; the filter keeps neighbouring steps alike (a smooth mesh).
-    power_distance_0.5, power_distance_2, power_distance_3
+    power_distance_0.5, power_distance_2, power_distance_3, power_distance_4, power_distance_6
                         the rule's strength: the target ``rho_l ∝ c_l^(-p)`` instead of ``equal_distance``'s
                         ``c_l^(-1)`` (p = 1 is ``equal_distance``), damped, guarded and projected the same way.
                         p > 1 sharpens the profile the default settles into (small steps where the
@@ -98,7 +98,7 @@ def profile_steps(name: str, depth: int, total_time: float = 1.0) -> Tensor:
 
 
 #: the strengths of ``power_distance`` under test (name suffix -> power)
-POWERS = {"0.5": 0.5, "2": 2.0, "3": 3.0}
+POWERS = {"0.5": 0.5, "2": 2.0, "3": 3.0, "4": 4.0, "6": 6.0}
 CANDIDATES: Dict[str, Rule] = {r.name: r for r in (
     Rule("smoothed_distance", smoothed_distance),
     *(Rule(f"power_distance_{k}", power_distance(p)) for k, p in POWERS.items()))}
