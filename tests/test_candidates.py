@@ -137,16 +137,17 @@ def test_plugin_arguments_override_the_run_penalty():
     assert _plugin(default, make_optimizer(default, model), model).weight_decay == pytest.approx(1e-3 / 12)
 
 
-@pytest.mark.parametrize("name", ["power_distance_0.5", "power_distance_2", "power_distance_3"])
-def test_power_distance_targets_the_speed_to_minus_p(name):
-    p = float(name.rsplit("_", 1)[1])
+@pytest.mark.parametrize("suffix", list(candidates.POWERS))
+def test_power_distance_targets_the_speed_to_minus_p(suffix):
+    name, p = f"power_distance_{suffix}", float(suffix)
     gen = torch.Generator().manual_seed(int(p * 10))
     speed = torch.rand(7, dtype=torch.float64, generator=gen) + 0.2
     rho = torch.full((7,), 2.0 / 7, dtype=torch.float64)
     rule = candidates.CANDIDATES[name]
-    # damping 1, wide bounds: exactly rho_l = T c_l^-p / sum_i c_i^-p
+    # damping 1, wide bounds: exactly rho_l = T m_l^-1 / sum_i m_i^-1 with m = c^p floored at 1e-3 max(c^p)
     got = rule(speed, rho, 2.0, 1e-9, 2.0, damping=1.0)
-    inv = [c ** -p for c in speed.tolist()]
+    m = [c ** p for c in speed.tolist()]
+    inv = [1 / max(v, 1e-3 * max(m)) for v in m]
     assert got.tolist() == pytest.approx([2.0 * v / sum(inv) for v in inv], rel=1e-12)
     # damping d: log rho moves a fraction d of the way, then the sum is restored by the projection
     half = rule(speed, rho, 2.0, 1e-9, 2.0, damping=0.5)
