@@ -23,11 +23,11 @@ class StepController:
 
     def __init__(self, groups: Sequence[StepSizes], rule: rules.Rule, *, every: int, warmup: int,
                  until: Optional[int], smoothing: float, damping: float, floor: float,
-                 step_range: Tuple[float, float], sync: bool, fast_start: int, power: float = 1.0):
+                 step_range: Tuple[float, float], sync: bool, fast_start: int):
         self.rule = rule
         self.every, self.warmup, self.until = every, warmup, until
         self.smoothing, self.damping, self.floor = smoothing, damping, floor
-        self.step_range, self.sync, self.power = step_range, sync, power
+        self.step_range, self.sync = step_range, sync
         self.fast_start = fast_start if rule.fast_starts else 0
         self.steps_done = 0
         self.projections = 0  # adaptations whose result had to be projected onto the group's bounds
@@ -114,8 +114,6 @@ class StepController:
                 continue
             if measure is not None and self.smoothing > 0 and self.rule.guarded and not fast:
                 measure = self._smooth(i, measure)
-            if measure is not None and self.power != 1.0:
-                measure = measure.double().clamp(min=0) ** self.power
             self._apply_rule(i, g, measure, damping=1.0 if fast else self.damping)
         for g in self.groups:
             g.reset_stats()

@@ -25,8 +25,7 @@ from .steps import ParameterNormCost, StepSizes, step_groups
 __all__ = ["AdaptiveSteps"]
 
 Rule = Union[str, rules.Rule, Callable[..., Tensor]]
-_SETTINGS = ("every", "warmup", "until", "smoothing", "damping", "floor", "step_range", "sync", "fast_start",
-             "power")
+_SETTINGS = ("every", "warmup", "until", "smoothing", "damping", "floor", "step_range", "sync", "fast_start")
 
 
 class AdaptiveSteps(Optimizer):
@@ -46,11 +45,7 @@ class AdaptiveSteps(Optimizer):
             right after warm-up, each moving all the way to the target (no damping, no smoothing).
         smoothing: EMA factor over adaptations for the measured log-speeds (0 = use the last batch only).
         damping: fraction of the way (in log space) the steps move toward the target per adaptation.
-        floor: speeds (after ``power``) below ``floor * max(speed)`` count as that.
-        power: the rule sees each (smoothed) measurement raised to ``power``: ``equal_distance`` then targets
-            ``rho_l ∝ c_l^(-power)``. 1 (default) is equal distance per layer; larger values sharpen the profile
-            (smaller steps where the representation moves fast); 3 was best inside the bottleneck recipe on the
-            tuning tasks (``benchmarks/results/tuning_bottleneck_power.md``).
+        floor: speeds below ``floor * max(speed)`` count as that.
         step_range: ``(low, high)`` in units of the uniform step ``T/L``: guarded rules keep every step in
             ``[low T/L, high T/L]``, intersected with the group's own ``[min_step, max_step]``.
         weight_decay: ``lambda`` of the paper's cost ``lambda/(2 Lt) sum_l rho_l ||W_l||^2`` (``lambda/2`` at
@@ -66,7 +61,7 @@ class AdaptiveSteps(Optimizer):
                  every: int = 10, warmup: int = 0, until: Optional[int] = None, smoothing: float = 0.9,
                  damping: float = 0.5, floor: float = 1e-3, step_range: Tuple[float, float] = (0.1, 10.0),
                  weight_decay: float = 0.0, step_lr: Optional[float] = None, sync: bool = True,
-                 fast_start: int = 5, power: float = 1.0):
+                 fast_start: int = 5):
         groups = _check_arguments(optimizer, model)
         record = rules.get_rule(rule)
         settings = dict(every=check_int(every, "every", 1), warmup=check_int(warmup, "warmup", 0),
@@ -75,8 +70,7 @@ class AdaptiveSteps(Optimizer):
                         damping=check_range(damping, "damping", 0.0, 1.0, left_open=True),
                         floor=check_range(floor, "floor", 0.0, 1.0, left_open=True, right_open=True),
                         step_range=check_step_range(step_range), sync=bool(sync),
-                        fast_start=check_int(fast_start, "fast_start", 0),
-                        power=check_range(power, "power", 0.0, 10.0, left_open=True))
+                        fast_start=check_int(fast_start, "fast_start", 0))
         check_range(weight_decay, "weight_decay", 0.0, math.inf)
         if step_lr is not None:
             check_range(step_lr, "step_lr", 0.0, math.inf, left_open=True)
@@ -198,7 +192,7 @@ class AdaptiveSteps(Optimizer):
     def __repr__(self) -> str:
         c = self.controller
         return (f"AdaptiveSteps(rule={c.rule.name!r}, every={c.every}, warmup={c.warmup}, "
-                f"fast_start={c.fast_start}, power={c.power:g}, groups={[g.depth for g in c.groups]}, "
+                f"fast_start={c.fast_start}, groups={[g.depth for g in c.groups]}, "
                 f"optimizer={self.base_optimizer!r})")
 
     rule = property(lambda self: self.controller.rule.name, doc="The rule's name.")
