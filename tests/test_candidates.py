@@ -153,11 +153,10 @@ def test_power_distance_targets_the_speed_to_minus_p(suffix):
     half = rule(speed, rho, 2.0, 1e-9, 2.0, damping=0.5)
     mixed = [math.sqrt(r * t) for r, t in zip(rho.tolist(), got.tolist())]
     assert float(half.sum()) == pytest.approx(2.0, rel=1e-13)
-    shift = [h - m for h, m in zip(half.tolist(), mixed)]
+    shift = [h - x for h, x in zip(half.tolist(), mixed)]
     assert max(shift) - min(shift) == pytest.approx(0.0, abs=1e-12)  # one shift tau for every step, no bound active
-    # the faster layer gets the smaller step, more so for larger p
-    fast, slow = int(speed.argmax()), int(speed.argmin())
-    assert got[fast] < got[slow]
+    # the fastest layer gets the smallest step
+    assert int(got.argmin()) == int(speed.argmax()) and int(got.argmax()) == int(speed.argmin())
 
 
 def test_power_distance_one_is_equal_distance_and_bad_power_is_named():
@@ -166,5 +165,6 @@ def test_power_distance_one_is_equal_distance_and_bad_power_is_named():
     got = candidates.power_distance(1.0)(speed, rho, 1.0, 0.05, 0.6, damping=0.5)
     want = adaptive_depth.rules.equal_distance(speed, rho, 1.0, 0.05, 0.6, damping=0.5)
     assert torch.equal(got, want)
-    with pytest.raises(ValueError, match="power must be > 0"):
-        candidates.power_distance(0.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="power must"):
+            candidates.power_distance(bad)
