@@ -178,7 +178,6 @@ def _schedule(opt, name: str, count: int):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _loss(model, task: Task, x, y) -> float:
     """The task's loss on ``(x, y)`` in eval mode."""
     model.eval()
