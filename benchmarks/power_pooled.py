@@ -6,7 +6,8 @@ bottleneck forms (uniform's 10% middle rank <= k* + 1 on more than half its seed
 its seeds of the arm's test loss over uniform's, paired by model seed; *beyond the spread* means the arm's median
 test loss lies above uniform's largest. Nothing here chooses anything; it only counts.
 
-    python benchmarks/power_pooled.py
+    python benchmarks/power_pooled.py             # all five sets (37 formed tasks)
+    python benchmarks/power_pooled.py --sets 4    # the first four (29), as quoted in heldout_bottleneck_clean4.md
 """
 import json
 import math
@@ -17,7 +18,7 @@ from adaptive_depth.experiments.tasks import spec_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FILES = ["clean_lt12", "clean_seeds_a", "clean_seeds_b", "clean2_a", "clean2_b", "power_clean_a", "power_clean_b",
-         "power_clean2", "clean3_a", "clean3_b", "clean4_a", "clean4_b", "clean4_c", "clean4_d"]
+         "power_clean2", "clean3_a", "clean3_b", "clean4_a", "clean4_b", "clean4_c", "clean4_d", "clean5_a", "clean5_b"]
 ARMS = {
     "equal_distance": lambda u, e, p: e,
     "power_distance_3": lambda u, e, p: p,
@@ -26,10 +27,10 @@ ARMS = {
 }
 
 
-def load():
+def load(sets: int = 5):
     """Per formed task: the (uniform, equal_distance, power_distance_3) rows of each model seed that has all three."""
     cell = {}
-    for name in FILES:
+    for name in [f for f in FILES if not f.startswith("clean") or int((f[5:6] or "1").replace("_", "1")) <= sets]:
         for r in json.load(open(RESULTS / f"heldout_bottleneck_{name}.json"))["rows"]:
             if r.get("recipe") == "c0.1+io+lt+finish" and r.get("lt") == 12.0:
                 cell[(r["seed"], r.get("model_seed") or r["seed"], r["rule"])] = r
@@ -73,8 +74,8 @@ def spearman(x, y):
     return rho, p
 
 
-def main() -> None:
-    tasks = load()
+def main(sets: int = 5) -> None:
+    tasks = load(sets)
     med = statistics.median
     print(f"{len(tasks)} formed tasks: {' '.join(map(str, tasks))}\n")
     print("| arm | task ratio <= 0.80 | above 1 | beyond uniform's seed spread | median task ratio |")
@@ -111,4 +112,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sets", type=int, default=5, choices=range(1, 6), help="pool the first N held-out sets")
+    main(parser.parse_args().sets)
