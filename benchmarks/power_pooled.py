@@ -14,11 +14,18 @@ import math
 import statistics
 from pathlib import Path
 
+from scipy.stats import spearmanr  # scipy comes with scikit-learn, a dependency
+
 from adaptive_depth.experiments.tasks import spec_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FILES = ["clean_lt12", "clean_seeds_a", "clean_seeds_b", "clean2_a", "clean2_b", "power_clean_a", "power_clean_b",
-         "power_clean2", "clean3_a", "clean3_b", "clean4_a", "clean4_b", "clean4_c", "clean4_d", "clean5_a", "clean5_b"]
+SETS = {  # held-out set -> its result files (heldout_bottleneck_<name>.json); sets 1-2 got p = 3 in power_clean*
+    1: ["clean_lt12", "clean_seeds_a", "clean_seeds_b", "power_clean_a", "power_clean_b"],
+    2: ["clean2_a", "clean2_b", "power_clean2"],
+    3: ["clean3_a", "clean3_b"],
+    4: ["clean4_a", "clean4_b", "clean4_c", "clean4_d"],
+    5: ["clean5_a", "clean5_b"],
+}
 ARMS = {
     "equal_distance": lambda u, e, p: e,
     "power_distance_3": lambda u, e, p: p,
@@ -30,7 +37,7 @@ ARMS = {
 def load(sets: int = 5):
     """Per formed task: the (uniform, equal_distance, power_distance_3) rows of each model seed that has all three."""
     cell = {}
-    for name in [f for f in FILES if not f.startswith("clean") or int((f[5:6] or "1").replace("_", "1")) <= sets]:
+    for name in (name for n in range(1, sets + 1) for name in SETS[n]):
         for r in json.load(open(RESULTS / f"heldout_bottleneck_{name}.json"))["rows"]:
             if r.get("recipe") == "c0.1+io+lt+finish" and r.get("lt") == 12.0:
                 cell[(r["seed"], r.get("model_seed") or r["seed"], r["rule"])] = r
@@ -44,34 +51,6 @@ def load(sets: int = 5):
         if triples and 2 * sum(u["middle_rank"] <= k + 1 for u, _, _ in triples) > len(triples):
             tasks[task] = triples
     return tasks
-
-
-def spearman(x, y):
-    """Spearman's rho (average ranks for ties) and its two-sided p from the t approximation."""
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for m in range(i, j + 1):
-                r[order[m]] = (i + j) / 2
-            i = j + 1
-        return r
-    rx, ry = ranks(x), ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    rho = cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    n = len(x)
-    t = rho * math.sqrt((n - 2) / max(1e-300, 1 - rho * rho))
-    try:
-        from scipy.stats import t as student
-        p = float(2 * student.sf(abs(t), n - 2))
-    except ImportError:  # scipy is a dev dependency; without it, no p
-        p = float("nan")
-    return rho, p
 
 
 def main(sets: int = 5) -> None:
@@ -107,12 +86,12 @@ def main(sets: int = 5) -> None:
     print("\nlog(power_distance_3 / equal_distance) per task against:\n")
     print("| quantity | Spearman rho | p |\n| --- | --- | --- |")
     for name, values in features.items():
-        rho, p = spearman(values, target)
+        rho, p = spearmanr(values, target)
         print(f"| {name} | {rho:+.2f} | {p:.3f} |")
 
 
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sets", type=int, default=5, choices=range(1, 6), help="pool the first N held-out sets")
+    parser.add_argument("--sets", type=int, default=5, choices=sorted(SETS), help="pool the first N held-out sets")
     main(parser.parse_args().sets)
