@@ -16,6 +16,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr  # scipy comes with scikit-learn, a dependency
 
+from adaptive_depth.experiments.bottleneck import _model_seed
 from adaptive_depth.experiments.tasks import spec_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,7 +41,7 @@ def load(sets: int = 5):
     for name in (name for n in range(1, sets + 1) for name in SETS[n]):
         for r in json.load(open(RESULTS / f"heldout_bottleneck_{name}.json"))["rows"]:
             if r.get("recipe") == "c0.1+io+lt+finish" and r.get("lt") == 12.0:
-                cell[(r["seed"], r.get("model_seed") or r["seed"], r["rule"])] = r
+                cell[(r["seed"], _model_seed(r), r["rule"])] = r
     tasks = {}
     for task in sorted({t for t, _, _ in cell}):
         seeds = sorted(m for t, m, rule in cell if t == task and rule == "power_distance_3"
